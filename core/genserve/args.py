@@ -1,0 +1,118 @@
+"""TGI's launcher flags, each also read from its environment variable (``--max-total-tokens``
+from ``MAX_TOTAL_TOKENS``), plus genserve's own."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+def _bool_env(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # --like-this
+    type: type | None = str
+    default: object = None
+    help: str = ""
+    env: str | None = None  # defaults to NAME_IN_CAPITALS
+    aliases: tuple[str, ...] = ()
+    choices: tuple | None = None
+    extra_env: tuple[str, ...] = ()
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        return (self.env or self.dest.upper(),) + self.extra_env
+
+
+FLAGS: list[Flag] = [
+    # Model
+    Flag("--model-id", str, None, "Hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
+    Flag("--revision", str, None, "Hub revision"),
+    Flag("--gguf-file", str, None, "GGUF file name inside --model-id"),
+    Flag("--load-format", str, "auto", "auto, or dummy for random weights (benchmarks)", choices=("auto", "dummy")),
+    Flag("--dtype", str, None, "float32, float16 or bfloat16 (default: the backend's)",
+         choices=("float32", "float16", "bfloat16")),
+    Flag("--quantize", str, None, "Weight quantization method (see `genserve plugins`)"),
+    Flag("--kv-cache-dtype", str, None, "fp8_e4m3fn or fp8_e5m2", choices=("fp8_e4m3fn", "fp8_e5m2", "fp8")),
+    Flag("--trust-remote-code", bool, False, "Allow custom configuration code from the hub"),
+    Flag("--tokenizer-config-path", str, None, "tokenizer_config.json with a chat_template"),
+    Flag("--rope-scaling", str, None, "linear or dynamic", choices=("linear", "dynamic")),
+    Flag("--rope-factor", float, None, "RoPE scaling factor"),
+    # Hardware
+    Flag("--backend", str, "auto", "auto, cpu, cuda, rocm, ipex, neuron or gaudi", env="GENSERVE_BACKEND"),
+    Flag("--num-shard", int, None, "Tensor-parallel degree"),
+    Flag("--sharded", bool, False, "Shard over all visible devices"),
+    Flag("--cuda-graphs", str, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
+    Flag("--cuda-memory-fraction", float, 1.0, "Fraction of GPU memory genserve may use"),
+    Flag("--disable-custom-kernels", bool, False, "Use the reference PyTorch kernels"),
+    Flag("--attention", str, None, "Force an attention implementation by name", env="GENSERVE_ATTENTION"),
+    # Limits and batching
+    Flag("--max-concurrent-requests", int, 128, "Requests in flight before 429"),
+    Flag("--max-best-of", int, 2, "Largest best_of"),
+    Flag("--max-stop-sequences", int, 4, "Most stop sequences per request"),
+    Flag("--max-top-n-tokens", int, 5, "Largest top_n_tokens"),
+    Flag("--max-input-tokens", int, None, "Longest prompt in tokens", aliases=("--max-input-length",),
+         extra_env=("MAX_INPUT_LENGTH",)),
+    Flag("--max-total-tokens", int, None, "Prompt + new tokens per request"),
+    Flag("--max-batch-prefill-tokens", int, None, "Prompt tokens computed in one step"),
+    Flag("--max-batch-total-tokens", int, None, "KV-cache capacity in tokens (default: from free memory)"),
+    Flag("--max-batch-size", int, None, "Most sequences in one step"),
+    Flag("--waiting-served-ratio", float, 0.3, "Queued/running ratio that lets new requests in"),
+    Flag("--max-waiting-tokens", int, 20, "Decode steps after which queued requests are let in"),
+    Flag("--max-client-batch-size", int, 4, "Inputs per request where lists are allowed"),
+    Flag("--validation-workers", int, 2, "Tokenizer workers"),
+    Flag("--block-size", int, 16, "Tokens per KV-cache block", env="GENSERVE_BLOCK_SIZE"),
+    Flag("--disable-prefix-caching", bool, False, "Do not reuse KV blocks of shared prompt prefixes",
+         env="GENSERVE_DISABLE_PREFIX_CACHING"),
+    Flag("--speculate", int, None, "Speculative tokens per step"),
+    Flag("--enable-prefill-logprobs", bool, False, "Allow decoder_input_details"),
+    Flag("--disable-grammar-support", bool, False, "Refuse grammar parameters"),
+    Flag("--watermark-gamma", float, 0.5, "Watermark green-list fraction"),
+    Flag("--watermark-delta", float, 2.0, "Watermark logit bias"),
+    Flag("--lora-adapters", str, None, "Comma-separated adapter ids or id=path"),
+    # Server
+    Flag("--hostname", str, "0.0.0.0", "Address to listen on"),
+    Flag("--port", int, 3000, "Port to listen on", aliases=("-p",)),
+    Flag("--api-key", str, None, "Bearer token required on requests"),
+    Flag("--cors-allow-origin", str, None, "Comma-separated allowed origins"),
+    Flag("--payload-limit", int, 2_000_000, "Largest request body in bytes"),
+    Flag("--json-output", bool, False, "Log as JSON lines"),
+    Flag("--otlp-endpoint", str, None, "OpenTelemetry endpoint (accepted; tracing not exported)"),
+    Flag("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name"),
+    Flag("--usage-stats", str, "on", "Accepted for TGI compatibility; genserve collects nothing"),
+    Flag("--served-model-name", str, None, "Model name reported to OpenAI clients"),
+]
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for flag in FLAGS:
+        names = (flag.name,) + flag.aliases
+        env_value = next((os.environ[e] for e in flag.env_names if e in os.environ), None)
+        help_text = f"{flag.help} [env: {flag.env_names[0]}]"
+        if flag.type is bool:
+            default = _bool_env(env_value) if env_value is not None else flag.default
+            parser.add_argument(*names, dest=flag.dest, action="store_true", default=default, help=help_text)
+        else:
+            default = flag.type(env_value) if env_value is not None else flag.default
+            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=default,
+                                choices=flag.choices, help=help_text)
+
+
+def defaults(**overrides) -> argparse.Namespace:
+    """All flags at their defaults (env vars applied), with ``overrides``: for tests and scripts."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    ns = parser.parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(ns, key):
+            raise AttributeError(f"unknown flag {key!r}")
+        setattr(ns, key, value)
+    return ns

@@ -1,0 +1,141 @@
+"""Pure-PyTorch paged attention: the reference every fast kernel is tested against.
+
+``TorchReferenceAttention`` loops over sequences and spells the maths out.
+``TorchAttention`` (the CPU default) computes the same function with one padded
+``scaled_dot_product_attention`` call per layer, which is what makes CPU decode fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec, write_kv
+from genserve.hookspecs import hookimpl
+
+
+def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+    """Keys and values of one sequence's first ``seq_len`` tokens: 2 x [seq_len, Hkv, D]."""
+    block_size = kv_cache.shape[2]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_cache[:, block_table[:n_blocks].long()]  # [2, n, bs, Hkv, D]
+    kv = blocks.reshape(2, n_blocks * block_size, *kv_cache.shape[3:])[:, :seq_len]
+    return kv[0], kv[1]
+
+
+def attention_bias(spec: AttentionSpec, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Additive bias [H or 1, Lq, Lk]: causal mask, sliding window and ALiBi."""
+    rel = k_pos[None, :] - q_pos[:, None]  # [Lq, Lk], <= 0 for visible keys when causal
+    allowed = torch.ones_like(rel, dtype=torch.bool)
+    if spec.causal:
+        allowed &= rel <= 0
+    if spec.sliding_window is not None:
+        allowed &= rel > -spec.sliding_window
+    bias = torch.zeros(rel.shape, dtype=torch.float32, device=rel.device)
+    bias = bias.masked_fill(~allowed, float("-inf"))[None]
+    if spec.alibi_slopes is not None:
+        slopes = torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=rel.device)
+        bias = bias + slopes[:, None, None] * rel[None].float()
+    return bias
+
+
+def reference_attention(spec: AttentionSpec, q, k, v, bias) -> torch.Tensor:
+    """Softmax attention in fp32. q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]."""
+    group = spec.num_heads // spec.num_kv_heads
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * spec.scale
+    if spec.logit_softcap is not None:
+        scores = spec.logit_softcap * torch.tanh(scores / spec.logit_softcap)
+    scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row gives zeros
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+class TorchReferenceAttention(AttentionImpl):
+    """Sequence by sequence, in fp32: slow and obviously right."""
+
+    name = "reference"
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        starts = meta.cu_seqlens_q.tolist()
+        for i, seq_len in enumerate(meta.seq_lens.tolist()):
+            s, e = starts[i], starts[i + 1]
+            kc, vc = gather_context(kv_cache, meta.block_tables[i], seq_len)
+            q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
+            k_pos = torch.arange(seq_len, device=q.device)
+            bias = attention_bias(self.spec, q_pos, k_pos)
+            out[s:e] = reference_attention(self.spec, q[s:e], kc, vc, bias).to(q.dtype)
+        return out
+
+
+class TorchAttention(AttentionImpl):
+    """Padded batch through ``F.scaled_dot_product_attention``; same function as the reference."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        spec = self.spec
+        if spec.logit_softcap is not None:  # SDPA has no softcap: use the reference maths
+            return TorchReferenceAttention.forward(self, q, k, v, kv_cache, meta)
+        B = meta.num_seqs
+        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        q_lens = meta.query_lens_cpu or (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
+        max_k, max_q = max(seq_lens), max(q_lens)
+        block_size = kv_cache.shape[2]
+        n_blocks = (max_k + block_size - 1) // block_size
+        H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+        # Keys/values of every sequence, padded to max_k: [2, B, Hkv, max_k, D].
+        tables = meta.block_tables[:, :n_blocks].long()
+        kv = kv_cache[:, tables].reshape(2, B, n_blocks * block_size, Hkv, D)[:, :, :max_k]
+        kv = kv.transpose(2, 3).to(q.dtype)
+
+        # Queries padded to max_q, right-aligned so row j is position seq_len - q_len + j.
+        if meta.is_decode_only:
+            qp = q.view(B, 1, H, D)
+        else:
+            qp = q.new_zeros(B, max_q, H, D)
+            row = torch.arange(max_q, device=q.device)
+            ql = torch.tensor(q_lens, device=q.device)
+            src = meta.cu_seqlens_q[:-1].long()[:, None] + row[None] - (max_q - ql)[:, None]
+            valid = row[None] >= (max_q - ql)[:, None]
+            qp[valid] = q[src[valid]]
+        qp = qp.transpose(1, 2)  # [B, H, max_q, D]
+
+        sl = torch.tensor(seq_lens, device=q.device)
+        q_pos = sl[:, None] - max_q + torch.arange(max_q, device=q.device)[None]  # [B, max_q]
+        k_pos = torch.arange(max_k, device=q.device)
+        rel = k_pos[None, None, :] - q_pos[:, :, None]  # [B, max_q, max_k]
+        allowed = (k_pos[None, None, :] < sl[:, None, None]).expand(rel.shape)
+        if spec.causal:
+            allowed = allowed & (rel <= 0)
+        if spec.sliding_window is not None:
+            allowed = allowed & (rel > -spec.sliding_window)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~allowed, float("-inf"))[:, None]  # [B, 1, max_q, max_k]
+        if spec.alibi_slopes is not None:
+            slopes = torch.tensor(spec.alibi_slopes, dtype=q.dtype, device=q.device)
+            mask = mask + slopes[None, :, None, None] * rel[:, None].to(q.dtype)
+        # Padding query rows see no key at all; give them one so softmax stays finite.
+        mask[..., 0] = torch.where(torch.isinf(mask[..., 0]) & ~allowed.any(-1)[:, None],
+                                   torch.zeros_like(mask[..., 0]), mask[..., 0])
+
+        out = F.scaled_dot_product_attention(
+            qp, kv[0], kv[1], attn_mask=mask, scale=spec.scale, enable_gqa=H != Hkv
+        )  # [B, H, max_q, D]
+        out = out.transpose(1, 2)
+        if meta.is_decode_only:
+            return out.reshape(B, H, D)
+        return out[valid]  # row order (sequence, position) is the flat batch order
+
+
+@hookimpl
+def genserve_register_attention(register):
+    register(TorchReferenceAttention.name, TorchReferenceAttention)
+    register(TorchAttention.name, TorchAttention)

@@ -1,0 +1,1 @@
+"""Hardware backends: the interface, the built-in CPU backend and the selection logic."""

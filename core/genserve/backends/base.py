@@ -1,0 +1,62 @@
+"""A hardware backend is one object with a small interface (like vLLM's ``Platform``).
+
+Adding hardware never edits the core: a distribution registers a ``Backend`` subclass
+through ``genserve_register_backends`` and imports its heavy libraries only when chosen.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+
+class Backend:
+    name: ClassVar[str] = "?"
+    # Higher wins under --backend auto.
+    priority: ClassVar[int] = 0
+    # Attention implementations in order of preference (registry names).
+    attention_preference: ClassVar[tuple[str, ...]] = ("torch",)
+    distributed_backend: ClassVar[str] = "gloo"
+    # Quantizer names this backend runs; None means whatever the quantizer itself allows.
+    supported_quantizers: ClassVar[tuple[str, ...] | None] = None
+    supports_graphs: ClassVar[bool] = False
+
+    def __init__(self, options: dict | None = None):
+        self.options = options or {}
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Cheap check: libraries importable and a device present."""
+        raise NotImplementedError
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return f"backend {cls.name!r} found no device"
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def memory_budget(self) -> int:
+        """Bytes the KV cache may use once the weights are loaded."""
+        raise NotImplementedError
+
+    def set_device(self, rank: int) -> None:
+        """Bind this process to device ``rank`` (tensor-parallel workers)."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def create_model_runner(self, model, config):
+        """The object that turns scheduled batches into sampled tokens on this device."""
+        from genserve.engine.model_runner import ModelRunner
+
+        return ModelRunner(model, config, self)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "dtype": str(self.default_dtype)}

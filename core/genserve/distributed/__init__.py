@@ -1,0 +1,1 @@
+"""Tensor-parallel state shared by the layers."""

@@ -1,0 +1,141 @@
+"""The asyncio face of the engine.
+
+The engine steps in one dedicated thread (model compute never blocks the event loop);
+requests and aborts reach it through a thread-safe inbox, and each request's outputs come
+back through its own asyncio queue. A consumer that stops iterating (client gone) aborts its
+request, which frees the KV blocks at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from typing import AsyncIterator, Callable
+
+from genserve.engine.llm_engine import LLMEngine
+from genserve.engine.outputs import RequestOutput
+from genserve.engine.sampling_params import SamplingParams
+from genserve.engine.sequence import FinishReason
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.dead: str | None = None
+        self.step_listeners: list[Callable[[dict], None]] = []
+        self.request_count = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="genserve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all("the server is shutting down")
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    # -- public API -----------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if not self.is_alive:
+            raise EngineDeadError(self.dead or "the engine is not running")
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        self.request_count += 1
+        self._inbox.put(("add", (request_id, prompt_ids, params)))
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "in_flight": len(self._streams)}
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, out)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                request_id, prompt_ids, params = item
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params)
+                except Exception as exc:
+                    self._deliver(exc, request_id)
+            elif kind == "abort":
+                out = self.engine.abort(item)
+                if out is not None:
+                    self._deliver(out, item)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._drain_inbox(block=not self.engine.has_work)
+                if not self.engine.has_work:
+                    continue
+                outputs = self.engine.step()
+                for out in outputs:
+                    self._deliver(out, out.request_id)
+                stats = self.engine.last_step_stats
+                for listener in self.step_listeners:
+                    listener(stats)
+            except Exception:
+                # A failed step fails the requests in it, not the server.
+                detail = traceback.format_exc()
+                logger.error("engine step failed:\n%s", detail)
+                self._fail_all(f"generation failed: {detail.strip().splitlines()[-1]}")
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self.engine.seqs):
+            seq = self.engine.seqs[request_id]
+            seq.error = message
+            self.engine.scheduler.finish(seq, FinishReason.ERROR)
+            out = self.engine._finish_output(seq)
+            self._deliver(out, request_id)

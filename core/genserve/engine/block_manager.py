@@ -1,0 +1,148 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+The cache is ``num_blocks`` blocks of ``block_size`` token slots. A sequence owns a list of
+block ids (its block table). A full block is identified by a chain hash of its tokens and
+every token before it, so requests sharing a prompt prefix share those blocks. Freed blocks
+keep their contents and stay findable until they are reused (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from genserve.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: int | None = None
+    tokens: tuple[int, ...] = field(default=())
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.hits = 0  # prefix-cache statistics, in tokens
+        self.queries = 0
+
+    # -- accounting ----------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((prev, tokens))
+
+    # -- allocation ----------------------------------------------------------------------
+    def _take_free(self) -> Block:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.tokens, block.ref_count = None, (), 1
+        return block
+
+    def _prefix_hits(self, ids: list[int]) -> list[int]:
+        """Cached block ids for the leading full blocks of ``ids``, leaving >= 1 token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, prev = [], None
+        max_blocks = (len(ids) - 1) // self.block_size  # the last token is always computed
+        for b in range(max_blocks):
+            tokens = tuple(ids[b * self.block_size:(b + 1) * self.block_size])
+            h = self.chain_hash(prev, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].tokens != tokens:
+                break
+            hits.append(block_id)
+            prev = h
+        return hits
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        ids = seq.all_ids
+        hits = [] if seq.params.prompt_logprobs and not seq.output_ids else self._prefix_hits(ids)
+        reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        needed = self.blocks_needed(len(ids)) - len(hits) + reusable_free
+        return needed + reserve <= self.num_free
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, "sequence already holds blocks"
+        ids = seq.all_ids
+        # Prompt logprobs need every prompt row computed, so such requests skip the cache.
+        wants_rows = seq.params.prompt_logprobs and not seq.output_ids
+        hits = [] if wants_rows else self._prefix_hits(ids)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = list(hits)
+        for _ in range(self.blocks_needed(len(ids)) - len(hits)):
+            seq.block_table.append(self._take_free().id)
+        seq.num_computed = seq.num_cached = len(hits) * self.block_size
+        self.queries += len(ids)
+        self.hits += seq.num_cached
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for one more token (the next decode step)?"""
+        return len(seq) <= len(seq.block_table) * self.block_size or self.num_free > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        if len(seq) > len(seq.block_table) * self.block_size:
+            seq.block_table.append(self._take_free().id)
+
+    def free_seq(self, seq: Sequence) -> None:
+        # Release last blocks first so a sequence's prefix stays cached longest.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def mark_computed(self, seq: Sequence, old_computed: int) -> None:
+        """Publish the hashes of blocks that became full and computed this step."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first, last = old_computed // bs, seq.num_computed // bs
+        if first == last:
+            return
+        ids = seq.all_ids
+        prev = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
+        for b in range(first, last):
+            block = self.blocks[seq.block_table[b]]
+            tokens = tuple(ids[b * bs:(b + 1) * bs])
+            if block.hash is None:
+                block.hash, block.tokens = self.chain_hash(prev, tokens), tokens
+                self.cached.setdefault(block.hash, block.id)
+            prev = block.hash
+
+    def reset_prefix_cache(self) -> None:
+        self.cached.clear()
+        for block in self.blocks:
+            if block.ref_count == 0:
+                block.hash, block.tokens = None, ()

@@ -1,0 +1,49 @@
+"""Incremental detokenization that only ever emits complete UTF-8 text.
+
+The TGI/vLLM method: decode a short window of recent tokens twice (with and without the
+newest) and emit the difference, holding it back while it ends in an incomplete character.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DecodeState:
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def start(self, prompt_ids: list[int]) -> DecodeState:
+        # A few prompt tokens of context make the first output token's leading space right.
+        n = len(prompt_ids)
+        return DecodeState(prefix_offset=max(n - 5, 0), read_offset=n)
+
+    def step(self, state: DecodeState, all_ids: list[int]) -> str:
+        """Text added by the newest token of ``all_ids`` (may be '' while a character is split)."""
+        prefix = self._decode(all_ids[state.prefix_offset:state.read_offset])
+        full = self._decode(all_ids[state.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            state.prefix_offset, state.read_offset = state.read_offset, len(all_ids)
+            return full[len(prefix):]
+        return ""
+
+    def flush(self, state: DecodeState, all_ids: list[int]) -> str:
+        """Whatever is still held back at the end of generation (a dangling byte sequence)."""
+        prefix = self._decode(all_ids[state.prefix_offset:state.read_offset])
+        full = self._decode(all_ids[state.prefix_offset:])
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+    def token_text(self, token_id: int) -> str:
+        """A single token's own text, as TGI reports it per token."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)

@@ -1,0 +1,171 @@
+"""The synchronous engine: one ``step()`` schedules, runs the model and emits outputs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from genserve.engine.block_manager import BlockManager
+from genserve.engine.config import EngineConfig
+from genserve.engine.detokenizer import DecodeState, Detokenizer
+from genserve.engine.outputs import PromptToken, RequestOutput
+from genserve.engine.sampling_params import SamplingParams
+from genserve.engine.scheduler import Scheduler
+from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, runner, tokenizer, config: EngineConfig, num_blocks: int,
+                 eos_token_ids: set[int]):
+        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.detok = Detokenizer(tokenizer)
+        self.eos_token_ids = eos_token_ids
+        self.seqs: dict[str, Sequence] = {}
+        self._decode: dict[str, DecodeState] = {}
+        self._texts: dict[str, str] = {}
+        self.last_step_stats: dict = {}
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed=seed)
+        self.seqs[request_id] = seq
+        self._decode[request_id] = self.detok.start(seq.prompt_ids)
+        self._texts[request_id] = ""
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORTED)
+        return self._finish_output(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        outputs = [self._finish_output(seq) for seq in plan.failed]
+        if plan.is_empty:
+            return outputs
+        results = self.runner.step(plan.scheduled)
+        now = time.monotonic()
+        for s, r in zip(plan.scheduled, results):
+            seq = s.seq
+            old = seq.num_computed
+            seq.num_computed += s.num_tokens
+            self.blocks.mark_computed(seq, old)
+            if r.prompt_logprobs:
+                seq.prompt_logprobs.extend(r.prompt_logprobs)
+            if r.token is None:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            out = self._append_token(seq, r.token, r.logprob, r.top)
+            if out is not None:
+                outputs.append(out)
+        self.last_step_stats = {
+            "duration": time.perf_counter() - t0,
+            "num_seqs": len(plan.scheduled),
+            "prefill_tokens": plan.num_prefill_tokens,
+            "is_prefill": plan.num_prefill_tokens > 0,
+        }
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput | None:
+        p = seq.params
+        seq.output_ids.append(token)
+        special = token in self.detok.special_ids
+        text = self.detok.step(self._decode[seq.request_id], seq.all_ids)
+        info = TokenInfo(id=token, logprob=logprob, text=text if not special else
+                         self.detok.token_text(token), special=special,
+                         top=[(t, lp) for t, lp in top])
+        seq.output_tokens.append(info)
+        if p.constraint is not None:
+            p.constraint.advance(token)
+
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason = FinishReason.EOS
+        elif token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        elif p.constraint is not None and p.constraint.is_finished():
+            reason = FinishReason.EOS
+        else:
+            sofar = self._texts[seq.request_id] + text
+            for stop in p.stop:
+                # Only the tail can hold a new match: the stop text ends in this token's text.
+                idx = sofar.find(stop, max(0, len(sofar) - len(text) - len(stop)))
+                if idx != -1:
+                    cut = idx + len(stop)
+                    text = text[: max(0, len(text) - (len(sofar) - cut))]
+                    info.text = text if not special else info.text
+                    reason = FinishReason.STOP
+                    break
+            if reason is None and (len(seq.output_ids) >= p.max_new_tokens
+                                   or len(seq) >= self.config.max_total_tokens):
+                reason = FinishReason.LENGTH
+        self._texts[seq.request_id] += text
+
+        out = RequestOutput(
+            request_id=seq.request_id, tokens=[info], text=text,
+            num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids),
+            seed=seq.seed if p.do_sample else None, arrival=seq.arrival,
+            first_scheduled=seq.first_scheduled,
+        )
+        if len(seq.output_ids) == 1 and p.prompt_logprobs:
+            out.prompt_tokens = self._prompt_tokens(seq)
+        if reason is not None:
+            if reason is not FinishReason.STOP:
+                tail = self.detok.flush(self._decode[seq.request_id], seq.all_ids)
+                out.text += tail
+                self._texts[seq.request_id] += tail
+            self.scheduler.finish(seq, reason)
+            out.finished, out.finish_reason = True, reason
+            self._forget(seq)
+        return out
+
+    def _prompt_tokens(self, seq: Sequence) -> list[PromptToken]:
+        lps = [None] + list(seq.prompt_logprobs)
+        return [PromptToken(id=t, text=self.detok.token_text(t), logprob=lps[i] if i < len(lps) else None)
+                for i, t in enumerate(seq.prompt_ids)]
+
+    def _finish_output(self, seq: Sequence) -> RequestOutput:
+        out = RequestOutput(
+            request_id=seq.request_id, finished=True, finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids),
+            seed=seq.seed if seq.params.do_sample else None, error=seq.error,
+            arrival=seq.arrival, first_scheduled=seq.first_scheduled,
+        )
+        self._forget(seq)
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.request_id, None)
+        self._decode.pop(seq.request_id, None)
+        self._texts.pop(seq.request_id, None)
+
+    # -- introspection --------------------------------------------------------------------
+    def stats(self) -> dict:
+        b = self.blocks
+        return {
+            "kv_blocks_total": b.num_blocks,
+            "kv_blocks_used": b.num_used,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": (b.hits / b.queries) if b.queries else 0.0,
+        }

@@ -1,0 +1,145 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Each step runs the decodes of running sequences, continues chunked prefills, then admits
+waiting requests under TGI's budgets. When the KV cache is full, the newest running
+sequence is preempted (its blocks freed, its tokens recomputed later, mostly from the prefix
+cache), so no request fails because others are long.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from genserve.engine.block_manager import BlockManager
+from genserve.engine.sequence import FinishReason, Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_prefill_tokens: int = 4096  # prompt tokens computed in one step
+    max_batch_size: int = 256  # sequences in one step
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens of the sequence computed this step, starting at seq.num_computed
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token is computed, so the step samples a next token."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # can never fit the cache
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled if s.num_tokens > 1 or not s.seq.output_ids)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.steps_since_admission = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_batch_prefill_tokens
+
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            if seq.num_uncomputed == 1 and seq.output_ids:  # decode
+                while not self.blocks.can_append(seq):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq in self.running:
+                    self.blocks.append_slot(seq)
+                    out.scheduled.append(ScheduledSeq(seq, 1))
+            elif budget > 0:  # a chunked prefill in progress
+                n = min(seq.num_uncomputed, budget)
+                budget -= n
+                out.scheduled.append(ScheduledSeq(seq, n))
+        out.scheduled = [s for s in out.scheduled if s.seq in self.running]
+
+        # 2. Admit waiting requests (TGI's rule: with a running batch, wait until enough are
+        #    queued, or until max_waiting_tokens decode steps have passed).
+        decoding = len(self.running)
+        min_new = 0
+        if decoding and self.steps_since_admission < self.config.max_waiting_tokens:
+            min_new = max(1, math.floor(decoding * self.config.waiting_served_ratio))
+        admitted = 0
+        if len(self.waiting) >= min_new:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+                seq = self.waiting[0]
+                if not self.blocks.can_allocate(seq):
+                    if not self.running and self.blocks.num_used == 0:
+                        self.waiting.popleft()  # larger than the whole cache: it can never run
+                        seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ERROR
+                        seq.error = (f"request needs {len(seq)} tokens of KV cache but the cache "
+                                     f"holds {self.blocks.num_blocks * self.blocks.block_size}")
+                        out.failed.append(seq)
+                        continue
+                    break
+                self.waiting.popleft()
+                self.blocks.allocate(seq)
+                seq.status = Status.RUNNING
+                if seq.first_scheduled is None:
+                    seq.first_scheduled = time.monotonic()
+                self.running.append(seq)
+                n = min(seq.num_uncomputed, budget)
+                budget -= n
+                out.scheduled.append(ScheduledSeq(seq, n))
+                admitted += 1
+        self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
+        return out
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Retire a sequence (finished, aborted or failed) and free its blocks at once."""
+        if seq.status is Status.FINISHED:
+            return
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.blocks.free_seq(seq)

@@ -1,0 +1,72 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from genserve.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP = "stop_sequence"
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float
+    text: str = ""
+    special: bool = False
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_tokens: list[TokenInfo] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    num_cached: int = 0  # of those, how many came from the prefix cache (last admission)
+    finish_reason: FinishReason | None = None
+    seed: int = 0
+    first_scheduled: float | None = None
+    first_token_time: float | None = None
+    preemptions: int = 0
+    error: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self) - 1 or not self.output_ids and self.num_computed < len(self)

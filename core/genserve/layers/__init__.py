@@ -1,0 +1,1 @@
+"""Building blocks the model plugins are written against."""

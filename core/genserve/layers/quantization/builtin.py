@@ -1,0 +1,11 @@
+"""Quantizers that ship with the core, registered like any plugin's."""
+
+from genserve.hookspecs import hookimpl
+from genserve.layers.quantization.base import UnquantizedLinear
+from genserve.layers.quantization.fp8 import FP8WeightOnly
+
+
+@hookimpl
+def genserve_register_quantizers(register):
+    register(UnquantizedLinear.name, UnquantizedLinear)
+    register(FP8WeightOnly.name, FP8WeightOnly)

@@ -1,0 +1,39 @@
+"""Copying checkpoint tensors into parameters, reading only this rank's slice.
+
+``loaded`` is a tensor or a lazy safetensors slice (``safe_open(...).get_slice(name)``);
+narrowing a slice reads just those bytes from disk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shape_of(loaded) -> list[int]:
+    return list(loaded.shape) if isinstance(loaded, torch.Tensor) else list(loaded.get_shape())
+
+
+def narrow(loaded, dim: int, start: int, size: int):
+    """``loaded[..., start:start+size, ...]`` along ``dim`` for tensors and lazy slices."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = [slice(None)] * len(shape_of(loaded))
+    index[dim] = slice(start, start + size)
+    return loaded[tuple(index)]
+
+
+def materialize(loaded) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def copy_into(param: torch.Tensor, loaded) -> None:
+    tensor = materialize(loaded)
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit "
+                         f"parameter of shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)
+
+
+def default_weight_loader(param: torch.Tensor, loaded) -> None:
+    copy_into(param, loaded)

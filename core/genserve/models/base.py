@@ -1,0 +1,108 @@
+"""What an architecture plugin provides, and what the engine hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
+from genserve.distributed.state import TPGroup, get_tp_group
+from genserve.layers.quantization.base import QuantMethod
+
+
+@dataclass
+class ModelContext:
+    """Construction-time choices made by the engine and backend, never by the model."""
+
+    dtype: torch.dtype
+    device: torch.device
+    attention_cls: type[AttentionImpl]
+    quant: Callable[[], QuantMethod | None] = lambda: None
+    tp: TPGroup = field(default_factory=get_tp_group)
+
+    def attention_for(self, spec: AttentionSpec) -> AttentionImpl:
+        return self.attention_cls(spec)
+
+
+@dataclass
+class ForwardBatch:
+    """One step's inputs beyond token ids and positions."""
+
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The per-layer KV-cache shape a model needs (this rank's heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class CausalLM(nn.Module):
+    """Base of decoder-only architectures.
+
+    Subclasses build their layers in ``__init__(config, ctx)``, implement ``forward`` and
+    ``compute_logits``, and describe their checkpoint names with ``stacked_params``
+    (checkpoint fragment -> (parameter fragment, shard id)) and ``skip_weights``.
+    """
+
+    # ("q_proj", ("qkv_proj", "q")) means: a checkpoint tensor named "...q_proj..." fills the
+    # "q" part of parameter "...qkv_proj...".
+    stacked_params: tuple[tuple[str, tuple[str, object]], ...] = ()
+    skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        self.config, self.ctx = config, ctx
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states [T, hidden] for the flat token rows."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rename_weight(self, name: str) -> str | None:
+        """Map a checkpoint tensor name to this model's; None drops it."""
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
+        """Fill parameters from ``(name, tensor or lazy slice)`` pairs; returns names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for ckpt_name, tensor in weights:
+            name = self.rename_weight(ckpt_name)
+            if name is None or any(s in name for s in self.skip_weights):
+                continue
+            for fragment, (target, shard_id) in self.stacked_params:
+                if fragment in name:
+                    pname = name.replace(fragment, target)
+                    if pname in params:
+                        params[pname].weight_loader(params[pname], tensor, shard_id)
+                        loaded.add(pname)
+                        break
+            else:
+                if name not in params:
+                    continue  # e.g. a tied lm_head or an unused buffer
+                param = params[name]
+                loader = getattr(param, "weight_loader", None)
+                if loader is None:
+                    from genserve.layers.weights import default_weight_loader as loader
+                loader(param, tensor)
+                loaded.add(name)
+        return loaded
+
+    def process_weights_after_loading(self) -> None:
+        for module in self.modules():
+            quant = getattr(module, "quant", None)
+            if quant is not None:
+                quant.process_after_loading(module)

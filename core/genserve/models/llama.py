@@ -1,0 +1,116 @@
+"""Llama family: Llama 1/2/3, CodeLlama, SmolLM2; Mistral and Qwen2 through configuration."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genserve.attention.base import AttentionSpec
+from genserve.distributed.state import divide
+from genserve.layers.activation import GatedActivation
+from genserve.layers.attention import Attention
+from genserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from genserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from genserve.layers.norm import RMSNorm
+from genserve.layers.rotary import RotaryEmbedding
+from genserve.models.base import CausalLM, ForwardBatch, KVCacheSpec, ModelContext
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, ctx: ModelContext, bias: bool = False):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(h, [i, i], bias, ctx.dtype, ctx.quant())
+        self.down_proj = RowParallelLinear(i, h, bias, ctx.dtype, ctx.quant())
+        self.act = GatedActivation(getattr(config, "hidden_act", "silu"))
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+        super().__init__()
+        hd = head_dim_of(config)
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, config.num_attention_heads, n_kv,
+                                          qkv_bias, ctx.dtype, ctx.quant())
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size,
+                                        getattr(config, "attention_bias", False), ctx.dtype, ctx.quant())
+        self.rotary_emb = RotaryEmbedding.from_config(config, hd)
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) is False:
+            window = None
+        spec = AttentionSpec(
+            num_heads=self.qkv_proj.num_heads, head_dim=hd, num_kv_heads=self.qkv_proj.num_kv_heads,
+            scale=hd ** -0.5, sliding_window=window,
+        )
+        self.attn = Attention(layer_idx, spec, ctx)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+
+    def forward(self, positions, x, batch: ForwardBatch):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        T = x.shape[0]
+        q, k = self.rotary_emb(positions, q.view(T, -1, self.attn.spec.head_dim),
+                               k.view(T, -1, self.attn.spec.head_dim))
+        return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, layer_idx, ctx)
+        self.mlp = LlamaMLP(config, ctx, getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+
+    def forward(self, positions, x, residual, batch):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(CausalLM):
+    stacked_params = (
+        (".q_proj", (".qkv_proj", "q")),
+        (".k_proj", (".qkv_proj", "k")),
+        (".v_proj", (".qkv_proj", "v")),
+        (".gate_proj", (".gate_up_proj", 0)),
+        (".up_proj", (".gate_up_proj", 1)),
+    )
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__(config, ctx)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, ctx) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.tie_to(self.embed_tokens)
+
+    def rename_weight(self, name):
+        return name.removeprefix("model.")
+
+    def kv_cache_spec(self):
+        attn = self.layers[0].self_attn.attn.spec
+        return KVCacheSpec(len(self.layers), attn.num_kv_heads, attn.head_dim)
+
+    def forward(self, input_ids, positions, batch):
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, batch)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
