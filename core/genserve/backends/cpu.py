@@ -36,7 +36,7 @@ class CpuBackend(Backend):
         except (ValueError, OSError):
             avail = 4 << 30
         # Leave most of the RAM to the OS, the tokenizer and activations.
-        return int(min(avail * 0.25, 4 << 30))
+        return int(min(avail * 0.25, 2 << 30))
 
 
 @hookimpl

@@ -58,19 +58,19 @@ def load_config(src: sources.ModelSource, args):
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(src: sources.ModelSource, args):
     from transformers import AutoTokenizer
 
     kwargs = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
     if src.is_gguf:
         kwargs["gguf_file"] = src.gguf_file
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src.path), **kwargs)
-    except Exception as exc:
-        if getattr(args, "load_format", "auto") == "dummy":
-            logger.warning("no tokenizer for %s (%s): serving token ids only", src.model_id, exc)
-            return None
-        raise
+    elif not any((src.path / f).exists() for f in TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: serving token ids only", src.path)
+        return None
+    tok = AutoTokenizer.from_pretrained(str(src.path), **kwargs)
     path = getattr(args, "tokenizer_config_path", None)
     if path:
         import json

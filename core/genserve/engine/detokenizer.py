@@ -17,10 +17,12 @@ class DecodeState:
 
 class Detokenizer:
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # None: serve token ids only (dummy benchmark models)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def start(self, prompt_ids: list[int]) -> DecodeState:
@@ -45,5 +47,7 @@ class Detokenizer:
 
     def token_text(self, token_id: int) -> str:
         """A single token's own text, as TGI reports it per token."""
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode([token_id], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)

@@ -114,3 +114,6 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)
+
+
+ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
