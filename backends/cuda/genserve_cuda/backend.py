@@ -1,0 +1,112 @@
+"""``CudaBackend``: NVIDIA GPUs through PyTorch's CUDA build."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from genserve.backends.base import Backend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Kept out of the KV-cache budget for activations, logits, the CUDA-graph pool and the
+# allocator's fragmentation: the larger of a fixed floor and a share of the card.
+ACTIVATION_RESERVE_BYTES = 1 << 30
+ACTIVATION_RESERVE_SHARE = 0.05
+
+
+def is_rocm_build() -> bool:
+    return getattr(torch.version, "hip", None) is not None
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    priority = 100
+    attention_preference = ("flash_attn", "triton", "torch")
+    distributed_backend = "nccl"
+    supports_graphs = True
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self._index = int(self.options.get("device_index", 0))
+        if self.options.get("disable_custom_kernels"):
+            # An instance attribute, so the class keeps advertising its real preference.
+            self.attention_preference = ("torch",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return not is_rocm_build() and torch.cuda.is_available()
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if is_rocm_build():
+            return "backend 'cuda' needs a CUDA build of PyTorch, this one is ROCm (use --backend rocm)"
+        if not torch.backends.cuda.is_built():
+            return (f"backend 'cuda' needs a CUDA build of PyTorch; torch {torch.__version__} "
+                    "was built without CUDA")
+        return "backend 'cuda' found no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self._index)
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    @property
+    def custom_kernels(self) -> bool:
+        return not self.options.get("disable_custom_kernels", False)
+
+    def set_device(self, rank: int) -> None:
+        self._index = rank
+        torch.cuda.set_device(rank)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def memory_budget(self) -> int:
+        """Free memory now (weights already loaded) times the fraction, minus a reserve."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        fraction = float(self.options.get("cuda_memory_fraction", 1.0))
+        reserve = max(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
+        budget = max(0, int(free * fraction) - reserve)
+        logger.info("cuda memory: %.1f GiB free of %.1f GiB, fraction %.2f, KV-cache budget %.1f GiB",
+                    free / 2**30, total / 2**30, fraction, budget / 2**30)
+        return budget
+
+    def graph_sizes(self) -> tuple[int, ...]:
+        """Decode batch sizes to capture; option ``cuda_graphs`` (0 or empty disables)."""
+        raw = self.options.get("cuda_graphs", DEFAULT_GRAPH_SIZES)
+        if raw in (None, 0, "0", ""):
+            return ()
+        if isinstance(raw, str):
+            raw = [int(x) for x in raw.split(",") if x.strip()]
+        if isinstance(raw, int):
+            raw = [raw]
+        return tuple(sorted({int(x) for x in raw if int(x) > 0}))
+
+    def optimize_model(self, model) -> dict[str, int]:
+        """Swap fused Triton forwards into the model's layers; counts what was swapped."""
+        if not self.custom_kernels:
+            return {}
+        from genserve_cuda.optimize import optimize_model
+
+        counts = optimize_model(model)
+        logger.info("cuda: fused kernels swapped in: %s", counts)
+        return counts
+
+    def create_model_runner(self, model, config):
+        from genserve_cuda.graphs import CudaModelRunner
+
+        return CudaModelRunner(model, config, self)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(self._index)
+            info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                        memory_gib=round(props.total_memory / 2**30, 1))
+        return info

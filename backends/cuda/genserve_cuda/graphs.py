@@ -1,0 +1,157 @@
+"""CUDA graphs for decode steps.
+
+``DecodeGraphs`` captures one graph per batch size in ``sizes`` (largest first, sharing one
+memory pool) over static input buffers, and replays the smallest one that fits a decode-only
+batch, padding the rest: padded rows have slot -1 (no KV write) and seq_len 0 (zero output).
+Block tables have a fixed width, enough for ``max_seqlen_k`` tokens, so one graph serves
+every context length up to it. ``CudaModelRunner`` plugs this into the engine's runner.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+from torch import nn
+
+from genserve.attention.base import AttentionMetadata
+from genserve.engine.model_runner import ModelRunner
+from genserve.models.base import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why this model's decode step can't be captured, or None."""
+    from genserve.layers.attention import Attention
+
+    impls = {type(m.impl) for m in model.modules() if isinstance(m, Attention)}
+    unsafe = sorted(c.name for c in impls if not getattr(c, "graph_safe", False))
+    if unsafe:
+        return f"attention {unsafe} syncs with the host (only graph-safe kernels can be captured)"
+    return None
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, sizes: tuple[int, ...], block_size: int, max_seqlen_k: int,
+                 device: torch.device):
+        self.model, self.device = model, device
+        self.sizes = sorted(set(sizes))
+        self.max_seqlen_k = max_seqlen_k
+        self.max_blocks = -(-max_seqlen_k // block_size)
+        n = self.sizes[-1]
+
+        def buf(*shape, dtype):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.input_ids = buf(n, dtype=torch.long)
+        self.positions = buf(n, dtype=torch.long)
+        self.slot_mapping = buf(n, dtype=torch.long)
+        self.seq_lens = buf(n, dtype=torch.int32)
+        self.block_tables = buf(n, self.max_blocks, dtype=torch.int32)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)  # one row each
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self._kv_key: tuple[int, ...] | None = None
+
+    # -- which batches --------------------------------------------------------------------
+    def can_run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
+        m = batch.attn
+        return (m.is_decode_only and 0 < input_ids.shape[0] <= self.sizes[-1]
+                and m.max_seqlen_k <= self.max_seqlen_k and m.block_tables.shape[1] <= self.max_blocks)
+
+    def size_for(self, n: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, n)]
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            max_seqlen_q=1, max_seqlen_k=self.max_seqlen_k, is_decode_only=True,
+        )
+
+    def _pad(self, start: int, end: int) -> None:
+        self.input_ids[start:end] = 0
+        self.positions[start:end] = 0
+        self.slot_mapping[start:end] = -1
+        self.seq_lens[start:end] = 0
+
+    # -- capture --------------------------------------------------------------------------
+    def _check_kv(self, kv_caches: list[torch.Tensor]) -> None:
+        key = tuple(t.data_ptr() for t in kv_caches)
+        if key != self._kv_key:  # graphs bake in the cache addresses
+            self.graphs.clear()
+            self.pool = None
+            self._kv_key = key
+
+    @torch.inference_mode()
+    def capture(self, kv_caches: list[torch.Tensor], sizes: list[int] | None = None) -> None:
+        self._check_kv(kv_caches)
+        for bs in sorted(sizes or self.sizes, reverse=True):  # largest first: smaller reuse its pool
+            if bs not in self.graphs:
+                self._capture_one(bs, kv_caches)
+
+    def _capture_one(self, bs: int, kv_caches: list[torch.Tensor]) -> None:
+        self._pad(0, bs)
+        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        batch = ForwardBatch(self._meta(bs), kv_caches)
+        # Warm up on a side stream: Triton compiles and loads kernels on their first launch,
+        # which a capture can't contain.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.model(ids, pos, batch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model(ids, pos, batch)
+        self.pool = graph.pool()
+        self.graphs[bs] = (graph, out)
+        logger.debug("captured decode graph for batch size %d", bs)
+
+    # -- replay ---------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states of the real rows; valid until the next replay overwrites them."""
+        n = input_ids.shape[0]
+        bs = self.size_for(n)
+        self._check_kv(batch.kv_caches)
+        if bs not in self.graphs:
+            self.capture(batch.kv_caches, [bs])
+        m = batch.attn
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(m.slot_mapping)
+        self.seq_lens[:n].copy_(m.seq_lens)
+        self.block_tables[:n, : m.block_tables.shape[1]].copy_(m.block_tables)
+        self._pad(n, bs)
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:n]
+
+
+class CudaModelRunner(ModelRunner):
+    """The engine's runner with fused kernels swapped in and decode steps as CUDA graphs."""
+
+    def __init__(self, model, config, backend):
+        super().__init__(model, config, backend)
+        backend.optimize_model(model)
+        self.graphs: DecodeGraphs | None = None
+        sizes = backend.graph_sizes()
+        reason = graph_blocker(model) if sizes else "disabled by the cuda_graphs option"
+        if reason is None:
+            max_len = config.max_total_tokens
+            self.graphs = DecodeGraphs(model, sizes, config.block_size, max_len, self.device)
+            logger.info("cuda graphs: decode batch sizes %s, contexts up to %d tokens", list(sizes), max_len)
+        else:
+            logger.info("cuda graphs off: %s", reason)
+
+    def capture_graphs(self) -> None:
+        """Capture every size now (call after ``allocate_kv_cache``); else sizes capture on first use."""
+        if self.graphs is not None and self.kv_caches:
+            self.graphs.capture(self.kv_caches)
+
+    def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(input_ids, batch):
+            return self.graphs.run(input_ids, positions, batch)
+        return super().execute(input_ids, positions, batch)

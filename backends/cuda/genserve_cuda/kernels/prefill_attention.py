@@ -1,0 +1,149 @@
+"""Paged attention for prefill, chunked prefill and mixed batches.
+
+Grid ``(q_tiles, batch, heads)``: a program takes ``BLOCK_M`` query rows of one sequence and
+one head and streams that sequence's keys from the paged cache (prefix-cache hits, earlier
+chunks and this step's tokens alike: the new K/V are written first). Masking is by absolute
+position, so a sequence's query rows sit at ``seq_len - q_len ... seq_len - 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from genserve_cuda._triton import next_pow2
+from genserve_cuda.kernels._attn_common import load_kv_tile, tanh
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, slopes_ptr, out_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_tok, stride_c_h, stride_bt,
+    scale, softcap, window, head_dim, block_size,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len  # keys already cached before this step's tokens
+    kvh = h // GROUP
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < q_len
+    q_pos = ctx + rows
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if USE_ALIBI:
+        slope = tl.load(slopes_ptr + h)
+
+    # Only the keys some row of this tile can see.
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        kmask = pos < hi
+        k = load_kv_tile(cache_ptr, bt_row, pos, kmask, d, dmask, kvh,
+                         block_size, stride_c_block, stride_c_tok, stride_c_h)
+        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION) * scale
+        if USE_SOFTCAP:
+            s = softcap * tanh(s / softcap)
+        rel = pos[None, :] - q_pos[:, None]
+        if USE_ALIBI:
+            s += slope * rel.to(tl.float32)
+        allowed = kmask[None, :]
+        if CAUSAL:
+            allowed = allowed & (rel <= 0)
+        if USE_WINDOW:
+            allowed = allowed & (rel > -window)
+        s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row may see no key of this tile (window, causal edge): keep it at exp2(-inf) = 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = load_kv_tile(cache_ptr + stride_c_kv, bt_row, pos, kmask, d, dmask, kvh,
+                         block_size, stride_c_block, stride_c_tok, stride_c_h)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows that saw nothing give zeros
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def default_config(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes: 64x64 keeps registers in check for head_dim up to 256."""
+    if device.type == "cuda" and head_dim <= 128:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    max_seqlen_q: int,
+    scale: float,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logit_softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    T, H, D = q.shape
+    B = seq_lens.shape[0]
+    Hkv = kv_cache.shape[3]
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    cfg = default_config(D, q.device)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    grid = (triton.cdiv(max_seqlen_q, block_m), B, H)
+    _prefill_kernel[grid](
+        q, kv_cache, block_tables, seq_lens, cu_seqlens_q,
+        alibi_slopes if alibi_slopes is not None else q, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        scale, logit_softcap or 0.0, sliding_window or 0, D, kv_cache.shape[2],
+        GROUP=H // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        CAUSAL=causal, USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=logit_softcap is not None,
+        USE_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the target's default
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
+    return out

@@ -1,0 +1,22 @@
+"""Entry point of genserve-cuda: registers the backend and its attention kernels.
+
+Importing this module must stay cheap and work on machines with no GPU or triton.
+"""
+
+from __future__ import annotations
+
+from genserve.hookspecs import hookimpl
+from genserve_cuda.attention.flash_attn import FlashAttnPaged
+from genserve_cuda.attention.triton_paged import TritonPagedAttention
+from genserve_cuda.backend import CudaBackend
+
+
+@hookimpl
+def genserve_register_backends(register):
+    register(CudaBackend)
+
+
+@hookimpl
+def genserve_register_attention(register):
+    register(TritonPagedAttention.name, TritonPagedAttention)
+    register(FlashAttnPaged.name, FlashAttnPaged)
