@@ -84,13 +84,16 @@ def test_cuda_backend_options(monkeypatch):
     assert b.attention_preference == ("flash_attn", "triton", "torch")
     assert b.device == torch.device("cuda", 0)
     assert b.graph_sizes() == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert CudaBackend({"cuda_graphs": None}).graph_sizes() == b.graph_sizes()  # flag not given
+    assert CudaBackend({"cuda_graphs": "0"}).graph_sizes() == ()
     assert CudaBackend({"cuda_graphs": 0}).graph_sizes() == ()
     assert CudaBackend({"cuda_graphs": []}).graph_sizes() == ()
     assert CudaBackend({"cuda_graphs": "4,1,4"}).graph_sizes() == (1, 4)
     off = CudaBackend({"disable_custom_kernels": True})
     assert off.attention_preference == ("torch",)
     assert CudaBackend.attention_preference[0] == "flash_attn"  # the class is untouched
-    assert off.optimize_model(torch.nn.Linear(2, 2)) == {}
+    lin = torch.nn.Linear(2, 2)
+    assert off.optimize_model(lin) is lin and "forward" not in vars(lin)
 
 
 def test_cuda_memory_budget(monkeypatch):
@@ -107,6 +110,7 @@ def test_rocm_backend_defaults():
     b = RocmBackend()
     assert b.attention_preference == ("triton", "torch")
     assert b.graph_sizes() == ()  # untested on HIP: opt-in only
+    assert RocmBackend({"cuda_graphs": None}).graph_sizes() == ()
     assert RocmBackend({"cuda_graphs": [1, 2]}).graph_sizes() == (1, 2)
 
 
@@ -151,6 +155,15 @@ print(heavy)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_backend_optimize_model_returns_the_model():
+    """build.py does ``model = backend.optimize_model(model) or model``."""
+    from genserve.layers.norm import RMSNorm
+
+    model = torch.nn.Sequential(RMSNorm(8))
+    assert CudaBackend().optimize_model(model) is model
+    assert "forward" in vars(model[0])
 
 
 def test_optimize_model_keeps_cpu_maths(monkeypatch):

@@ -65,7 +65,9 @@ def rel_err(a, b):
 def make_runner(sizes=(1, 2, 4, 8)):
     model = tiny_llama(TritonPagedAttention)
     config = EngineConfig(dtype=torch.bfloat16, block_size=BLOCK, max_total_tokens=BLOCKS_PER_SEQ * BLOCK)
-    runner = CudaBackend({"cuda_graphs": list(sizes)}).create_model_runner(model, config)
+    backend = CudaBackend({"cuda_graphs": ",".join(map(str, sizes)) or "0"})
+    model = backend.optimize_model(model)  # as engine/build.py does, before the runner
+    runner = backend.create_model_runner(model, config)
     runner.allocate_kv_cache(num_blocks=8 * BLOCKS_PER_SEQ)
     return runner
 
@@ -74,7 +76,7 @@ def make_runner(sizes=(1, 2, 4, 8)):
 def test_fused_triton_model_matches_reference_model():
     """Prefill then decode through the CUDA runner's model (fused + Triton) vs the reference."""
     runner = make_runner(sizes=())
-    assert isinstance(runner, CudaModelRunner) and runner.graphs is None
+    assert isinstance(runner, CudaModelRunner) and runner.graphs_off
     ref_model = tiny_llama(TorchReferenceAttention)
     ref_caches = [torch.zeros_like(c) for c in runner.kv_caches]
     for seqs, seed in (([(40, 40), (100, 100), (7, 7)], 1), ([(60, 20), (101, 1), (8, 1)], 2),
@@ -88,11 +90,11 @@ def test_fused_triton_model_matches_reference_model():
 @torch.inference_mode()
 def test_decode_graphs_replay_matches_eager():
     runner = make_runner()
-    assert runner.graphs is not None
+    assert not runner.graphs_off
     ids, pos, meta = step_inputs([(90, 90), (33, 33), (150, 150), (5, 5), (64, 64)], seed=4)
     runner.execute(ids, pos, ForwardBatch(meta, runner.kv_caches))  # prefill: eager
     assert not runner.graphs.graphs
-    runner.capture_graphs()
+    runner.warmup()
     assert sorted(runner.graphs.graphs) == [1, 2, 4, 8]
     for n, seed in ((5, 5), (3, 6), (1, 7), (5, 8)):  # 5 and 3 pad to 8 and 4
         seqs = [(s + 1, 1) for s in (90, 33, 150, 5, 64)[:n]]
@@ -114,9 +116,14 @@ def test_decode_graphs_replay_matches_eager():
 @torch.inference_mode()
 def test_graphs_skip_what_they_cannot_hold():
     runner = make_runner(sizes=(1, 2))
-    ids, pos, meta = step_inputs([(10, 1), (11, 1), (12, 1)])  # 3 rows > largest size 2
-    assert not runner.graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))
-    ids, pos, meta = step_inputs([(10, 2)])  # not decode-only
-    assert not runner.graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))
+    ids, pos, meta = step_inputs([(10, 2)])  # not decode-only: eager, nothing captured
     runner.execute(ids, pos, ForwardBatch(meta, runner.kv_caches))
-    assert not runner.graphs.graphs
+    graphs = runner.graphs
+    assert graphs is not None and not graphs.graphs
+    assert not graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))
+    ids, pos, meta = step_inputs([(10, 1), (11, 1), (12, 1)])  # 3 rows > largest size 2
+    assert not graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))
+    ids, pos, meta = step_inputs([(300, 1)])  # longer than max_total_tokens (256)
+    assert not graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))
+    ids, pos, meta = step_inputs([(11, 1)])
+    assert graphs.can_run(ids, ForwardBatch(meta, runner.kv_caches))

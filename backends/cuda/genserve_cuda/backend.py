@@ -78,25 +78,26 @@ class CudaBackend(Backend):
         return budget
 
     def graph_sizes(self) -> tuple[int, ...]:
-        """Decode batch sizes to capture; option ``cuda_graphs`` (0 or empty disables)."""
-        raw = self.options.get("cuda_graphs", DEFAULT_GRAPH_SIZES)
-        if raw in (None, 0, "0", ""):
-            return ()
+        """Decode batch sizes to capture: option ``cuda_graphs`` ("1,2,4", a list, or 0/"" to
+        disable); unset (None) means the default sizes."""
+        raw = self.options.get("cuda_graphs")
+        if raw is None:
+            return DEFAULT_GRAPH_SIZES
         if isinstance(raw, str):
             raw = [int(x) for x in raw.split(",") if x.strip()]
-        if isinstance(raw, int):
+        elif isinstance(raw, int):
             raw = [raw]
         return tuple(sorted({int(x) for x in raw if int(x) > 0}))
 
-    def optimize_model(self, model) -> dict[str, int]:
-        """Swap fused Triton forwards into the model's layers; counts what was swapped."""
+    def optimize_model(self, model):
+        """Swap fused Triton forwards into the model's layers (in place); returns the model."""
         if not self.custom_kernels:
-            return {}
+            return model
         from genserve_cuda.optimize import optimize_model
 
         counts = optimize_model(model)
         logger.info("cuda: fused kernels swapped in: %s", counts)
-        return counts
+        return model
 
     def create_model_runner(self, model, config):
         from genserve_cuda.graphs import CudaModelRunner

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 from torch import nn
@@ -131,27 +132,38 @@ class DecodeGraphs:
 
 
 class CudaModelRunner(ModelRunner):
-    """The engine's runner with fused kernels swapped in and decode steps as CUDA graphs."""
+    """The engine's runner, replaying CUDA graphs for decode-only batches.
+
+    The graphs are sized when first needed (``warmup`` or the first decode step), after the
+    engine has settled ``config.max_total_tokens`` against the KV cache.
+    """
 
     def __init__(self, model, config, backend):
         super().__init__(model, config, backend)
-        backend.optimize_model(model)
         self.graphs: DecodeGraphs | None = None
-        sizes = backend.graph_sizes()
-        reason = graph_blocker(model) if sizes else "disabled by the cuda_graphs option"
-        if reason is None:
-            max_len = config.max_total_tokens
-            self.graphs = DecodeGraphs(model, sizes, config.block_size, max_len, self.device)
-            logger.info("cuda graphs: decode batch sizes %s, contexts up to %d tokens", list(sizes), max_len)
-        else:
-            logger.info("cuda graphs off: %s", reason)
+        self.graph_sizes = backend.graph_sizes()
+        self.graphs_off = graph_blocker(model) if self.graph_sizes else "disabled by the cuda_graphs option"
+        if self.graphs_off:
+            logger.info("cuda graphs off: %s", self.graphs_off)
 
-    def capture_graphs(self) -> None:
-        """Capture every size now (call after ``allocate_kv_cache``); else sizes capture on first use."""
-        if self.graphs is not None and self.kv_caches:
-            self.graphs.capture(self.kv_caches)
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        if self.graphs is None and not self.graphs_off:
+            max_len = self.config.max_total_tokens
+            self.graphs = DecodeGraphs(self.model, self.graph_sizes, self.block_size, max_len, self.device)
+            logger.info("cuda graphs: decode batch sizes %s, contexts up to %d tokens",
+                        list(self.graph_sizes), max_len)
+        return self.graphs
+
+    def warmup(self) -> None:
+        """Capture every batch size now (after ``allocate_kv_cache``), not on first use."""
+        graphs = self._decode_graphs()
+        if graphs is not None and self.kv_caches:
+            t0 = time.perf_counter()
+            graphs.capture(self.kv_caches)
+            logger.info("captured %d decode graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
 
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(input_ids, batch):
-            return self.graphs.run(input_ids, positions, batch)
+        graphs = self._decode_graphs()
+        if graphs is not None and graphs.can_run(input_ids, batch):
+            return graphs.run(input_ids, positions, batch)
         return super().execute(input_ids, positions, batch)

@@ -1,0 +1,285 @@
+"""GPU check and timing of genserve-cuda's kernels, in one run (for the device machine).
+
+    python bench/gpu_kernels.py [--out DIR] [--skip-tests]
+
+1. runs the GPU tests (tests/gpu) and the plugin tests with pytest;
+2. times every kernel against the PyTorch path it replaces (triton.testing.do_bench,
+   median ms) and reports its max abs error against the fp32 reference;
+3. times a decode step of a small random Llama, eager vs CUDA graph.
+Prints a short table last; the full log goes to DIR (default $OUT or bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy on this workplace's H100 (KINDS.md)
+ROWS: list[tuple[str, str, float, float, float, str]] = []  # (group, case, ms, baseline ms, err, note)
+
+
+def bench(fn, rotate: int = 1) -> float:
+    """Median ms; ``fn(i)`` takes a rotation index so inputs can outgrow the L2 cache."""
+    from triton.testing import do_bench
+
+    counter = itertools.count()
+    return do_bench(lambda: fn(next(counter) % rotate), warmup=25, rep=100, return_mode="median")
+
+
+def rotation(bytes_per_input: int) -> int:
+    return max(1, min(8, math.ceil(150e6 / max(bytes_per_input, 1))))
+
+
+def record(group, case, ms, base_ms, err, note=""):
+    ROWS.append((group, case, ms, base_ms, err, note))
+    print(f"{group:10s} {case:34s} {ms:9.4f} ms  base {base_ms:9.4f} ms  x{base_ms / ms:6.2f}  "
+          f"err {err:.2e}  {note}", flush=True)
+
+
+# -- attention --------------------------------------------------------------------------------
+def attention_cases():
+    from genserve.attention.base import AttentionSpec
+    from genserve.attention.torch_ref import TorchAttention, TorchReferenceAttention
+    from genserve_cuda.attention.triton_paged import TritonPagedAttention
+    from genserve_cuda.testing import make_paged_batch
+
+    H, HKV, D = 32, 8, 128  # Llama-3-8B's attention
+    spec = AttentionSpec(H, D, HKV, D ** -0.5)
+    cases = [
+        ("decode b1 ctx4096", [(4096, 1)]),
+        ("decode b1 ctx32768 (split-K)", [(32768, 1)]),
+        ("decode b16 ctx2048", [(2048, 1)] * 16),
+        ("decode b64 ctx1024", [(1024, 1)] * 64),
+        ("decode b128 ctx512..4096", [(512 + 28 * i, 1) for i in range(128)]),
+        ("prefill 1x4096", [(4096, 4096)]),
+        ("prefill 8x512", [(512, 512)] * 8),
+        ("chunked 2x(3072 ctx+1024)", [(4096, 1024)] * 2),
+        ("mixed 1x(1536+512)+32 decodes", [(2048, 512)] + [(1024, 1)] * 32),
+    ]
+    for name, seqs in cases:
+        kv_bytes = sum(s for s, _ in seqs) * HKV * D * 2 * 2
+        n = rotation(kv_bytes)
+        batches = [make_paged_batch(seqs, H, HKV, D, 16, torch.bfloat16, "cuda",
+                                    generator=torch.Generator().manual_seed(i)) for i in range(n)]
+        tri, tor, ref = TritonPagedAttention(spec), TorchAttention(spec), TorchReferenceAttention(spec)
+        b0 = batches[0]
+        ref_out = ref.forward(b0.q, b0.k, b0.v, b0.kv_cache.clone(), b0.meta)
+        err = (tri.forward(b0.q, b0.k, b0.v, b0.kv_cache, b0.meta).float() - ref_out.float()).abs().max().item()
+        ms = bench(lambda i: tri.forward(batches[i].q, batches[i].k, batches[i].v, batches[i].kv_cache,
+                                         batches[i].meta), n)
+        base = bench(lambda i: tor.forward(batches[i].q, batches[i].k, batches[i].v, batches[i].kv_cache,
+                                           batches[i].meta), n)
+        if b0.meta.is_decode_only:
+            note = f"{kv_bytes / ms / 1e9:.0f} GB/s, floor {kv_bytes / HBM_BYTES_PER_S * 1e3:.4f} ms"
+        else:
+            # Causal pairs (query, visible key) per sequence, 2 matmuls of 2*D flops each.
+            pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in seqs)
+            note = f"{4 * D * H * pairs / ms / 1e9:.0f} TFLOP/s"
+        record("attention", name, ms, base, err, note)
+        del batches
+        torch.cuda.empty_cache()
+
+
+def decode_split_sweep():
+    """Decode tile/split variants on the split-K-heavy cases; informs the defaults."""
+    from genserve_cuda.kernels.decode_attention import paged_decode_attention
+    from genserve_cuda.testing import make_paged_batch
+
+    for seqs, label in (([(32768, 1)], "b1 ctx32768"), ([(2048, 1)] * 16, "b16 ctx2048")):
+        b = make_paged_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        m = b.meta
+        base = None
+        for splits, bn, warps in ((None, 64, 4), (None, 32, 4), (None, 128, 4), (None, 64, 2),
+                                  (8, 64, 4), (32, 64, 4)):
+            try:
+                ms = bench(lambda i: paged_decode_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens,
+                                                            0.088, m.max_seqlen_k, num_splits=splits,
+                                                            block_n=bn, num_warps=warps))
+            except Exception as exc:  # e.g. out of shared memory: report, try the next
+                print(f"decode variant S={splits} N={bn} w={warps} failed: {exc!r}"[:300], flush=True)
+                continue
+            base = base or ms
+            kv = sum(s for s, _ in seqs) * 8 * 128 * 4
+            record("sweep-dec", f"{label} S={splits or 'auto'} N={bn} w={warps}", ms, base, 0.0,
+                   f"{kv / ms / 1e9:.0f} GB/s")
+
+
+def prefill_config_sweep():
+    from genserve_cuda.kernels.prefill_attention import paged_prefill_attention
+    from genserve_cuda.testing import make_paged_batch
+
+    b = make_paged_batch([(4096, 4096)], 32, 8, 128, 16, torch.bfloat16, "cuda")
+    m = b.meta
+    base = None
+    for bm, bn, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                                  (64, 128, 4, 3)):
+        try:
+            ms = bench(lambda i: paged_prefill_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens,
+                                                         m.cu_seqlens_q, m.max_seqlen_q, 0.088, block_m=bm,
+                                                         block_n=bn, num_warps=warps, num_stages=stages))
+        except Exception as exc:
+            print(f"prefill variant M={bm} N={bn} w={warps} s={stages} failed: {exc!r}"[:300], flush=True)
+            continue
+        base = base or ms
+        flops = 4 * 128 * 32 * 4096 * 4097 / 2
+        record("sweep-pre", f"1x4096 M={bm} N={bn} w={warps} s={stages}", ms, base, 0.0,
+               f"{flops / ms / 1e9:.0f} TFLOP/s")
+
+
+# -- KV write and fused layers ----------------------------------------------------------------
+def elementwise_cases():
+    from genserve.attention.base import write_kv
+    from genserve.layers.activation import GatedActivation
+    from genserve.layers.norm import RMSNorm
+    from genserve.layers.rotary import RotaryEmbedding
+    from genserve_cuda.kernels.activation import silu_and_mul
+    from genserve_cuda.kernels.kv_cache import write_kv_cache
+    from genserve_cuda.kernels.rms_norm import rms_norm
+    from genserve_cuda.kernels.rotary import rotary_embedding
+
+    dev, bf = "cuda", torch.bfloat16
+    for T in (4096, 64):
+        # KV write: 4096 new tokens into a 64k-token cache.
+        cache = torch.randn(2, 4096, 16, 8, 128, dtype=bf, device=dev)
+        k, v = torch.randn(T, 8, 128, dtype=bf, device=dev), torch.randn(T, 8, 128, dtype=bf, device=dev)
+        slots = torch.randperm(4096 * 16, device=dev)[:T]
+        ref_cache = cache.clone()
+        write_kv(k, v, ref_cache, slots)
+        write_kv_cache(k, v, cache, slots)
+        err = (cache.float() - ref_cache.float()).abs().max().item()
+        record("kv_write", f"T={T} Hkv=8 D=128", bench(lambda i: write_kv_cache(k, v, cache, slots)),
+               bench(lambda i: write_kv(k, v, cache, slots)), err)
+
+        x, r = torch.randn(T, 4096, dtype=bf, device=dev), torch.randn(T, 4096, dtype=bf, device=dev)
+        norm = RMSNorm(4096, 1e-5, bf).to(dev)
+        norm.weight.data.normal_(1, 0.1)
+        exact = (x.float() + r.float())
+        exact = exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()
+        err = (rms_norm(x, norm.weight, 1e-5, residual=r)[0].float() - exact).abs().max().item()
+        record("rms_norm", f"+residual T={T} H=4096", bench(lambda i: rms_norm(x, norm.weight, 1e-5, residual=r)),
+               bench(lambda i: norm(x, r)), err, "err vs fp32 maths")
+
+        inv = 1.0 / (500000 ** (torch.arange(0, 128, 2).float() / 128))
+        rope = RotaryEmbedding(128, 128, 8192, inv).to(dev)
+        qkv = torch.randn(T, 48 * 128, dtype=bf, device=dev)
+        q, kk, _ = qkv.split([32 * 128, 8 * 128, 8 * 128], -1)
+        q, kk = q.view(T, 32, 128), kk.view(T, 8, 128)
+        pos = torch.randint(0, 8192, (T,), device=dev)
+        eq, _ = rope(pos, q.float(), kk.float())
+        err = (rotary_embedding(pos, q, kk, rope.cos, rope.sin, 128)[0].float() - eq).abs().max().item()
+        record("rotary", f"T={T} 32q+8k heads D=128",
+               bench(lambda i: rotary_embedding(pos, q, kk, rope.cos, rope.sin, 128)),
+               bench(lambda i: rope(pos, q, kk)), err, "err vs fp32 maths")
+
+        gu = torch.randn(T, 2 * 14336, dtype=bf, device=dev)
+        act = GatedActivation("silu")
+        g32, u32 = gu.float().chunk(2, -1)
+        err = (silu_and_mul(gu).float() - torch.nn.functional.silu(g32) * u32).abs().max().item()
+        record("silu_mul", f"T={T} I=14336", bench(lambda i: silu_and_mul(gu)), bench(lambda i: act(gu)), err,
+               "err vs fp32 maths")
+        del cache, ref_cache
+        torch.cuda.empty_cache()
+
+
+# -- CUDA graphs ------------------------------------------------------------------------------
+@torch.inference_mode()
+def graph_cases():
+    from transformers import LlamaConfig
+
+    from genserve.engine.config import EngineConfig
+    from genserve.engine.model_runner import ModelRunner
+    from genserve.models.base import ForwardBatch, ModelContext
+    from genserve.models.llama import LlamaForCausalLM
+    from genserve_cuda.attention.triton_paged import TritonPagedAttention
+    from genserve_cuda.backend import CudaBackend
+    from genserve_cuda.testing import make_paged_batch
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    dev = torch.device("cuda")
+    ctx = ModelContext(dtype=torch.bfloat16, device=dev, attention_cls=TritonPagedAttention)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg, ctx)
+    for name, p in model.named_parameters():
+        p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.02)
+    backend = CudaBackend({"cuda_graphs": "1,16,64"})
+    model = backend.optimize_model(model)
+    runner = backend.create_model_runner(model, EngineConfig(dtype=torch.bfloat16, block_size=16,
+                                                             max_total_tokens=1024))
+    runner.allocate_kv_cache(64 * 64)
+    t0 = time.perf_counter()
+    runner.warmup()
+    print(f"graph capture of 3 sizes: {time.perf_counter() - t0:.2f} s", flush=True)
+    for bs in (1, 16, 64):
+        b = make_paged_batch([(512, 1)] * bs, 16, 4, 128, 16, torch.bfloat16, dev)
+        ids = torch.randint(0, 32000, (bs,), device=dev)
+        pos = torch.full((bs,), 511, device=dev)
+        batch = ForwardBatch(b.meta, runner.kv_caches)
+        eager = ModelRunner.execute(runner, ids, pos, batch).clone()
+        graphed = runner.execute(ids, pos, batch)
+        err = (graphed.float() - eager.float()).abs().max().item()
+        record("graphs", f"decode step 8L h2048 bs={bs} ctx512",
+               bench(lambda i: runner.execute(ids, pos, batch)),
+               bench(lambda i: ModelRunner.execute(runner, ids, pos, batch)), err, "base = eager")
+
+
+def run_tests(out_dir: str) -> int:
+    log = os.path.join(out_dir, "pytest.log")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu",
+           "tests/test_backend_plugins.py"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with open(log, "w") as f:
+        f.write(res.stdout + res.stderr)
+    tail = (res.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"pytest ({time.perf_counter() - t0:.0f} s): {tail}", flush=True)
+    if res.returncode:
+        print(res.stdout[-6000:], flush=True)
+    return res.returncode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of: attention,sweep,elementwise,graphs")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    rc = 0 if args.skip_tests else run_tests(args.out)
+    only = set(filter(None, args.only.split(","))) or {"attention", "sweep", "elementwise", "graphs"}
+    torch.manual_seed(0)
+    for name, fn in (("attention", attention_cases), ("sweep", decode_split_sweep), ("sweep", prefill_config_sweep),
+                     ("elementwise", elementwise_cases), ("graphs", graph_cases)):
+        if name in only:
+            try:
+                fn()
+            except Exception as exc:  # one broken section must not hide the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                print(f"section {fn.__name__} failed: {exc}", flush=True)
+                rc = rc or 1
+    lines = [f"{'group':10s} {'case':42s} {'ms':>9s} {'base ms':>9s} {'speedup':>8s} {'max err':>9s}  note"]
+    for g, c, ms, base, err, note in ROWS:
+        lines.append(f"{g:10s} {c:42s} {ms:9.4f} {base:9.4f} {base / ms:8.2f} {err:9.2e}  {note}")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
