@@ -1,4 +1,9 @@
-"""Llama family: Llama 1/2/3, CodeLlama, SmolLM2; Mistral and Qwen2 through configuration."""
+"""Llama family: Llama 1/2/3, CodeLlama, SmolLM2; Mistral, Qwen2 and Phi-3 through configuration.
+
+Variants differ only in what their configs say (sliding windows, qkv bias, partial rotary,
+fused checkpoint tensors), so they share these classes. Gemma and Mixtral subclass them and
+swap the norm, embedding scale, decoder layer or MLP (``make_layer`` / ``make_mlp``).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,30 @@ from genserve.layers.attention import Attention
 from genserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from genserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.layers.norm import RMSNorm
-from genserve.layers.rotary import RotaryEmbedding
+from genserve.layers.rotary import RotaryEmbedding, rope_parameters
 from genserve.models.base import CausalLM, ForwardBatch, KVCacheSpec, ModelContext
 
 
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    """The layer's attention window: configs name it once, ``layer_types`` says which layers use it."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 configs carry a disabled window
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if window and layer_types and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return window
+
+
+def rotary_dim_of(config, head_dim: int) -> int:
+    """Phi-3.5/Phi-4-mini rotate only part of each head (``partial_rotary_factor``)."""
+    factor = rope_parameters(config).get("partial_rotary_factor",
+                                         getattr(config, "partial_rotary_factor", 1.0))
+    return int(head_dim * (factor or 1.0))
 
 
 class LlamaMLP(nn.Module):
@@ -26,7 +49,9 @@ class LlamaMLP(nn.Module):
         h, i = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(h, [i, i], bias, ctx.dtype, ctx.quant())
         self.down_proj = RowParallelLinear(i, h, bias, ctx.dtype, ctx.quant())
-        self.act = GatedActivation(getattr(config, "hidden_act", "silu"))
+        # Gemma 2 names its activation ``hidden_activation``.
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        self.act = GatedActivation(act)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -42,13 +67,13 @@ class LlamaAttention(nn.Module):
                                           qkv_bias, ctx.dtype, ctx.quant())
         self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size,
                                         getattr(config, "attention_bias", False), ctx.dtype, ctx.quant())
-        self.rotary_emb = RotaryEmbedding.from_config(config, hd)
-        window = getattr(config, "sliding_window", None)
-        if getattr(config, "use_sliding_window", True) is False:
-            window = None
+        self.rotary_emb = RotaryEmbedding.from_config(config, hd, rotary_dim_of(config, hd))
+        # Gemma 2 scales queries by query_pre_attn_scalar instead of head_dim, and softcaps scores.
+        scalar = getattr(config, "query_pre_attn_scalar", None) or hd
         spec = AttentionSpec(
             num_heads=self.qkv_proj.num_heads, head_dim=hd, num_kv_heads=self.qkv_proj.num_kv_heads,
-            scale=hd ** -0.5, sliding_window=window,
+            scale=scalar ** -0.5, sliding_window=sliding_window_of(config, layer_idx),
+            logit_softcap=getattr(config, "attn_logit_softcapping", None),
         )
         self.attn = Attention(layer_idx, spec, ctx)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
@@ -62,13 +87,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext, mlp: nn.Module, norm_offset: float = 0.0):
         super().__init__()
         eps = config.rms_norm_eps
         self.self_attn = LlamaAttention(config, layer_idx, ctx)
-        self.mlp = LlamaMLP(config, ctx, getattr(config, "mlp_bias", False))
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
 
     def forward(self, positions, x, residual, batch):
         if residual is None:
@@ -88,15 +113,29 @@ class LlamaForCausalLM(CausalLM):
         (".gate_proj", (".gate_up_proj", 0)),
         (".up_proj", (".gate_up_proj", 1)),
     )
+    # Phi-3 checkpoints hold qkv_proj and gate_up_proj already fused: those names match the
+    # parameters directly and their loaders split them (shard id None).
+
+    norm_offset = 0.0  # Gemma: RMSNorm scales by (1 + w)
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__(config, ctx)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, ctx) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
+        self.layers = nn.ModuleList(self.make_layer(config, i, ctx) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, self.norm_offset)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.embed_tokens)
+
+    def make_mlp(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
+        return LlamaMLP(config, ctx, getattr(config, "mlp_bias", False))
+
+    def make_layer(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
+        return LlamaDecoderLayer(config, layer_idx, ctx, self.make_mlp(config, layer_idx, ctx),
+                                 self.norm_offset)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
 
     def rename_weight(self, name):
         return name.removeprefix("model.")
@@ -106,7 +145,7 @@ class LlamaForCausalLM(CausalLM):
         return KVCacheSpec(len(self.layers), attn.num_kv_heads, attn.head_dim)
 
     def forward(self, input_ids, positions, batch):
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, batch)
         x, _ = self.norm(x, residual)
@@ -116,4 +155,9 @@ class LlamaForCausalLM(CausalLM):
         return self.lm_head(hidden)
 
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+ARCHITECTURES = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,
+}
