@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from genserve.backends.select import select_backend
+from genserve.distributed.state import get_tp_group
 from genserve.engine.config import EngineConfig
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.scheduler import SchedulerConfig
@@ -111,6 +112,10 @@ def eos_ids(tokenizer, config) -> set[int]:
 
 
 def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
+    from genserve.distributed import launch
+
+    if launch.sharding_requested(args):  # spawns the other ranks, then builds rank 0 through here
+        return launch.build_sharded_engine(args, plugins)
     t0 = time.perf_counter()
     plugins = plugins or get_plugins()
     backend_cls = select_backend(plugins, args.backend)
@@ -119,6 +124,9 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         "cuda_graphs": args.cuda_graphs,
         "disable_custom_kernels": args.disable_custom_kernels,
     })
+    tp = get_tp_group()
+    if tp.size > 1:
+        backend.set_device(tp.rank)
     src = sources.resolve(args.model_id, args.revision, args.gguf_file)
     config = load_config(src, args)
     if config.model_type not in plugins.architectures:
@@ -159,7 +167,8 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
 
     engine_config = _engine_config(args, config, dtype)
     runner = backend.create_model_runner(model, engine_config)
-    num_blocks = _num_blocks(args, engine_config, runner, backend)
+    # Every rank must hold the same number of blocks: the scheduler on rank 0 hands them out.
+    num_blocks = tp.min_over_ranks(_num_blocks(args, engine_config, runner, backend))
     runner.allocate_kv_cache(num_blocks)
     cache_tokens = num_blocks * engine_config.block_size
     _fit_limits(args, engine_config, config, cache_tokens)
