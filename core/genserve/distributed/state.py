@@ -6,7 +6,7 @@ pays nothing for TP support.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,9 @@ import torch.distributed as dist
 class TPGroup:
     rank: int = 0
     size: int = 1
+    # A gloo group over the same ranks for host-side agreement (a CPU tensor works with any
+    # device backend); None means the default group.
+    cpu_group: object = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -29,6 +32,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` any rank holds (e.g. KV blocks: every rank must allocate the same)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
 
 _tp = TPGroup()
 
@@ -37,9 +48,9 @@ def get_tp_group() -> TPGroup:
     return _tp
 
 
-def set_tp_group(rank: int, size: int) -> TPGroup:
+def set_tp_group(rank: int, size: int, cpu_group=None) -> TPGroup:
     global _tp
-    _tp = TPGroup(rank=rank, size=size)
+    _tp = TPGroup(rank=rank, size=size, cpu_group=cpu_group)
     return _tp
 
 

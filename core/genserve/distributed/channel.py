@@ -1,0 +1,100 @@
+"""Rank 0 tells the other ranks what to compute, as tensors only (never pickle).
+
+Every message starts with a fixed int64 header broadcast over the gloo control group (the one
+the workers wait on while the server is idle). A forward pass follows with one flat int64
+payload on the same group; an LM-head call follows with the hidden rows on the default group
+(device to device under NCCL), since the rows are activations, not host metadata.
+
+Workers mirror exactly the collectives rank 0 makes: each ``execute`` and each
+``compute_logits`` (the vocab-parallel LM head all-gathers) is announced before it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from genserve.attention.base import AttentionMetadata
+
+HEADER_LEN = 8
+FORWARD, LOGITS, STOP = 1, 2, 3
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Forward:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+
+
+class Channel:
+    def __init__(self, ctrl_group, device: torch.device):
+        self.ctrl, self.device = ctrl_group, torch.device(device)
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(t, 0, group=self.ctrl)
+        return t
+
+    def _header(self, *fields: int) -> None:
+        h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        h[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
+        self._bcast(h)
+
+    # -- rank 0 ---------------------------------------------------------------------------
+    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> None:
+        tokens, seqs = input_ids.numel(), attn.seq_lens.numel()
+        width = attn.block_tables.shape[1]
+        self._header(FORWARD, tokens, seqs, width, attn.max_seqlen_q, attn.max_seqlen_k,
+                     int(attn.is_decode_only))
+        parts = (input_ids, positions, attn.slot_mapping, attn.cu_seqlens_q, attn.seq_lens,
+                 attn.block_tables.reshape(-1))
+        # One host copy for the whole batch (a no-op on CPU): one gloo message, not six.
+        self._bcast(torch.cat([p.long() for p in parts]).cpu())
+
+    def send_logits(self, hidden: torch.Tensor) -> None:
+        rows, cols = hidden.shape
+        self._header(LOGITS, rows, cols, FLOAT_DTYPES.index(hidden.dtype))
+        dist.broadcast(hidden.contiguous(), 0)
+
+    def send_stop(self) -> None:
+        self._header(STOP)
+
+    # -- other ranks ----------------------------------------------------------------------
+    def recv(self) -> tuple[int, Forward | torch.Tensor | None]:
+        h = self._bcast(torch.zeros(HEADER_LEN, dtype=torch.int64)).tolist()
+        kind = h[0]
+        if kind == FORWARD:
+            return kind, self._recv_forward(*h[1:7])
+        if kind == LOGITS:
+            rows, cols, dtype = h[1:4]
+            hidden = torch.empty(rows, cols, dtype=FLOAT_DTYPES[dtype], device=self.device)
+            dist.broadcast(hidden, 0)
+            return kind, hidden
+        if kind == STOP:
+            return kind, None
+        raise RuntimeError(f"unknown message kind {kind} from rank 0")
+
+    def _recv_forward(self, tokens, seqs, width, max_q, max_k, decode_only) -> Forward:
+        payload = self._bcast(torch.empty(3 * tokens + 2 * seqs + 1 + seqs * width, dtype=torch.int64))
+        ids, pos, slots, cu, seq_lens, tables = payload.split(
+            [tokens, tokens, tokens, seqs + 1, seqs, seqs * width])
+        dev = self.device
+
+        def on_dev(t, dtype):
+            return t.to(dtype).to(dev, non_blocking=True)
+
+        attn = AttentionMetadata(
+            cu_seqlens_q=on_dev(cu, torch.int32),
+            seq_lens=on_dev(seq_lens, torch.int32),
+            block_tables=on_dev(tables.view(seqs, width), torch.int32),
+            slot_mapping=on_dev(slots, torch.long),
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+            is_decode_only=bool(decode_only),
+            seq_lens_cpu=seq_lens.tolist(),
+            query_lens_cpu=(cu[1:] - cu[:-1]).tolist(),
+        )
+        return Forward(on_dev(ids, torch.long), on_dev(pos, torch.long), attn)

@@ -1,0 +1,59 @@
+"""Process groups for one host: every rank meets at 127.0.0.1.
+
+Two groups over the same ranks: the default one (NCCL on CUDA, gloo on CPU) carries the
+model's collectives under a bounded timeout; a gloo control group carries rank 0's messages,
+which the workers wait on for as long as the server stays idle, so it gets no real timeout.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from genserve.distributed.state import TPGroup, set_tp_group
+
+HOST = "127.0.0.1"
+READY_KEY = "genserve/shard{}/ready"
+IDLE_TIMEOUT = timedelta(days=3650)
+
+
+def shard_timeout() -> float:
+    """Seconds a step (or a worker's start) may take before rank 0 declares a shard hung."""
+    return float(os.environ.get("GENSERVE_SHARD_TIMEOUT", "300"))
+
+
+def local_env() -> None:
+    """Defaults every rank needs before its first collective; the user's own values win."""
+    # NVLink multicast (NVLS) fails to set up, or hangs, on hosts without multicast support;
+    # ring and tree algorithms serve 2-8 GPUs of one host.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if os.path.exists("/sys/class/net/lo"):  # one host: keep the sockets off the network
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def share_cpu_threads(device: torch.device, world_size: int) -> None:
+    """CPU ranks split the cores: N processes that each use every core oversubscribe them, and
+    spinning OpenMP threads then slow every step many times over."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+
+
+def init_groups(rank: int, world_size: int, store, backend: str) -> TPGroup:
+    # Longer than the supervisor's step timeout, so rank 0 sees a hang before NCCL's watchdog.
+    timeout = timedelta(seconds=shard_timeout() + 60)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return set_tp_group(rank, world_size, cpu_group=ctrl)
+
+
+def destroy_groups() -> None:
+    """Leave the groups and make this process single-rank again (later engines build unsharded)."""
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        set_tp_group(0, 1)

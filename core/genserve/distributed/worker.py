@@ -1,0 +1,81 @@
+"""A tensor-parallel worker: ranks 1..N-1, one process each.
+
+It builds its shard exactly as rank 0 does (``build_engine`` with the TP group already set),
+then mirrors rank 0's collectives until told to stop. It sends nothing back: rank 0 samples
+from the logits it all-gathers. Any error ends the process, which rank 0's supervisor sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from datetime import timedelta
+from multiprocessing import parent_process
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+
+from genserve.args import defaults
+from genserve.backends.select import select_backend
+from genserve.distributed.channel import FORWARD, LOGITS, Channel
+from genserve.distributed.groups import (HOST, READY_KEY, destroy_groups, init_groups, shard_timeout,
+                                        share_cpu_threads)
+from genserve.engine.build import build_engine
+from genserve.models.base import ForwardBatch
+from genserve.plugins import get_plugins
+
+logger = logging.getLogger(__name__)
+
+
+def _exit_with_parent() -> None:
+    """A worker must not outlive rank 0 (under NCCL it would hold its GPU, waiting forever)."""
+    parent = parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="genserve-parent-watch", daemon=True).start()
+
+
+@torch.inference_mode()
+def serve(runner, channel: Channel) -> None:
+    logits = runner.model.compute_logits
+    while True:
+        kind, item = channel.recv()
+        if kind == FORWARD:
+            runner.execute(item.input_ids, item.positions, ForwardBatch(item.attn, runner.kv_caches))
+        elif kind == LOGITS:
+            logits(item)  # this rank's part of the all-gather; rank 0 keeps the result
+        else:
+            return
+
+
+def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags: dict) -> None:
+    # Ctrl-C reaches the whole process group: rank 0 decides when the workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s [shard {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        plugins = get_plugins()
+        backend_cls = select_backend(plugins, backend_name)
+        backend = backend_cls()
+        backend.set_device(rank)  # before any communicator exists, so none lands on device 0
+        share_cpu_threads(backend.device, world_size)
+        store = dist.TCPStore(HOST, port, world_size, is_master=False,
+                              timeout=timedelta(seconds=shard_timeout()))
+        store.set(READY_KEY.format(rank), "1")
+        tp = init_groups(rank, world_size, store, backend_cls.distributed_backend)
+        args = defaults(**{**flags, "backend": backend_name})
+        loaded = build_engine(args, plugins)
+        serve(loaded.engine.runner, Channel(tp.cpu_group, loaded.backend.device))
+    except Exception:
+        logger.exception("shard %d failed", rank)
+        os._exit(1)  # skip interpreter teardown: a broken communicator can hang it
+    destroy_groups()
