@@ -1,0 +1,148 @@
+"""Sparse mixture-of-experts feed-forward (Mixtral): top-k routing, grouped expert matmuls.
+
+Dispatch sorts the (token, expert) pairs by expert so each expert's rows are contiguous, then
+runs every expert's gate/up and down projections as one grouped matmul over those segments
+(``torch.nn.functional.grouped_mm``; where the device or dtype lacks it, one matmul per expert
+over all of its rows). Weighted outputs are scattered back with a single ``index_add_``.
+
+Tensor parallelism over the TP group, chosen by ``shard``:
+
+* ``"intermediate"`` (default, Megatron-style): every rank holds every expert with a slice of
+  its intermediate dimension; w1/w3 split by rows, w2 by columns.
+* ``"experts"``: each rank holds ``num_experts / tp`` whole experts and computes only the pairs
+  routed to them.
+
+Either way each rank's output is a partial sum and one all-reduce finishes the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.distributed.state import divide, get_tp_group
+from genserve.layers.activation import GatedActivation
+from genserve.layers.linear import ReplicatedLinear
+from genserve.layers.weights import copy_into, narrow
+
+# (device type, dtype) -> whether grouped_mm runs there; learnt on first use (CPU runs every
+# dtype; CUDA needs Hopper and bf16), so the fallback costs one failed call per process.
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row segments of ``x`` times their expert's weight: ``x[seg e] @ w[e].T``.
+
+    ``x``: [N, in], rows grouped by expert; ``w``: [E, out, in]; ``counts``: [E] rows per expert;
+    ``offsets``: int32 cumulative ends of the segments. Rows past the last segment are undefined.
+    """
+    key = (x.device.type, x.dtype)
+    if hasattr(F, "grouped_mm") and _GROUPED_MM_OK.get(key, True):
+        try:
+            out = F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
+            _GROUPED_MM_OK[key] = True
+            return out
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # one matmul per expert, all of its rows at once
+        if n:
+            out[start:start + n] = x[start:start + n] @ w[e].T
+        start += n
+    return out
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """Σ_k weight[t, k] · expert_{ids[t, k]}(x[t]) for every token row ``t``.
+
+    ``topk_ids`` index the local experts of ``w13`` [E, 2I, H] / ``w2`` [E, H, I]; an id of ``E``
+    or more marks a pair that another rank computes (expert sharding) and contributes nothing.
+    """
+    T, K = topk_ids.shape
+    E = w13.shape[0]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, remote ones last
+    rows = order // K  # the token of each sorted pair
+    counts = torch.bincount(flat.clamp(max=E), minlength=E + 1)[:E]
+    offsets = counts.cumsum(0).to(torch.int32)
+
+    h = act(grouped_matmul(x[rows], w13, counts, offsets))
+    y = grouped_matmul(h, w2, counts, offsets).float()
+    weight = topk_weights.reshape(-1)[order].float()
+    local = flat[order] < E
+    y = torch.where(local[:, None], y * weight[:, None], 0.0)  # rows past the segments are garbage
+    return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, y).to(x.dtype)
+
+
+class FusedMoE(nn.Module):
+    """Router + ``num_experts`` gated MLPs (w1 gate, w3 up, w2 down), top-k per token.
+
+    Parameters: ``gate`` (the router, replicated), ``w13_weight`` [E_local, 2 * I_local, H]
+    (gate rows then up rows) and ``w2_weight`` [E_local, H, I_local]. Checkpoint tensors reach
+    them through ``checkpoint_mapping`` with shard id ``(expert, "w1" | "w3" | "w2")``.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
+                 renormalize: bool = True, activation: str = "silu", dtype=torch.float32,
+                 shard: str = "intermediate"):
+        super().__init__()
+        if shard not in ("intermediate", "experts"):
+            raise ValueError(f"shard must be 'intermediate' or 'experts', not {shard!r}")
+        self.tp = get_tp_group()
+        self.num_experts, self.top_k, self.renormalize, self.shard = num_experts, top_k, renormalize, shard
+        if shard == "experts":
+            self.num_local_experts = divide(num_experts, self.tp.size)
+            self.expert_start = self.tp.rank * self.num_local_experts
+            self.local_intermediate = intermediate_size
+        else:
+            self.num_local_experts, self.expert_start = num_experts, 0
+            self.local_intermediate = divide(intermediate_size, self.tp.size)
+        E, I = self.num_local_experts, self.local_intermediate
+        self.gate = ReplicatedLinear(hidden_size, num_experts, False, dtype, None)
+        self.w13_weight = nn.Parameter(torch.empty(E, 2 * I, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(E, hidden_size, I, dtype=dtype), requires_grad=False)
+        self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.weight_loader
+        self.act = GatedActivation(activation)
+        self.experts_fn = fused_experts  # a backend may swap in a fused kernel with this contract
+
+    @staticmethod
+    def checkpoint_mapping(num_experts: int, w1: str = "w1", w2: str = "w2", w3: str = "w3"):
+        """``stacked_params`` entries for checkpoints with one tensor per expert (Mixtral's names)."""
+        return tuple(
+            (f".experts.{e}.{name}.weight", (f".{target}", (e, part)))
+            for e in range(num_experts)
+            for name, target, part in ((w1, "w13_weight", "w1"), (w3, "w13_weight", "w3"),
+                                       (w2, "w2_weight", "w2"))
+        )
+
+    def weight_loader(self, param, loaded, shard_id):
+        expert, part = shard_id
+        local = expert - self.expert_start
+        if not 0 <= local < self.num_local_experts:
+            return  # another rank's expert
+        I = self.local_intermediate
+        start = self.tp.rank * I if self.shard == "intermediate" else 0
+        if part == "w2":
+            copy_into(param.data[local], narrow(loaded, 1, start, I))
+        else:
+            rows = slice(0, I) if part == "w1" else slice(I, 2 * I)
+            copy_into(param.data[local, rows], narrow(loaded, 0, start, I))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and weights per token (softmax in fp32, then renormalised)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        if self.shard == "experts":  # remote experts map to ids >= num_local_experts
+            ids = ids - self.expert_start
+            ids = ids.masked_fill((ids < 0) | (ids >= self.num_local_experts), self.num_local_experts)
+        out = self.experts_fn(x, self.w13_weight, self.w2_weight, weights, ids, self.act)
+        return self.tp.all_reduce(out)
