@@ -68,12 +68,16 @@ class ModelRunner:
         bs = self.block_size
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
-            all_ids = seq.all_ids
             row0 = len(ids)
-            ids += all_ids[start:start + n]
-            pos += range(start, start + n)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:  # decode: avoid building the whole token list every step
+                ids.append(seq.token_at(start))
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.all_ids[start:start + n]
+                pos += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             q_lens.append(n)
             seq_lens.append(start + n)
             tables.append(table)

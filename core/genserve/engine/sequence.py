@@ -56,6 +56,10 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
