@@ -74,7 +74,11 @@ class TorchReferenceAttention(AttentionImpl):
 
 
 class TorchAttention(AttentionImpl):
-    """Padded batch through ``F.scaled_dot_product_attention``; same function as the reference."""
+    """Padded batch through ``F.scaled_dot_product_attention``; same function as the reference.
+
+    The padding layout and masks depend only on the batch, so they are built once per step
+    (kept in ``meta.extra``) and shared by every layer.
+    """
 
     name = "torch"
 
@@ -83,56 +87,70 @@ class TorchAttention(AttentionImpl):
         spec = self.spec
         if spec.logit_softcap is not None:  # SDPA has no softcap: use the reference maths
             return TorchReferenceAttention.forward(self, q, k, v, kv_cache, meta)
-        B = meta.num_seqs
-        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
-        q_lens = meta.query_lens_cpu or (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
-        max_k, max_q = max(seq_lens), max(q_lens)
-        block_size = kv_cache.shape[2]
-        n_blocks = (max_k + block_size - 1) // block_size
-        H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        lay = meta.extra.get("torch_layout")
+        if lay is None:
+            lay = meta.extra["torch_layout"] = _PaddedLayout(meta, kv_cache.shape[2], q.device)
+        B, H, Hkv, D = lay.B, spec.num_heads, spec.num_kv_heads, spec.head_dim
 
         # Keys/values of every sequence, padded to max_k: [2, B, Hkv, max_k, D].
-        tables = meta.block_tables[:, :n_blocks].long()
-        kv = kv_cache[:, tables].reshape(2, B, n_blocks * block_size, Hkv, D)[:, :, :max_k]
+        kv = kv_cache[:, lay.tables].reshape(2, B, -1, Hkv, D)[:, :, :lay.max_k]
         kv = kv.transpose(2, 3).to(q.dtype)
-
-        # Queries padded to max_q, right-aligned so row j is position seq_len - q_len + j.
         if meta.is_decode_only:
             qp = q.view(B, 1, H, D)
-        else:
-            qp = q.new_zeros(B, max_q, H, D)
-            row = torch.arange(max_q, device=q.device)
-            ql = torch.tensor(q_lens, device=q.device)
-            src = meta.cu_seqlens_q[:-1].long()[:, None] + row[None] - (max_q - ql)[:, None]
-            valid = row[None] >= (max_q - ql)[:, None]
-            qp[valid] = q[src[valid]]
-        qp = qp.transpose(1, 2)  # [B, H, max_q, D]
+        else:  # right-aligned, so row j is position seq_len - q_len + j
+            qp = q.new_zeros(B, lay.max_q, H, D)
+            qp[lay.valid] = q[lay.src]
+        key = ("torch_mask", spec.causal, spec.sliding_window, spec.alibi_slopes, q.dtype)
+        if key not in meta.extra:
+            meta.extra[key] = lay.mask(spec, q.dtype)
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), kv[0], kv[1], attn_mask=meta.extra[key], scale=spec.scale,
+            enable_gqa=H != Hkv,
+        ).transpose(1, 2)  # [B, max_q, H, D]
+        if meta.is_decode_only:
+            return out.reshape(B, H, D)
+        return out[lay.valid]  # row order (sequence, position) is the flat batch order
 
-        sl = torch.tensor(seq_lens, device=q.device)
-        q_pos = sl[:, None] - max_q + torch.arange(max_q, device=q.device)[None]  # [B, max_q]
-        k_pos = torch.arange(max_k, device=q.device)
+
+class _PaddedLayout:
+    """Where each flat token row goes in a [B, max_q] query grid and which keys exist."""
+
+    def __init__(self, meta: AttentionMetadata, block_size: int, device):
+        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        q_lens = meta.query_lens_cpu or (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
+        self.B, self.max_k, self.max_q = len(seq_lens), max(seq_lens), max(q_lens)
+        self.single_full = self.B == 1 and q_lens[0] == 1  # one decode row sees every key
+        n_blocks = (self.max_k + block_size - 1) // block_size
+        self.tables = meta.block_tables[:, :n_blocks].long()
+        row = torch.arange(self.max_q, device=device)
+        ql = torch.tensor(q_lens, device=device)
+        self.valid = row[None] >= (self.max_q - ql)[:, None]  # [B, max_q]
+        src = meta.cu_seqlens_q[:-1].long()[:, None] + row[None] - (self.max_q - ql)[:, None]
+        self.src = src[self.valid]
+        self.sl = torch.tensor(seq_lens, device=device)
+
+    def mask(self, spec: AttentionSpec, dtype) -> torch.Tensor | None:
+        """Additive mask [B, 1 or H, max_q, max_k]: padding, causal, window, ALiBi."""
+        if self.single_full and spec.sliding_window is None and spec.alibi_slopes is None:
+            return None
+        device = self.sl.device
+        q_pos = self.sl[:, None] - self.max_q + torch.arange(self.max_q, device=device)[None]
+        k_pos = torch.arange(self.max_k, device=device)
         rel = k_pos[None, None, :] - q_pos[:, :, None]  # [B, max_q, max_k]
-        allowed = (k_pos[None, None, :] < sl[:, None, None]).expand(rel.shape)
+        allowed = (k_pos[None, None, :] < self.sl[:, None, None]).expand(rel.shape)
         if spec.causal:
             allowed = allowed & (rel <= 0)
         if spec.sliding_window is not None:
             allowed = allowed & (rel > -spec.sliding_window)
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(~allowed, float("-inf"))[:, None]  # [B, 1, max_q, max_k]
+        # Padding query rows see no key at all; let them see key 0 so softmax stays finite.
+        allowed = allowed.clone()
+        allowed[..., 0] |= ~allowed.any(-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed, float("-inf"))[:, None]
         if spec.alibi_slopes is not None:
-            slopes = torch.tensor(spec.alibi_slopes, dtype=q.dtype, device=q.device)
-            mask = mask + slopes[None, :, None, None] * rel[:, None].to(q.dtype)
-        # Padding query rows see no key at all; give them one so softmax stays finite.
-        mask[..., 0] = torch.where(torch.isinf(mask[..., 0]) & ~allowed.any(-1)[:, None],
-                                   torch.zeros_like(mask[..., 0]), mask[..., 0])
-
-        out = F.scaled_dot_product_attention(
-            qp, kv[0], kv[1], attn_mask=mask, scale=spec.scale, enable_gqa=H != Hkv
-        )  # [B, H, max_q, D]
-        out = out.transpose(1, 2)
-        if meta.is_decode_only:
-            return out.reshape(B, H, D)
-        return out[valid]  # row order (sequence, position) is the flat batch order
+            slopes = torch.tensor(spec.alibi_slopes, dtype=dtype, device=device)
+            mask = mask + slopes[None, :, None, None] * rel[:, None].to(dtype)
+        return mask
 
 
 @hookimpl
