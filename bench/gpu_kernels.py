@@ -12,8 +12,6 @@ Prints a short table last; the full log goes to DIR (default $OUT or bench/resul
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import os
 import subprocess
 import sys
@@ -23,25 +21,34 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy on this workplace's H100 (KINDS.md)
-ROWS: list[tuple[str, str, float, float, float, str]] = []  # (group, case, ms, baseline ms, err, note)
+ROWS: list[tuple] = []  # (group, case, graph ms, eager ms, baseline ms, max abs err, note)
 
 
-def bench(fn, rotate: int = 1) -> float:
-    """Median ms; ``fn(i)`` takes a rotation index so inputs can outgrow the L2 cache."""
+def bench(fn) -> float:
+    """Median ms of ``fn`` launched from Python (includes host launch overhead when it dominates)."""
     from triton.testing import do_bench
 
-    counter = itertools.count()
-    return do_bench(lambda: fn(next(counter) % rotate), warmup=25, rep=100, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def rotation(bytes_per_input: int) -> int:
-    return max(1, min(8, math.ceil(150e6 / max(bytes_per_input, 1))))
+def bench_graph(fn) -> float:
+    """Median ms of ``fn``'s kernels replayed as one CUDA graph: device time, no launch gaps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
 
 
-def record(group, case, ms, base_ms, err, note=""):
-    ROWS.append((group, case, ms, base_ms, err, note))
-    print(f"{group:10s} {case:34s} {ms:9.4f} ms  base {base_ms:9.4f} ms  x{base_ms / ms:6.2f}  "
-          f"err {err:.2e}  {note}", flush=True)
+def record(group, case, ms, eager_ms, base_ms, err, note=""):
+    ROWS.append((group, case, ms, eager_ms, base_ms, err, note))
+    print(f"{group:10s} {case:34s} graph {ms:8.4f} ms  eager {eager_ms:8.4f} ms  base {base_ms:8.4f} ms  "
+          f"x{base_ms / ms:6.2f}  err {err:.2e}  {note}", flush=True)
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -65,73 +72,87 @@ def attention_cases():
         ("mixed 1x(1536+512)+32 decodes", [(2048, 512)] + [(1024, 1)] * 32),
     ]
     for name, seqs in cases:
-        kv_bytes = sum(s for s, _ in seqs) * HKV * D * 2 * 2
-        n = rotation(kv_bytes)
-        batches = [make_paged_batch(seqs, H, HKV, D, 16, torch.bfloat16, "cuda",
-                                    generator=torch.Generator().manual_seed(i)) for i in range(n)]
+        b = make_paged_batch(seqs, H, HKV, D, 16, torch.bfloat16, "cuda")
         tri, tor, ref = TritonPagedAttention(spec), TorchAttention(spec), TorchReferenceAttention(spec)
-        b0 = batches[0]
-        ref_out = ref.forward(b0.q, b0.k, b0.v, b0.kv_cache.clone(), b0.meta)
-        err = (tri.forward(b0.q, b0.k, b0.v, b0.kv_cache, b0.meta).float() - ref_out.float()).abs().max().item()
-        ms = bench(lambda i: tri.forward(batches[i].q, batches[i].k, batches[i].v, batches[i].kv_cache,
-                                         batches[i].meta), n)
-        base = bench(lambda i: tor.forward(batches[i].q, batches[i].k, batches[i].v, batches[i].kv_cache,
-                                           batches[i].meta), n)
-        if b0.meta.is_decode_only:
-            note = f"{kv_bytes / ms / 1e9:.0f} GB/s, floor {kv_bytes / HBM_BYTES_PER_S * 1e3:.4f} ms"
+        ref_out = ref.forward(b.q, b.k, b.v, b.kv_cache.clone(), b.meta)
+        err = (tri.forward(b.q, b.k, b.v, b.kv_cache, b.meta).float() - ref_out.float()).abs().max().item()
+
+        def run_tri():
+            return tri.forward(b.q, b.k, b.v, b.kv_cache, b.meta)
+
+        ms, eager = bench_graph(run_tri), bench(run_tri)
+        base = bench(lambda: tor.forward(b.q, b.k, b.v, b.kv_cache, b.meta))
+        kv_bytes = sum(s for s, _ in seqs) * HKV * D * 2 * 2
+        if b.meta.is_decode_only:
+            note = f"{kv_bytes / ms / 1e6:.0f} GB/s, floor {kv_bytes / HBM_BYTES_PER_S * 1e3:.4f} ms"
         else:
-            # Causal pairs (query, visible key) per sequence, 2 matmuls of 2*D flops each.
+            # Causal (query, visible key) pairs; two matmuls of 2*D flops per pair and head.
             pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in seqs)
             note = f"{4 * D * H * pairs / ms / 1e9:.0f} TFLOP/s"
-        record("attention", name, ms, base, err, note)
-        del batches
+        record("attention", name, ms, eager, base, err, note)
         torch.cuda.empty_cache()
 
 
 def decode_split_sweep():
-    """Decode tile/split variants on the split-K-heavy cases; informs the defaults."""
+    """Decode tile/split variants (graph-timed, each checked against the reference)."""
+    from genserve.attention.base import AttentionSpec
+    from genserve.attention.torch_ref import TorchReferenceAttention
     from genserve_cuda.kernels.decode_attention import paged_decode_attention
     from genserve_cuda.testing import make_paged_batch
 
-    for seqs, label in (([(32768, 1)], "b1 ctx32768"), ([(2048, 1)] * 16, "b16 ctx2048")):
+    spec = AttentionSpec(32, 128, 8, 128 ** -0.5)
+    for seqs, label in (([(32768, 1)], "b1 ctx32768"), ([(2048, 1)] * 16, "b16 ctx2048"),
+                        ([(1024, 1)] * 64, "b64 ctx1024")):
         b = make_paged_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
         m = b.meta
+        ref = TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache, m)  # also writes the KV
         base = None
+        kv = sum(s for s, _ in seqs) * 8 * 128 * 4
         for splits, bn, warps in ((None, 64, 4), (None, 32, 4), (None, 128, 4), (None, 64, 2),
-                                  (8, 64, 4), (32, 64, 4)):
+                                  (None, 128, 8), (8, 64, 4), (32, 64, 4)):
+            def fn():
+                return paged_decode_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens, spec.scale,
+                                              m.max_seqlen_k, num_splits=splits, block_n=bn, num_warps=warps)
             try:
-                ms = bench(lambda i: paged_decode_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens,
-                                                            0.088, m.max_seqlen_k, num_splits=splits,
-                                                            block_n=bn, num_warps=warps))
+                err = (fn().float() - ref.float()).abs().max().item()
+                ms = bench_graph(fn)
             except Exception as exc:  # e.g. out of shared memory: report, try the next
                 print(f"decode variant S={splits} N={bn} w={warps} failed: {exc!r}"[:300], flush=True)
                 continue
             base = base or ms
-            kv = sum(s for s, _ in seqs) * 8 * 128 * 4
-            record("sweep-dec", f"{label} S={splits or 'auto'} N={bn} w={warps}", ms, base, 0.0,
-                   f"{kv / ms / 1e9:.0f} GB/s")
+            record("sweep-dec", f"{label} S={splits or 'auto'} N={bn} w={warps}", ms, ms, base, err,
+                   f"{kv / ms / 1e6:.0f} GB/s")
 
 
 def prefill_config_sweep():
+    from genserve.attention.base import AttentionSpec
+    from genserve.attention.torch_ref import TorchReferenceAttention
     from genserve_cuda.kernels.prefill_attention import paged_prefill_attention
     from genserve_cuda.testing import make_paged_batch
 
-    b = make_paged_batch([(4096, 4096)], 32, 8, 128, 16, torch.bfloat16, "cuda")
-    m = b.meta
-    base = None
-    for bm, bn, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-                                  (64, 128, 4, 3)):
-        try:
-            ms = bench(lambda i: paged_prefill_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens,
-                                                         m.cu_seqlens_q, m.max_seqlen_q, 0.088, block_m=bm,
-                                                         block_n=bn, num_warps=warps, num_stages=stages))
-        except Exception as exc:
-            print(f"prefill variant M={bm} N={bn} w={warps} s={stages} failed: {exc!r}"[:300], flush=True)
-            continue
-        base = base or ms
-        flops = 4 * 128 * 32 * 4096 * 4097 / 2
-        record("sweep-pre", f"1x4096 M={bm} N={bn} w={warps} s={stages}", ms, base, 0.0,
-               f"{flops / ms / 1e9:.0f} TFLOP/s")
+    spec = AttentionSpec(32, 128, 8, 128 ** -0.5)
+    for seqs, label in (([(4096, 4096)], "1x4096"), ([(4096, 1024)] * 2, "2x(3072+1024)")):
+        b = make_paged_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        m = b.meta
+        ref = TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache, m)
+        pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in seqs)
+        base = None
+        for bm, bn, warps, stages in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                                      (64, 64, 4, 3), (128, 32, 4, 2)):
+            def fn():
+                return paged_prefill_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q,
+                                               m.max_seqlen_q, spec.scale, block_m=bm, block_n=bn,
+                                               num_warps=warps, num_stages=stages)
+            try:
+                err = (fn().float() - ref.float()).abs().max().item()
+                ms = bench_graph(fn)
+            except Exception as exc:
+                print(f"prefill variant M={bm} N={bn} w={warps} s={stages} failed: {exc!r}"[:300], flush=True)
+                continue
+            base = base or ms
+            record("sweep-pre", f"{label} M={bm} N={bn} w={warps} s={stages}", ms, ms, base, err,
+                   f"{4 * 128 * 32 * pairs / ms / 1e9:.0f} TFLOP/s")
+        torch.cuda.empty_cache()
 
 
 # -- KV write and fused layers ----------------------------------------------------------------
@@ -155,8 +176,9 @@ def elementwise_cases():
         write_kv(k, v, ref_cache, slots)
         write_kv_cache(k, v, cache, slots)
         err = (cache.float() - ref_cache.float()).abs().max().item()
-        record("kv_write", f"T={T} Hkv=8 D=128", bench(lambda i: write_kv_cache(k, v, cache, slots)),
-               bench(lambda i: write_kv(k, v, cache, slots)), err)
+        fused = lambda: write_kv_cache(k, v, cache, slots)  # noqa: E731
+        record("kv_write", f"T={T} Hkv=8 D=128", bench_graph(fused), bench(fused),
+               bench_graph(lambda: write_kv(k, v, cache, slots)), err)
 
         x, r = torch.randn(T, 4096, dtype=bf, device=dev), torch.randn(T, 4096, dtype=bf, device=dev)
         norm = RMSNorm(4096, 1e-5, bf).to(dev)
@@ -164,8 +186,9 @@ def elementwise_cases():
         exact = (x.float() + r.float())
         exact = exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()
         err = (rms_norm(x, norm.weight, 1e-5, residual=r)[0].float() - exact).abs().max().item()
-        record("rms_norm", f"+residual T={T} H=4096", bench(lambda i: rms_norm(x, norm.weight, 1e-5, residual=r)),
-               bench(lambda i: norm(x, r)), err, "err vs fp32 maths")
+        fused = lambda: rms_norm(x, norm.weight, 1e-5, residual=r)  # noqa: E731
+        record("rms_norm", f"+residual T={T} H=4096", bench_graph(fused), bench(fused),
+               bench_graph(lambda: norm(x, r)), err, "err vs fp32 maths")
 
         inv = 1.0 / (500000 ** (torch.arange(0, 128, 2).float() / 128))
         rope = RotaryEmbedding(128, 128, 8192, inv).to(dev)
@@ -175,17 +198,16 @@ def elementwise_cases():
         pos = torch.randint(0, 8192, (T,), device=dev)
         eq, _ = rope(pos, q.float(), kk.float())
         err = (rotary_embedding(pos, q, kk, rope.cos, rope.sin, 128)[0].float() - eq).abs().max().item()
-        record("rotary", f"T={T} 32q+8k heads D=128",
-               bench(lambda i: rotary_embedding(pos, q, kk, rope.cos, rope.sin, 128)),
-               bench(lambda i: rope(pos, q, kk)), err, "err vs fp32 maths")
+        fused = lambda: rotary_embedding(pos, q, kk, rope.cos, rope.sin, 128)  # noqa: E731
+        record("rotary", f"T={T} 32q+8k heads D=128", bench_graph(fused), bench(fused),
+               bench_graph(lambda: rope(pos, q, kk)), err, "err vs fp32 maths")
 
         gu = torch.randn(T, 2 * 14336, dtype=bf, device=dev)
         act = GatedActivation("silu")
         g32, u32 = gu.float().chunk(2, -1)
         err = (silu_and_mul(gu).float() - torch.nn.functional.silu(g32) * u32).abs().max().item()
-        record("silu_mul", f"T={T} I=14336", bench(lambda i: silu_and_mul(gu)), bench(lambda i: act(gu)), err,
-               "err vs fp32 maths")
-        del cache, ref_cache
+        record("silu_mul", f"T={T} I=14336", bench_graph(lambda: silu_and_mul(gu)), bench(lambda: silu_and_mul(gu)),
+               bench_graph(lambda: act(gu)), err, "err vs fp32 maths")
         torch.cuda.empty_cache()
 
 
@@ -226,9 +248,9 @@ def graph_cases():
         eager = ModelRunner.execute(runner, ids, pos, batch).clone()
         graphed = runner.execute(ids, pos, batch)
         err = (graphed.float() - eager.float()).abs().max().item()
-        record("graphs", f"decode step 8L h2048 bs={bs} ctx512",
-               bench(lambda i: runner.execute(ids, pos, batch)),
-               bench(lambda i: ModelRunner.execute(runner, ids, pos, batch)), err, "base = eager")
+        graphed_ms = bench(lambda: runner.execute(ids, pos, batch))
+        record("graphs", f"decode step 8L h2048 bs={bs} ctx512", graphed_ms, graphed_ms,
+               bench(lambda: ModelRunner.execute(runner, ids, pos, batch)), err, "runner replay vs eager")
 
 
 def run_tests(out_dir: str) -> int:
@@ -271,9 +293,13 @@ def main() -> int:
                 traceback.print_exc()
                 print(f"section {fn.__name__} failed: {exc}", flush=True)
                 rc = rc or 1
-    lines = [f"{'group':10s} {'case':42s} {'ms':>9s} {'base ms':>9s} {'speedup':>8s} {'max err':>9s}  note"]
-    for g, c, ms, base, err, note in ROWS:
-        lines.append(f"{g:10s} {c:42s} {ms:9.4f} {base:9.4f} {base / ms:8.2f} {err:9.2e}  {note}")
+    lines = ["graph = kernels replayed as a CUDA graph (device time); eager = launched from Python; "
+             "base = PyTorch path (attention: TorchAttention eager, it can't be captured; "
+             "elementwise: graph-timed)",
+             f"{'group':10s} {'case':42s} {'graph ms':>9s} {'eager ms':>9s} {'base ms':>9s} {'speedup':>8s} "
+             f"{'max err':>9s}  note"]
+    for g, c, ms, eager, base, err, note in ROWS:
+        lines.append(f"{g:10s} {c:42s} {ms:9.4f} {eager:9.4f} {base:9.4f} {base / ms:8.2f} {err:9.2e}  {note}")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(table + "\n")

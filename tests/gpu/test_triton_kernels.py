@@ -14,7 +14,15 @@ from genserve.attention.torch_ref import TorchReferenceAttention  # noqa: E402
 from genserve_cuda.attention.triton_paged import TritonPagedAttention  # noqa: E402
 from genserve_cuda.testing import alibi_slopes, make_paged_batch  # noqa: E402
 
-ATOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 2e-4}
+# Both sides round the output to the activation dtype, so allow ~one unit in the last place.
+ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-4}
+RTOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-5}
+
+
+def max_excess(out, ref, dtype) -> tuple[float, float]:
+    """(max abs error, how far the worst element is past atol + rtol*|ref|; <= 0 passes)."""
+    diff = (out.float() - ref.float()).abs()
+    return diff.max().item(), (diff - ATOL[dtype] - RTOL[dtype] * ref.float().abs()).max().item()
 _seed = iter(range(10_000))
 
 
@@ -38,8 +46,8 @@ def check(spec, seqs, device, dtype=torch.bfloat16, block_size=16, num_splits=No
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.isfinite(out).all()
     assert torch.equal(tri_cache, ref_cache), "KV write differs from index_copy_"
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= ATOL[dtype], f"max abs error {err:.3g} > {ATOL[dtype]}"
+    err, excess = max_excess(out, ref, dtype)
+    assert excess <= 0, f"max abs error {err:.3g} exceeds the {dtype} tolerance"
     return err
 
 
@@ -150,4 +158,4 @@ def test_prefill_writes_every_output_row(device):
     paged_prefill_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q,
                             m.max_seqlen_q, spec.scale, out=out)
     assert not out.isnan().any()
-    assert (out.float() - ref.float()).abs().max().item() <= ATOL[dtype]
+    assert max_excess(out, ref, dtype)[1] <= 0

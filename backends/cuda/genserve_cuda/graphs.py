@@ -27,6 +27,8 @@ def graph_blocker(model: nn.Module) -> str | None:
     """Why this model's decode step can't be captured, or None."""
     from genserve.layers.attention import Attention
 
+    if getattr(model, "is_encoder_decoder", False):
+        return "encoder-decoder models take per-request encoder state that a graph can't hold"
     impls = {type(m.impl) for m in model.modules() if isinstance(m, Attention)}
     unsafe = sorted(c.name for c in impls if not getattr(c, "graph_safe", False))
     if unsafe:

@@ -1,7 +1,9 @@
-"""Score transforms shared by the decode and prefill kernels (inlined by Triton)."""
+"""Pieces shared by the decode and prefill kernels (inlined by Triton)."""
 
 import triton
 import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
 
 
 @triton.jit
@@ -12,8 +14,31 @@ def tanh(x):
 
 @triton.jit
 def load_kv_tile(cache_ptr, bt_row_ptr, pos, kmask, d, dmask, kvh,
-                 block_size, stride_c_block, stride_c_tok, stride_c_h):
-    """Gather a [BLOCK_N, BLOCK_D] tile of one KV head at absolute positions ``pos``."""
-    blk = tl.load(bt_row_ptr + pos // block_size, mask=kmask, other=0).to(tl.int64)
+                 block_size, stride_c_block, stride_c_tok, stride_c_h, CHECK_N: tl.constexpr):
+    """Gather a [BLOCK_N, BLOCK_D] tile of one KV head at absolute positions ``pos``.
+
+    ``CHECK_N=False`` for tiles known to lie inside the sequence: no predicate on the loads.
+    """
+    if CHECK_N:
+        blk = tl.load(bt_row_ptr + pos // block_size, mask=kmask, other=0).to(tl.int64)
+        mask = kmask[:, None] & dmask[None, :]
+    else:
+        blk = tl.load(bt_row_ptr + pos // block_size).to(tl.int64)
+        mask = dmask[None, :]
     off = blk * stride_c_block + (pos % block_size) * stride_c_tok + kvh * stride_c_h
-    return tl.load(cache_ptr + off[:, None] + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+    return tl.load(cache_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def scores_log2(q, k, scale_log2, softcap, pos, q_pos, slope_log2,
+                USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Attention logits in log2 units (so the softmax can use exp2): [rows, BLOCK_N]."""
+    s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION)
+    if USE_SOFTCAP:
+        # scale_log2 = scale * log2(e): undo the log2 factor inside tanh, keep it outside.
+        s = (softcap * LOG2E) * tanh(s * (scale_log2 / LOG2E / softcap))
+    else:
+        s = s * scale_log2
+    if USE_ALIBI:
+        s += slope_log2 * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+    return s

@@ -16,9 +16,8 @@ import triton
 import triton.language as tl
 
 from genserve_cuda._triton import next_pow2
-from genserve_cuda.kernels._attn_common import load_kv_tile, tanh
+from genserve_cuda.kernels._attn_common import load_kv_tile, scores_log2
 
-LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 32
 
@@ -55,8 +54,11 @@ def _decode_kernel(
     dmask = d < head_dim
     q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    slopes = 0.0
     if USE_ALIBI:
-        slopes = tl.load(slopes_ptr + heads, mask=gmask, other=0.0)
+        slopes = tl.load(slopes_ptr + heads, mask=gmask, other=0.0)[:, None] * 1.4426950408889634
+    q_pos_rows = tl.full([GROUP_PAD], 0, tl.int32) + q_pos
+    scale_log2 = scale * 1.4426950408889634
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
@@ -66,20 +68,17 @@ def _decode_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         kmask = pos < hi
         k = load_kv_tile(cache_ptr, bt_row, pos, kmask, d, dmask, kvh,
-                         block_size, stride_c_block, stride_c_tok, stride_c_h)
-        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION) * scale
-        if USE_SOFTCAP:
-            s = softcap * tanh(s / softcap)
-        if USE_ALIBI:
-            s += slopes[:, None] * (pos - q_pos)[None, :].to(tl.float32)
-        s = tl.where(kmask[None, :], s * 1.4426950408889634, float("-inf"))
+                         block_size, stride_c_block, stride_c_tok, stride_c_h, True)
+        s = scores_log2(q, k, scale_log2, softcap, pos, q_pos_rows, slopes,
+                        USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
+        s = tl.where(kmask[None, :], s, float("-inf"))
         # Each tile holds >= 1 visible key, so m_new is finite and no inf-inf appears.
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = load_kv_tile(cache_ptr + stride_c_kv, bt_row, pos, kmask, d, dmask, kvh,
-                         block_size, stride_c_block, stride_c_tok, stride_c_h)
+                         block_size, stride_c_block, stride_c_tok, stride_c_h, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m = m_new
 

@@ -13,7 +13,43 @@ import triton
 import triton.language as tl
 
 from genserve_cuda._triton import next_pow2
-from genserve_cuda.kernels._attn_common import load_kv_tile, tanh
+from genserve_cuda.kernels._attn_common import load_kv_tile, scores_log2
+
+
+@triton.jit
+def _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
+                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+                 scale_log2, softcap, window, slope_log2,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One key tile of online softmax. ``MASKED=False`` only for tiles every row sees whole."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    kmask = pos < hi
+    k = load_kv_tile(cache_ptr, bt_row, pos, kmask, d, dmask, kvh,
+                     block_size, stride_c_block, stride_c_tok, stride_c_h, MASKED)
+    s = scores_log2(q, k, scale_log2, softcap, pos, q_pos, slope_log2, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
+    if MASKED:
+        rel = pos[None, :] - q_pos[:, None]
+        allowed = kmask[None, :]
+        if CAUSAL:
+            allowed = allowed & (rel <= 0)
+        if USE_WINDOW:
+            allowed = allowed & (rel > -window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row may see no key of this tile (window, causal edge): keep it at exp2(-inf) = 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = load_kv_tile(cache_ptr + stride_c_kv, bt_row, pos, kmask, d, dmask, kvh,
+                     block_size, stride_c_block, stride_c_tok, stride_c_h, MASKED)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l
 
 
 @triton.jit
@@ -45,49 +81,39 @@ def _prefill_kernel(
     q_rows = (q_start + rows).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    slope_log2 = 0.0
     if USE_ALIBI:
-        slope = tl.load(slopes_ptr + h)
+        slope_log2 = tl.load(slopes_ptr + h) * 1.4426950408889634
+    scale_log2 = scale * 1.4426950408889634
 
-    # Only the keys some row of this tile can see.
+    # Keys some row of this tile can see: [lo, hi). Tiles below ``full`` are visible to every
+    # row (no window, and before the first row's position when causal) and skip the masking.
     hi = seq_len
+    full = seq_len
     if CAUSAL:
         hi = tl.minimum(seq_len, ctx + (tile + 1) * BLOCK_M)
+        full = ctx + tile * BLOCK_M + 1
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx + tile * BLOCK_M - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
+        full = lo  # window edges vary per row: mask everything
+    full = (full // BLOCK_N) * BLOCK_N
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        kmask = pos < hi
-        k = load_kv_tile(cache_ptr, bt_row, pos, kmask, d, dmask, kvh,
-                         block_size, stride_c_block, stride_c_tok, stride_c_h)
-        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION) * scale
-        if USE_SOFTCAP:
-            s = softcap * tanh(s / softcap)
-        rel = pos[None, :] - q_pos[:, None]
-        if USE_ALIBI:
-            s += slope * rel.to(tl.float32)
-        allowed = kmask[None, :]
-        if CAUSAL:
-            allowed = allowed & (rel <= 0)
-        if USE_WINDOW:
-            allowed = allowed & (rel > -window)
-        s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # A row may see no key of this tile (window, causal edge): keep it at exp2(-inf) = 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = load_kv_tile(cache_ptr + stride_c_kv, bt_row, pos, kmask, d, dmask, kvh,
-                         block_size, stride_c_block, stride_c_tok, stride_c_h)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m = m_new
+    for n0 in range(lo, full, BLOCK_N):
+        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
+                                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+                                 scale_log2, softcap, window, slope_log2, BLOCK_N, False, CAUSAL,
+                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+    for n0 in range(tl.maximum(lo, full), hi, BLOCK_N):
+        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
+                                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+                                 scale_log2, softcap, window, slope_log2, BLOCK_N, True, CAUSAL,
+                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows that saw nothing give zeros
     tl.store(out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
