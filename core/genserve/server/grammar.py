@@ -1,0 +1,138 @@
+"""Grammar-constrained decoding with llguidance behind the engine's ``Constraint`` interface.
+
+``GrammarCompiler.compile(kind, value)`` checks a grammar once per request (the errors become
+422s) and returns a factory: every sequence of the request (``best_of``, ``n``) gets its own
+matcher. The engine's sampler applies the batched bitmask the matchers fill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+class GrammarError(ValueError):
+    """The grammar is not valid; the message says why."""
+
+
+class LLGuidanceConstraint:
+    """One request's matcher (implements ``genserve.engine.constraints.Constraint``)."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+
+    def fill_bitmask(self, bitmask, row: int) -> None:
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, bitmask, row)
+
+    def advance(self, token_id: int) -> None:
+        self.matcher.consume_token(token_id)
+
+    def is_finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+def json_schema_of(value: Any, require_properties: bool) -> dict:
+    """TGI's rules for a ``json`` grammar: an object (or JSON text of one) that is a valid schema."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise GrammarError(f"grammar is not valid: {exc}") from None
+    if not isinstance(value, dict):
+        raise GrammarError("grammar is not valid: a JSON Schema must be an object")
+    try:
+        import jsonschema
+
+        jsonschema.Draft202012Validator.check_schema(value)
+    except ImportError:  # pragma: no cover - jsonschema is a dependency
+        pass
+    except Exception as exc:  # jsonschema.SchemaError
+        raise GrammarError(f"grammar is not valid: {getattr(exc, 'message', exc)}") from None
+    if require_properties and "properties" not in value:
+        raise GrammarError("grammar is not valid: Grammar must have a 'properties' field")
+    return value
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
+        self._hf_tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._lltok = None
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return False
+        return self._hf_tokenizer is not None and hasattr(self._hf_tokenizer, "backend_tokenizer")
+
+    def _tokenizer(self):
+        with self._lock:
+            if self._lltok is None:
+                from copy import copy
+
+                import llguidance
+
+                backend = copy(self._hf_tokenizer.backend_tokenizer)
+                backend.no_padding()
+                backend.no_truncation()
+                self._lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=self._vocab_size,
+                                                     eos_token=self._eos or None)
+            return self._lltok
+
+    def warm(self) -> None:
+        """Build the llguidance tokenizer now (about a second) instead of on the first request."""
+        if self.available:
+            self._tokenizer()
+
+    def grammar_text(self, kind: str, value: Any) -> str:
+        from llguidance import LLMatcher
+
+        if kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise GrammarError("grammar is not valid: a regex grammar needs a non-empty string")
+            return LLMatcher.grammar_from_regex(value)
+        if kind == "json":
+            schema = json_schema_of(value, require_properties=True)
+        elif kind == "json_schema":
+            if isinstance(value, dict) and isinstance(value.get("schema"), dict):
+                value = value["schema"]  # OpenAI's {name, schema}
+            schema = json_schema_of(value, require_properties=False)
+        elif kind == "json_object":
+            schema = {"type": "object"}
+        else:
+            raise GrammarError(f"grammar type {kind!r} is not supported")
+        try:
+            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        except Exception as exc:
+            raise GrammarError(f"grammar is not valid: {exc}") from None
+
+    def compile(self, kind: str, value: Any) -> Callable[[], LLGuidanceConstraint]:
+        """Validate a grammar; return a factory of fresh constraints. Raises ``GrammarError``."""
+        if not self.available:
+            raise GrammarError("grammar support needs llguidance and a fast tokenizer")
+        from llguidance import LLMatcher
+
+        text = self.grammar_text(kind, value)
+        tok = self._tokenizer()
+        error = LLMatcher.validate_grammar(text, tok)
+        if error:
+            raise GrammarError(f"grammar is not valid: {error.splitlines()[0][:500]}")
+
+        def make() -> LLGuidanceConstraint:
+            matcher = LLMatcher(tok, text, log_level=0)
+            if matcher.is_error():
+                raise GrammarError(f"grammar is not valid: {matcher.get_error()}")
+            return LLGuidanceConstraint(matcher)
+
+        make()  # surface construction errors now, as a 422
+        return make

@@ -1,0 +1,225 @@
+"""What the server holds: the engine (loaded in the background), limits, admission and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from genserve import __version__
+from genserve.server import errors
+from genserve.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_client_batch_size: int
+    disable_grammar: bool
+    enable_prefill_logprobs: bool
+
+
+def parse_lora_adapters(spec: str | None) -> dict[str, str | None]:
+    """``--lora-adapters "a,b=/path"`` -> {"a": None, "b": "/path"}."""
+    adapters: dict[str, str | None] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, path = item.partition("=")
+        adapters[name.strip()] = path.strip() or None
+    return adapters
+
+
+@dataclass
+class Permit:
+    """One admitted HTTP request; remembers its engine request ids for shutdown."""
+
+    state: "ServerState"
+    request_ids: set[str] = field(default_factory=set)
+    shutting_down: bool = False
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state._permits.discard(self)
+            self.state.in_flight -= 1
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+class ServerState:
+    def __init__(self, args, build=None):
+        self.args = args
+        self._build = build
+        self.metrics = Metrics()
+        self.loaded = None  # LoadedEngine
+        self.engine = None  # AsyncEngine
+        self.tokenizer = None
+        self.limits: Limits | None = None
+        self.grammar = None  # GrammarCompiler
+        self.status = "loading"  # loading | ready | failed
+        self.error: str | None = None
+        self.draining = False
+        self.in_flight = 0
+        self._permits: set[Permit] = set()
+        self.lora_adapters = parse_lora_adapters(args.lora_adapters)
+        self.started = int(time.time())
+        self.last_success = 0.0
+        self._token_texts: dict[int, str] = {}
+        self._health_lock: asyncio.Lock | None = None
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build the engine, run a warmup generation, start the engine thread (blocking)."""
+        from genserve.engine.async_engine import AsyncEngine
+        from genserve.engine.build import build_engine
+        from genserve.engine.sampling_params import SamplingParams
+        from genserve.server.grammar import GrammarCompiler
+
+        loaded = (self._build or build_engine)(self.args)
+        engine = loaded.engine
+        warm_ids = (loaded.tokenizer("Hello", add_special_tokens=True)["input_ids"]
+                    if loaded.tokenizer is not None else [0]) or [0]
+        engine.add_request("genserve-warmup", warm_ids, SamplingParams(max_new_tokens=2))
+        while engine.has_work:
+            engine.step()
+        cfg = engine.config
+        a = self.args
+        self.limits = Limits(a.max_concurrent_requests, a.max_best_of, a.max_stop_sequences,
+                             a.max_top_n_tokens, cfg.max_input_tokens, cfg.max_total_tokens,
+                             a.max_client_batch_size, a.disable_grammar_support,
+                             a.enable_prefill_logprobs)
+        self.grammar = GrammarCompiler(loaded.tokenizer, engine.runner.vocab_size, engine.eos_token_ids)
+        if not a.disable_grammar_support:
+            try:
+                self.grammar.warm()
+            except Exception as exc:  # grammar requests will report it
+                logger.warning("grammar support unavailable: %s", exc)
+        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.engine = AsyncEngine(engine)
+        self.engine.step_listeners.append(self.metrics.on_step)
+        self.engine.start()
+        self.last_success = time.monotonic()
+        self.status = "ready"
+        logger.info("model %s ready in %.1fs (max_input_tokens %d, max_total_tokens %d)",
+                    self.model_id, loaded.load_seconds,
+                    cfg.max_input_tokens, cfg.max_total_tokens)
+
+    def load_in_background(self, on_failure) -> threading.Thread:
+        def run():
+            try:
+                self.load()
+            except BaseException as exc:  # reported as one line by the CLI
+                self.status, self.error = "failed", f"{exc}" or type(exc).__name__
+                logger.debug("load failed", exc_info=True)
+                on_failure(exc)
+
+        thread = threading.Thread(target=run, name="genserve-load", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # -- admission ------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise errors.unavailable("the model is loading")
+        if self.status == "failed":
+            raise errors.unavailable(f"the model failed to load: {self.error}")
+        if self.draining:
+            raise errors.unavailable("the server is shutting down")
+
+    def admit(self) -> Permit:
+        self.require_ready()
+        if not self.engine.is_alive:
+            raise errors.generation(f"the engine is not running: {self.engine.dead or 'stopped'}")
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            self.metrics.request_failed("overloaded")
+            raise errors.overloaded()
+        self.in_flight += 1
+        permit = Permit(self)
+        self._permits.add(permit)
+        return permit
+
+    def abort_all(self) -> None:
+        """Shutdown after the grace period: end every in-flight request with a clean error."""
+        for permit in list(self._permits):
+            permit.shutting_down = True
+            for rid in list(permit.request_ids):
+                self.engine.abort(rid)
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        if self.loaded is not None:
+            return self.loaded.source.model_id
+        return self.args.model_id or "default"
+
+    @property
+    def model_name(self) -> str:
+        return self.args.served_model_name or self.model_id
+
+    @property
+    def system_fingerprint(self) -> str:
+        return f"{__version__}-{os.environ.get('DOCKER_LABEL') or 'native'}"
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.loaded.engine.detok.token_text(token_id)
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.loaded.engine.detok.special_ids
+
+    def info(self) -> dict:
+        le, cfg = self.loaded, self.loaded.engine.config
+        path = str(le.source.path)
+        sha = le.source.revision
+        if "/snapshots/" in path:  # a hub cache snapshot is named by its commit
+            sha = path.rsplit("/snapshots/", 1)[1].split("/")[0]
+        kv_dtype = cfg.kv_cache_dtype
+        blocks = le.engine.blocks.num_blocks
+        return {
+            "model_id": le.source.model_id,
+            "model_sha": sha,
+            "model_pipeline_tag": None,
+            "model_dtype": str(cfg.dtype).replace("torch.", ""),
+            "model_device_type": str(getattr(le.backend.device, "type", le.backend.device)),
+            "max_concurrent_requests": self.limits.max_concurrent_requests,
+            "max_best_of": self.limits.max_best_of,
+            "max_stop_sequences": self.limits.max_stop_sequences,
+            "max_input_tokens": self.limits.max_input_tokens,
+            "max_total_tokens": self.limits.max_total_tokens,
+            "validation_workers": self.args.validation_workers,
+            "max_client_batch_size": self.limits.max_client_batch_size,
+            "router": "genserve",
+            "version": __version__,
+            "sha": os.environ.get("GIT_SHA"),
+            "docker_label": os.environ.get("DOCKER_LABEL"),
+            "backend": le.backend.name,
+            "attention": le.attention,
+            "quantize": le.quantize,
+            "kv_cache_dtype": str(kv_dtype).replace("torch.", "") if kv_dtype is not None else None,
+            "block_size": cfg.block_size,
+            "kv_blocks_total": blocks,
+            "kv_cache_tokens": blocks * cfg.block_size,
+            "lora_adapters": sorted(self.lora_adapters),
+            "grammar_support": not self.limits.disable_grammar and self.grammar.available,
+            "load_seconds": round(le.load_seconds, 3),
+        }

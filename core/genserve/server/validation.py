@@ -1,0 +1,222 @@
+"""TGI's request validation (router/src/validation.rs): same rules, order and messages.
+
+Routes turn their bodies into ``GenParams``; ``validate`` checks them, tokenizes the prompt
+and compiles the grammar, and returns a ``ValidRequest`` that makes the engine's
+``SamplingParams`` for each sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from genserve.engine.sampling_params import SamplingParams
+from genserve.server.errors import APIError, validation
+
+DEFAULT_GENERATION_LENGTH = 1024
+U64_MAX = 2**64 - 1
+INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized in a worker thread
+
+
+@dataclass
+class GenParams:
+    """TGI's GenerateParameters after parsing, plus OpenAI's presence_penalty."""
+
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False
+    do_sample: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    grammar: tuple[str, Any] | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool = False
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_n_tokens: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+    adapter_id: str | None = None
+
+    @classmethod
+    def from_tgi(cls, p) -> "GenParams":
+        if p is None:
+            return cls()
+        g = p.grammar
+        return cls(
+            best_of=p.best_of, decoder_input_details=bool(p.decoder_input_details),
+            details=bool(p.details), do_sample=bool(p.do_sample),
+            frequency_penalty=p.frequency_penalty,
+            grammar=(g.type, g.value) if g is not None else None,
+            max_new_tokens=p.max_new_tokens, repetition_penalty=p.repetition_penalty,
+            return_full_text=bool(p.return_full_text), seed=p.seed, stop=list(p.stop or []),
+            temperature=p.temperature, top_k=p.top_k, top_n_tokens=p.top_n_tokens, top_p=p.top_p,
+            truncate=p.truncate, typical_p=p.typical_p, watermark=bool(p.watermark),
+            adapter_id=p.adapter_id,
+        )
+
+    @property
+    def sampling(self) -> bool:
+        return (self.do_sample or (self.temperature is not None and self.temperature != 1.0)
+                or self.top_k is not None or self.top_p is not None or self.typical_p is not None)
+
+
+@dataclass
+class ValidRequest:
+    inputs: str
+    prompt_ids: list[int]
+    input_length: int
+    max_new_tokens: int
+    best_of: int
+    top_n_tokens: int
+    params: GenParams
+    make_constraint: Callable[[], Any] | None = None
+
+    def sampling_params(self, seed: int | None = None) -> SamplingParams:
+        p = self.params
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=p.sampling,
+            temperature=p.temperature if p.temperature is not None else 1.0,
+            top_k=p.top_k or 0,
+            top_p=p.top_p if p.top_p is not None else 1.0,
+            typical_p=p.typical_p if p.typical_p is not None else 1.0,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            seed=seed if seed is not None else p.seed,
+            stop=list(p.stop),
+            top_n_tokens=self.top_n_tokens,
+            prompt_logprobs=p.decoder_input_details,
+            watermark=p.watermark,
+            constraint=self.make_constraint() if self.make_constraint else None,
+            adapter_id=p.adapter_id,
+        )
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise validation(f"`{name}` must be a finite number")
+
+
+def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
+    """The checks TGI makes before tokenizing, in its order."""
+    for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                 "top_p", "typical_p"):
+        _finite(name, getattr(p, name))
+    best_of = 1 if p.best_of is None else p.best_of
+    if best_of != 1:
+        if limits.max_best_of == 1:
+            raise validation("`best_of` != 1 is not allowed for this endpoint")
+        if best_of < 1 or best_of > limits.max_best_of:
+            raise validation(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+        if stream:
+            raise validation("`best_of` != 1 is not supported when streaming tokens")
+    if best_of > 1 and not p.sampling:
+        raise validation("you must use sampling when `best_of` is > 1")
+    if p.temperature is not None and p.temperature <= 0.0:
+        raise validation("`temperature` must be strictly positive")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
+        raise validation("`repetition_penalty` must be strictly positive")
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+        raise validation("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
+        raise validation("`presence_penalty` must be >= -2.0 and <= 2.0")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise validation("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise validation("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise validation("`top_k` must be strictly positive")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        raise validation("`max_new_tokens` must be strictly positive")
+    if len(p.stop) > limits.max_stop_sequences:
+        raise validation(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                         f"Given: {len(p.stop)}")
+    if any(s == "" for s in p.stop):
+        raise validation("`stop` sequences cannot be empty")
+    if p.seed is not None:
+        if best_of > 1:
+            raise validation("`seed` must not be set when `best_of` > 1")
+        if not 0 <= p.seed <= U64_MAX:
+            raise validation(f"`seed` must be >= 0 and <= {U64_MAX}")
+    if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= limits.max_top_n_tokens:
+        raise validation(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. "
+                         f"Given: {p.top_n_tokens}")
+    if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
+        raise validation(f"`truncate` must be strictly positive and less than "
+                         f"{limits.max_input_tokens}. Given: {p.truncate}")
+    if p.decoder_input_details:
+        if stream:
+            raise validation("`decoder_input_details` == true is not supported when streaming tokens")
+        if not limits.enable_prefill_logprobs:
+            raise validation("`decoder_input_details` == true needs the server to be started "
+                             "with --enable-prefill-logprobs")
+
+
+def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
+    if tokenizer is None:
+        raise validation("this model has no tokenizer: send token ids")
+    return tokenizer(inputs, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool = True,
+                   stream: bool = False) -> ValidRequest:
+    limits = state.limits
+    check_parameters(limits, p, stream=stream)
+    if isinstance(inputs, str):
+        if not inputs:
+            raise validation("`inputs` cannot be empty")
+        if len(inputs) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(tokenize, state.tokenizer, inputs, add_special_tokens)
+        else:
+            ids = tokenize(state.tokenizer, inputs, add_special_tokens)
+        text = inputs
+    else:
+        vocab = state.loaded.engine.runner.vocab_size
+        if any(not 0 <= t < vocab for t in inputs):
+            raise validation(f"token ids must be >= 0 and < {vocab}")
+        ids = list(inputs)
+        text = state.tokenizer.decode(ids) if state.tokenizer is not None else ""
+    if not ids:
+        raise validation("`inputs` cannot be empty")
+    if p.truncate is not None:
+        ids = ids[-p.truncate:]
+    input_length = len(ids)
+    max_new = p.max_new_tokens
+    if max_new is None:
+        max_new = min(max(limits.max_total_tokens - input_length, 0), DEFAULT_GENERATION_LENGTH)
+    if input_length + max_new > limits.max_total_tokens:
+        raise validation(f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                         f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`")
+    if input_length > limits.max_input_tokens:
+        raise validation(f"`inputs` must have less than {limits.max_input_tokens} tokens. "
+                         f"Given: {input_length}")
+    if p.adapter_id is not None and p.adapter_id not in state.lora_adapters:
+        loaded = ", ".join(sorted(state.lora_adapters)) or "none"
+        raise validation(f"adapter `{p.adapter_id}` is not loaded (--lora-adapters); loaded: {loaded}")
+    make_constraint = None
+    if p.grammar is not None:
+        make_constraint = await compile_grammar(state, *p.grammar)
+    return ValidRequest(text, ids, input_length, max_new, p.best_of or 1, p.top_n_tokens or 0, p,
+                        make_constraint)
+
+
+async def compile_grammar(state, kind: str, value: Any):
+    from genserve.server.grammar import GrammarError
+
+    if state.limits.disable_grammar:
+        raise validation("grammar is not supported")
+    try:
+        return await asyncio.to_thread(state.grammar.compile, kind, value)
+    except GrammarError as exc:
+        raise validation(str(exc)) from None
+    except APIError:
+        raise

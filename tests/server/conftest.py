@@ -1,0 +1,125 @@
+"""Real ``genserve serve`` processes for the server tests, started once per session.
+
+Servers are launched as soon as collection finishes (all at once, so the slow embedded
+SmolLM2 loads while the tiny-model tests run); each fixture then waits for its /health.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serverkit import ALLOWED_ORIGIN, API_KEY, ServerProcess
+from tinymodel import build_lora_adapter, build_tiny_llama
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+_servers: dict[str, ServerProcess] = {}
+_dirs: dict[str, Path] = {}
+
+
+def model_dir(kind: str) -> Path:
+    if kind not in _dirs:
+        if "root" not in _dirs:
+            _dirs["root"] = Path(tempfile.mkdtemp(prefix="genserve-test-"))
+        root = _dirs["root"]
+        if kind == "tiny":
+            _dirs["tiny"] = build_tiny_llama(root / "tiny")
+            _dirs["lora"] = build_lora_adapter(root / "lora", _dirs["tiny"])
+        elif kind == "lora":
+            model_dir("tiny")
+        elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
+            _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300)
+    return _dirs[kind]
+
+
+def server_specs() -> dict:
+    return {
+        "tiny_server": lambda: ServerProcess("tiny", [
+            "--model-id", str(model_dir("tiny")), "--max-batch-total-tokens", "32768",
+            "--enable-prefill-logprobs", "--max-best-of", "3"], ONE_THREAD),
+        "limited_server": lambda: ServerProcess("limited", [
+            "--model-id", str(model_dir("tiny")), "--api-key", API_KEY,
+            "--max-concurrent-requests", "2", "--max-total-tokens", "64", "--max-input-tokens", "48",
+            "--payload-limit", "8192", "--cors-allow-origin", ALLOWED_ORIGIN,
+            "--lora-adapters", f"tiny-adapter={model_dir('lora')}",
+            "--max-batch-total-tokens", "4096"], ONE_THREAD),
+        "faulty_server": lambda: ServerProcess("faulty", [
+            "--model-id", str(model_dir("faulty")), "--disable-grammar-support",
+            "--max-batch-total-tokens", "4096"], {**ONE_THREAD, "GENSERVE_GRACEFUL_SHUTDOWN_TIMEOUT": "2"}),
+        "smol_server": lambda: ServerProcess("smol", ["--max-batch-total-tokens", "8192"]),
+    }
+
+
+def start(name: str) -> ServerProcess:
+    if name not in _servers:
+        _servers[name] = server_specs()[name]()
+    return _servers[name]
+
+
+def pytest_collection_finish(session):
+    wanted = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    for name in ("smol_server", "tiny_server", "limited_server", "faulty_server"):
+        if name in wanted:
+            start(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _servers.values():
+        server.stop()
+    if "root" in _dirs:
+        shutil.rmtree(_dirs["root"], ignore_errors=True)
+
+
+def _ready(name: str) -> ServerProcess:
+    server = start(name)
+    try:
+        return server.wait_ready()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tiny_server() -> ServerProcess:
+    """The tiny random Llama (never emits EOS: every request runs to max_new_tokens)."""
+    return _ready("tiny_server")
+
+
+@pytest.fixture(scope="session")
+def limited_server() -> ServerProcess:
+    """Tiny model behind --api-key, 2 concurrent requests, 64 total tokens, 8 KB payloads, CORS."""
+    return _ready("limited_server")
+
+
+@pytest.fixture(scope="session")
+def faulty_server() -> ServerProcess:
+    """Tiny model whose vocabulary is smaller than its tokenizer's: some prompts fail in the engine."""
+    return _ready("faulty_server")
+
+
+@pytest.fixture(scope="session")
+def smol_server() -> ServerProcess:
+    """The embedded SmolLM2-135M-Instruct."""
+    return _ready("smol_server")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return model_dir("tiny")
+
+
+@pytest.fixture()
+def tiny(tiny_server) -> httpx.Client:
+    with httpx.Client(base_url=tiny_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture()
+def limited(limited_server) -> httpx.Client:
+    with httpx.Client(base_url=limited_server.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client
