@@ -3,9 +3,6 @@
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-
-
 @triton.jit
 def tanh(x):
     # tanh via exp: libdevice names differ between CUDA and ROCm builds of Triton.
@@ -36,7 +33,7 @@ def scores_log2(q, k, scale_log2, softcap, pos, q_pos, slope_log2,
     s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION)
     if USE_SOFTCAP:
         # scale_log2 = scale * log2(e): undo the log2 factor inside tanh, keep it outside.
-        s = (softcap * LOG2E) * tanh(s * (scale_log2 / LOG2E / softcap))
+        s = (softcap * 1.4426950408889634) * tanh(s * (scale_log2 / 1.4426950408889634 / softcap))
     else:
         s = s * scale_log2
     if USE_ALIBI:
