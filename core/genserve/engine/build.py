@@ -166,6 +166,11 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     tokenizer = load_tokenizer(src, args)
 
     engine_config = _engine_config(args, config, dtype)
+    decoder_start = None
+    if getattr(model, "is_encoder_decoder", False):
+        # Decoder K/V depend on the encoder input, which the prefix-cache block hashes do not cover.
+        engine_config.enable_prefix_caching = False
+        decoder_start = model.decoder_start_token_id
     runner = backend.create_model_runner(model, engine_config)
     # Every rank must hold the same number of blocks: the scheduler on rank 0 hands them out.
     num_blocks = tp.min_over_ranks(_num_blocks(args, engine_config, runner, backend))
@@ -174,7 +179,8 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     _fit_limits(args, engine_config, config, cache_tokens)
     if hasattr(runner, "warmup"):
         runner.warmup()
-    engine = LLMEngine(runner, tokenizer, engine_config, num_blocks, eos_ids(tokenizer, config))
+    engine = LLMEngine(runner, tokenizer, engine_config, num_blocks, eos_ids(tokenizer, config),
+                       decoder_start)
     return LoadedEngine(engine, tokenizer, config, src, backend, attn_cls.name, quant_name,
                         time.perf_counter() - t0)
 

@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, runner, tokenizer, config: EngineConfig, num_blocks: int,
-                 eos_token_ids: set[int]):
+                 eos_token_ids: set[int], decoder_start_token_id: int | None = None):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        # Set for encoder-decoder models: prompts feed the encoder, decoding starts from this token.
+        self.decoder_start_token_id = decoder_start_token_id
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.detok = Detokenizer(tokenizer)
@@ -38,6 +40,8 @@ class LLMEngine:
             raise ValueError("the prompt has no tokens")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, seed=seed)
+        if self.decoder_start_token_id is not None:
+            seq.encoder_ids, seq.prompt_ids = seq.prompt_ids, [self.decoder_start_token_id]
         self.seqs[request_id] = seq
         self._decode[request_id] = self.detok.start(seq.prompt_ids)
         self._texts[request_id] = ""
@@ -122,7 +126,7 @@ class LLMEngine:
 
         out = RequestOutput(
             request_id=seq.request_id, tokens=[info], text=text,
-            num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids),
+            num_prompt_tokens=seq.num_prompt_tokens, num_generated=len(seq.output_ids),
             seed=seq.seed if p.do_sample else None, arrival=seq.arrival,
             first_scheduled=seq.first_scheduled,
         )
@@ -146,7 +150,7 @@ class LLMEngine:
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         out = RequestOutput(
             request_id=seq.request_id, finished=True, finish_reason=seq.finish_reason,
-            num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids),
+            num_prompt_tokens=seq.num_prompt_tokens, num_generated=len(seq.output_ids),
             seed=seq.seed if seq.params.do_sample else None, error=seq.error,
             arrival=seq.arrival, first_scheduled=seq.first_scheduled,
         )

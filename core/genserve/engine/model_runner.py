@@ -127,6 +127,17 @@ class ModelRunner:
             batch.allowed = unpack_bitmask(bitmask.to(self.device), self.vocab_size)
         return batch
 
+    def encoder_states(self, scheduled: list[ScheduledSeq]) -> list | None:
+        """Encoder-decoder models: encode the prompts of requests at their first step (one
+        batched call), then every scheduled request's state in batch order. None otherwise."""
+        if not getattr(self.model, "is_encoder_decoder", False):
+            return None
+        new = [s.seq for s in scheduled if s.seq.encoder_state is None]
+        if new:
+            for seq, state in zip(new, self.model.encode([seq.encoder_ids for seq in new])):
+                seq.encoder_state = state
+        return [s.seq.encoder_state for s in scheduled]
+
     # -- execution ------------------------------------------------------------------------
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         """The forward pass; backends override this (e.g. to replay CUDA graphs)."""
@@ -135,7 +146,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
         prep = self.prepare(scheduled)
-        hidden = self.execute(prep.input_ids, prep.positions, ForwardBatch(prep.attn, self.kv_caches))
+        batch = ForwardBatch(prep.attn, self.kv_caches, self.encoder_states(scheduled))
+        hidden = self.execute(prep.input_ids, prep.positions, batch)
         results = [StepResult() for _ in scheduled]
 
         if prep.sampling_index:

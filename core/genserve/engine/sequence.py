@@ -51,6 +51,17 @@ class Sequence:
     first_token_time: float | None = None
     preemptions: int = 0
     error: str | None = None
+    # Encoder-decoder models: the client's prompt goes to the encoder and ``prompt_ids`` holds
+    # the decoder's start token, so scheduler and KV cache see decoder tokens only. The state
+    # comes from the encoder at the first step and lives as long as the request (preemption
+    # frees decoder blocks only).
+    encoder_ids: list[int] | None = None
+    encoder_state: object | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The prompt as the client sent it."""
+        return len(self.encoder_ids if self.encoder_ids is not None else self.prompt_ids)
 
     @property
     def all_ids(self) -> list[int]:

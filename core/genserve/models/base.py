@@ -33,6 +33,9 @@ class ForwardBatch:
 
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]
+    # Encoder-decoder models: per scheduled sequence, in batch order, what ``encode`` returned
+    # for its prompt (e.g. cross-attention keys and values). None for decoder-only models.
+    encoder: list | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class CausalLM(nn.Module):
     stacked_params: tuple[tuple[str, tuple[str, object]], ...] = ()
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
+    # Encoder-decoder models (T5) set this and implement ``encode``. The engine then feeds each
+    # request's prompt to ``encode`` once, at its first step, and runs the decoder from
+    # ``decoder_start_token_id`` through the paged cache like any decoder-only model.
+    is_encoder_decoder: bool = False
+    decoder_start_token_id: int | None = None
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config, self.ctx = config, ctx
@@ -69,6 +78,10 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[list[int]]) -> list:
+        """Encoder-decoder models: one state per prompt, handed back in ``ForwardBatch.encoder``."""
         raise NotImplementedError
 
     def rename_weight(self, name: str) -> str | None:
