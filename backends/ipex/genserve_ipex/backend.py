@@ -1,0 +1,103 @@
+"""``IpexBackend``: Intel GPUs (XPU) and, failing those, x86 CPUs, with IPEX's kernels."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from genserve.backends.base import Backend
+from genserve_ipex.vendor import INSTALL_IPEX, import_ccl, ipex_installed, x86_cpu, xpu_present
+
+logger = logging.getLogger(__name__)
+
+# Kept out of the XPU KV-cache budget for activations, logits and allocator slack.
+ACTIVATION_RESERVE_BYTES = 1 << 30
+ACTIVATION_RESERVE_SHARE = 0.05
+
+
+class IpexBackend(Backend):
+    name = "ipex"
+    # Below cuda/rocm (an Intel GPU and an NVIDIA one rarely share a host; if they do, CUDA
+    # is the tested path), above the plain cpu backend.
+    priority = 50
+    attention_preference = ("ipex_paged", "torch")
+    distributed_backend = "ccl"
+    supports_graphs = False
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self._index = int(self.options.get("device_index", 0))
+        # XPU when there is one; option ipex_device="cpu" forces the CPU path.
+        self._device_type = self.options.get("ipex_device") or ("xpu" if xpu_present() else "cpu")
+        if self.options.get("disable_custom_kernels"):
+            self.attention_preference = ("torch",)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return ipex_installed() and (xpu_present() or x86_cpu())
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        if not ipex_installed():
+            return f"backend 'ipex' needs intel_extension_for_pytorch, which is not installed: {INSTALL_IPEX}"
+        return ("backend 'ipex' found no Intel GPU (torch.xpu.is_available() is False) "
+                "and this CPU is not x86-64")
+
+    @classmethod
+    def device_count(cls) -> int:
+        """Intel GPUs this process sees (--sharded); the CPU path counts as one device."""
+        return torch.xpu.device_count() if xpu_present() else 1
+
+    @property
+    def device(self) -> torch.device:
+        if self._device_type == "xpu":
+            return torch.device("xpu", self._index)
+        return torch.device("cpu")
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        # bf16 on both: XPU matrix engines and AMX/AVX512-BF16 CPUs are built for it.
+        return torch.bfloat16
+
+    def set_device(self, rank: int) -> None:
+        """Bind a tensor-parallel worker to XPU ``rank`` and register the "ccl" collectives."""
+        if self._device_type == "xpu":
+            self._index = rank
+            torch.xpu.set_device(rank)
+        import_ccl(self._device_type)
+
+    def synchronize(self) -> None:
+        if self._device_type == "xpu":
+            torch.xpu.synchronize(self.device)
+
+    def memory_budget(self) -> int:
+        if self._device_type == "cpu":
+            from genserve.backends.cpu import CpuBackend
+
+            return CpuBackend().memory_budget()
+        free, total = self._xpu_memory()
+        fraction = float(self.options.get("cuda_memory_fraction", 1.0) or 1.0)
+        reserve = max(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
+        budget = max(0, int(free * fraction) - reserve)
+        logger.info("xpu memory: %.1f GiB free of %.1f GiB, fraction %.2f, KV-cache budget %.1f GiB",
+                    free / 2**30, total / 2**30, fraction, budget / 2**30)
+        return budget
+
+    def _xpu_memory(self) -> tuple[int, int]:
+        mem_get_info = getattr(torch.xpu, "mem_get_info", None)
+        if mem_get_info is not None:  # torch >= 2.6
+            return mem_get_info(self.device)
+        total = torch.xpu.get_device_properties(self._index).total_memory
+        return total - torch.xpu.memory_reserved(self._index), total
+
+    def create_model_runner(self, model, config):
+        from genserve_ipex.runner import IpexModelRunner
+
+        return IpexModelRunner(model, config, self)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self._device_type == "xpu" and xpu_present():
+            info["gpu"] = torch.xpu.get_device_name(self._index)
+        return info

@@ -1,0 +1,20 @@
+"""Entry point of genserve-ipex: registers the backend and its paged-attention kernel.
+
+Importing this module must stay cheap and work on machines without IPEX or an Intel GPU.
+"""
+
+from __future__ import annotations
+
+from genserve.hookspecs import hookimpl
+from genserve_ipex.attention import IpexPagedAttention
+from genserve_ipex.backend import IpexBackend
+
+
+@hookimpl
+def genserve_register_backends(register):
+    register(IpexBackend)
+
+
+@hookimpl
+def genserve_register_attention(register):
+    register(IpexPagedAttention.name, IpexPagedAttention)
