@@ -100,7 +100,8 @@ class GaudiModelRunner(ModelRunner):
 
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn
-        if self.graphable(a):
+        # Encoder-decoder models need their per-request encoder states: not graphed.
+        if getattr(batch, "encoder", None) is None and self.graphable(a):
             self.graph_buckets.add(tuple(a.block_tables.shape))
             hidden = self._decode(input_ids, positions, a.cu_seqlens_q, a.seq_lens,
                                   a.block_tables, a.slot_mapping)

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 class NeuronModelRunner(ModelRunner):
     def __init__(self, model, config, backend):
+        if getattr(model, "is_encoder_decoder", False):
+            raise NotImplementedError("backend 'neuron' serves decoder-only models; "
+                                      f"{type(model).__name__} is encoder-decoder")
         super().__init__(model, config, backend)
         self.compute_device = backend.device
         # Batches are built and sampled on the host; only the forward runs on the device.
