@@ -1,0 +1,1 @@
+"""An example genserve model plugin: GPT-J on genserve's layers."""
