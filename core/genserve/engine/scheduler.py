@@ -96,7 +96,8 @@ class Scheduler:
                 n = min(seq.num_uncomputed, budget)
                 budget -= n
                 out.scheduled.append(ScheduledSeq(seq, n))
-        out.scheduled = [s for s in out.scheduled if s.seq in self.running]
+        running = set(map(id, self.running))
+        out.scheduled = [s for s in out.scheduled if id(s.seq) in running]
 
         # 2. Admit waiting requests (TGI's rule: with a running batch, wait until enough are
         #    queued, or until max_waiting_tokens decode steps have passed).

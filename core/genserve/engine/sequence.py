@@ -32,7 +32,7 @@ class TokenInfo:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: the scheduler looks sequences up in lists
 class Sequence:
     request_id: str
     prompt_ids: list[int]
