@@ -12,7 +12,7 @@ from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
 from genserve.layers.quantization.base import QuantMethod, UnquantizedLinear
-from genserve.layers.weights import copy_into, narrow, shape_of
+from genserve.layers.weights import copy_into, expect_dim, narrow, shape_of
 
 
 class LinearBase(nn.Module):
@@ -49,6 +49,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         rows = param.shape[0]
+        expect_dim(loaded, 0, rows * self.tp.size)
         copy_into(param, narrow(loaded, 0, self.tp.rank * rows, rows))
 
 
@@ -66,6 +67,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             for i, chunk in enumerate(chunks):
                 self.weight_loader(param, chunk, i)
             return
+        expect_dim(loaded, 0, self.output_sizes[shard_id])
         size = self.output_sizes[shard_id] // self.tp.size
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, self.tp.rank * size, size))
@@ -107,6 +109,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, rank = self.kv_size, self.tp.rank // self.kv_replicas
+        expect_dim(loaded, 0, size * self.tp.size // (1 if shard_id == "q" else self.kv_replicas))
         copy_into(param.data.narrow(0, offset, size), narrow(loaded, 0, rank * size, size))
 
 
@@ -122,6 +125,7 @@ class RowParallelLinear(LinearBase):
             copy_into(param, loaded)
             return
         cols = param.shape[1]
+        expect_dim(loaded, 1, cols * self.tp.size)
         copy_into(param, narrow(loaded, 1, self.tp.rank * cols, cols))
 
     def forward(self, x):

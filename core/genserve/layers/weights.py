@@ -22,6 +22,14 @@ def narrow(loaded, dim: int, start: int, size: int):
     return loaded[tuple(index)]
 
 
+def expect_dim(loaded, dim: int, size: int) -> None:
+    """Refuse a checkpoint tensor whose split dimension is not what the layer was built for
+    (narrowing would otherwise silently take a slice of a too-large tensor)."""
+    actual = shape_of(loaded)[dim]
+    if actual != size:
+        raise ValueError(f"checkpoint tensor has {actual} along dim {dim}, the layer expects {size}")
+
+
 def materialize(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
