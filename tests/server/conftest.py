@@ -33,7 +33,8 @@ def model_dir(kind: str) -> Path:
         elif kind == "lora":
             model_dir("tiny")
         elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
-            _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300)
+            _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300,
+                                               max_position_embeddings=16384)
     return _dirs[kind]
 
 
@@ -50,7 +51,7 @@ def server_specs() -> dict:
             "--max-batch-total-tokens", "4096"], ONE_THREAD),
         "faulty_server": lambda: ServerProcess("faulty", [
             "--model-id", str(model_dir("faulty")), "--disable-grammar-support",
-            "--max-batch-total-tokens", "4096"], {**ONE_THREAD, "GENSERVE_GRACEFUL_SHUTDOWN_TIMEOUT": "2"}),
+            "--max-batch-total-tokens", "16384"], {**ONE_THREAD, "GENSERVE_GRACEFUL_SHUTDOWN_TIMEOUT": "3"}),
         "smol_server": lambda: ServerProcess("smol", ["--max-batch-total-tokens", "8192"]),
     }
 

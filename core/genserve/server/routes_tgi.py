@@ -278,8 +278,7 @@ async def probe(state) -> bool:
     async with state._health_lock:
         if time.monotonic() - state.last_success < HEALTH_FRESH_S:
             return True
-        ids = [state.loaded.engine.runner.vocab_size - 1] if state.tokenizer is None else \
-            (state.tokenizer("ping", add_special_tokens=False)["input_ids"] or [0])
+        ids = state.probe_ids(state.tokenizer, state.loaded.engine.runner.vocab_size)
         try:
             async with asyncio.timeout(30):
                 async with aclosing(state.engine.generate(f"health-{new_request_id()}", ids,

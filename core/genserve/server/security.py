@@ -51,7 +51,8 @@ def payload_too_large(limit: int) -> APIError:
 
 
 class PayloadLimit:
-    """413 for bodies over ``limit`` bytes: by Content-Length up front, else while reading."""
+    """413 for bodies over ``limit`` bytes: by Content-Length up front; a chunked body (no
+    Content-Length) is read here first, up to the limit, then handed on."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -59,24 +60,39 @@ class PayloadLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        length = None
         for name, v in scope.get("headers", ()):
             if name == b"content-length":
-                try:
-                    too_big = int(v) > self.limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    return await _send_json(send, 413, payload_too_large(self.limit).body())
-        received = 0
-        limit = self.limit
-
-        async def limited_receive():
-            nonlocal received
+                length = v
+                break
+        if length is not None:
+            try:
+                too_big = int(length) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await _send_json(send, 413, payload_too_large(self.limit).body())
+            return await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise payload_too_large(limit)  # answered by the APIError handler
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _send_json(send, 413, payload_too_large(self.limit).body())
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        return await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)

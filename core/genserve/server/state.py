@@ -91,8 +91,7 @@ class ServerState:
 
         loaded = (self._build or build_engine)(self.args)
         engine = loaded.engine
-        warm_ids = (loaded.tokenizer("Hello", add_special_tokens=True)["input_ids"]
-                    if loaded.tokenizer is not None else [0]) or [0]
+        warm_ids = self.probe_ids(loaded.tokenizer, engine.runner.vocab_size)
         engine.add_request("genserve-warmup", warm_ids, SamplingParams(max_new_tokens=2))
         while engine.has_work:
             engine.step()
@@ -117,6 +116,12 @@ class ServerState:
         logger.info("model %s ready in %.1fs (max_input_tokens %d, max_total_tokens %d)",
                     self.model_id, loaded.load_seconds,
                     cfg.max_input_tokens, cfg.max_total_tokens)
+
+    @staticmethod
+    def probe_ids(tokenizer, vocab_size: int) -> list[int]:
+        """A few prompt tokens for warmup and health probes (always inside the model's vocabulary)."""
+        ids = tokenizer("Hello", add_special_tokens=True)["input_ids"] if tokenizer is not None else []
+        return [t for t in ids if 0 <= t < vocab_size] or [0]
 
     def load_in_background(self, on_failure) -> threading.Thread:
         def run():
