@@ -70,6 +70,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not read the body (e.g. not UTF-8)
+            return validation(f"malformed request body: {exc.detail}").response()
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return JSONResponse({"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -18,7 +18,7 @@ from genserve.server.chat import parse_tool_output, render_chat, response_format
 from genserve.server.errors import APIError, counted
 from genserve.server.inference import (ClientDisconnected, SeqResult, finite, merged_streams,
                                        run_many, unless_disconnected)
-from genserve.server.routes_tgi import ERRORS, get_state, record_validated
+from genserve.server.routes_tgi import ERRORS, get_state, record_validated, sse_schema
 from genserve.server.schemas_openai import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelList
 from genserve.server.sse import DONE, GenerationEvents, event
 from genserve.server.validation import U64_MAX, GenParams, validate
@@ -26,10 +26,10 @@ from genserve.server.validation import U64_MAX, GenParams, validate
 router = APIRouter(tags=["OpenAI"])
 CHAT_200 = {200: {"description": "A chat completion, or chunks as server-sent events", "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-    "text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}}}}
+    "text/event-stream": {"schema": sse_schema("ChatCompletionChunk", done=True)}}}}
 COMPLETION_200 = {200: {"description": "A completion, or chunks as server-sent events", "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
-    "text/event-stream": {"schema": {"$ref": "#/components/schemas/Completion"}}}}}
+    "text/event-stream": {"schema": sse_schema("Completion", done=True)}}}}
 BAD_LOGPROB = -9999.0  # OpenAI's stand-in for "impossible"
 
 

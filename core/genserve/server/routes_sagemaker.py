@@ -7,7 +7,7 @@ import json
 from fastapi import APIRouter, Request
 
 from genserve.server.routes_openai import chat_impl, completions_impl, parse_body
-from genserve.server.routes_tgi import COMPAT_200, ERRORS, compat_generate_impl, get_state
+from genserve.server.routes_tgi import ERRORS, compat_generate_impl, get_state, sse_schema
 from genserve.server.schemas_openai import ChatRequest, CompletionRequest
 from genserve.server.schemas_tgi import CompatGenerateRequest
 
@@ -21,7 +21,8 @@ RESPONSES = {200: {"description": "As the chosen route", "content": {
         {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}},
         {"$ref": "#/components/schemas/ChatCompletion"},
         {"$ref": "#/components/schemas/Completion"}]}},
-    "text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS}
+    "text/event-stream": {"schema": sse_schema("StreamResponse", "ChatCompletionChunk", "Completion",
+                                               done=True)}}}, **ERRORS}
 
 
 @router.post("/invocations", openapi_extra=BODY, responses=RESPONSES, response_model=None)

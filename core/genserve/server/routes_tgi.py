@@ -30,8 +30,19 @@ ERRORS = {
     500: {"model": ErrorResponse, "description": "Incomplete generation"},
     503: {"model": ErrorResponse, "description": "The model is loading or the server is stopping"},
 }
+
+
+def sse_schema(*payloads: str, done: bool = False) -> dict:
+    """One server-sent event: ``data`` holds JSON of one of ``payloads`` (an error body included),
+    or the text ``[DONE]`` when ``done``."""
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": f"#/components/schemas/{p}"} for p in (*payloads, "ErrorResponse")]}}
+    data = {"anyOf": [{"const": "[DONE]"}, json_data]} if done else json_data
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 SSE_200 = {200: {"description": "Generated tokens as server-sent events",
-                 "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamResponse"}}}}}
+                 "content": {"text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
 
 router = APIRouter(tags=[TAG])
 
@@ -193,7 +204,7 @@ async def generate_stream(req: GenerateRequest, request: Request):
 # -- / -----------------------------------------------------------------------------------
 COMPAT_200 = {200: {"description": "Generated text (JSON list) or tokens (server-sent events)", "content": {
     "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}}},
-    "text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamResponse"}}}}}
+    "text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
 
 
 async def compat_generate_impl(state, request: Request, req: CompatGenerateRequest) -> Response:
@@ -292,8 +303,9 @@ async def probe(state) -> bool:
         return False
 
 
-@router.get("/health", responses={200: {"description": "The model answers"},
-                                  503: {"model": ErrorResponse, "description": "Not ready or unhealthy"}})
+@router.get("/health", response_class=Response, responses={
+    200: {"description": "The model answers (empty body)"},
+    503: {"model": ErrorResponse, "description": "Not ready or unhealthy"}})
 async def health(request: Request):
     """200 once the model is loaded and answers a tiny generation; 503 otherwise."""
     state = get_state(request)
