@@ -66,10 +66,12 @@ def naive_moe(x, seed=0):
     return out
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped-mm", "per-expert-matmul"])
-def test_moe_layer_matches_naive(monkeypatch, grouped_mm):
-    if not grouped_mm:
+@pytest.mark.parametrize("path", ["grouped-mm", "per-expert-matmul", "dense"])
+def test_moe_layer_matches_naive(monkeypatch, path):
+    if path == "per-expert-matmul":  # where grouped_mm is missing
         monkeypatch.setattr(moe, "_GROUPED_MM_OK", {("cpu", torch.float32): False})
+    if path == "dense":  # what CUDA graph capture runs
+        monkeypatch.setattr(moe, "_capturing", lambda x: True)
     x = torch.randn(37, H, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(build_moe()(x), naive_moe(x), atol=1e-5, rtol=1e-5)
@@ -96,6 +98,8 @@ def _tp_worker(rank, world, port):
             layer = build_moe(shard)
             assert tuple(layer.w13_weight.shape) == shape
             with torch.inference_mode():
+                torch.testing.assert_close(layer(x), naive_moe(x), atol=1e-5, rtol=1e-5)
+                layer.experts_fn = moe.dense_experts  # the CUDA-graph path shards the same way
                 torch.testing.assert_close(layer(x), naive_moe(x), atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ Dispatch sorts the (token, expert) pairs by expert so each expert's rows are con
 runs every expert's gate/up and down projections as one grouped matmul over those segments
 (``torch.nn.functional.grouped_mm``; where the device or dtype lacks it, one matmul per expert
 over all of its rows). Weighted outputs are scattered back with a single ``index_add_``.
+While a CUDA graph is being captured (decode steps) the sync-free ``dense_experts`` runs instead.
 
 Tensor parallelism over the TP group, chosen by ``shard``:
 
@@ -26,16 +27,16 @@ from genserve.layers.activation import GatedActivation
 from genserve.layers.linear import ReplicatedLinear
 from genserve.layers.weights import copy_into, narrow
 
-# (device type, dtype) -> whether grouped_mm runs there; learnt on first use (CPU runs every
-# dtype; CUDA needs Hopper and bf16), so the fallback costs one failed call per process.
+# (device type, dtype) -> whether grouped_mm runs there, learnt on first use: CPU and Hopper
+# run it; where it raises (older GPUs, older torch) the per-expert loop takes over for good.
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row segments of ``x`` times their expert's weight: ``x[seg e] @ w[e].T``.
 
-    ``x``: [N, in], rows grouped by expert; ``w``: [E, out, in]; ``counts``: [E] rows per expert;
-    ``offsets``: int32 cumulative ends of the segments. Rows past the last segment are undefined.
+    ``x``: [N, in], rows grouped by expert; ``w``: [E, out, in]; ``offsets``: [E] int32 ends of
+    the experts' segments. Rows past the last segment are left undefined.
     """
     key = (x.device.type, x.dtype)
     if hasattr(F, "grouped_mm") and _GROUPED_MM_OK.get(key, True):
@@ -47,10 +48,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
             _GROUPED_MM_OK[key] = False
     out = x.new_empty(x.shape[0], w.shape[1])
     start = 0
-    for e, n in enumerate(counts.tolist()):  # one matmul per expert, all of its rows at once
-        if n:
-            out[start:start + n] = x[start:start + n] @ w[e].T
-        start += n
+    for e, end in enumerate(offsets.tolist()):  # one matmul per expert, all of its rows at once
+        if end > start:
+            out[start:end] = x[start:end] @ w[e].T
+        start = end
     return out
 
 
@@ -61,20 +62,41 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     ``topk_ids`` index the local experts of ``w13`` [E, 2I, H] / ``w2`` [E, H, I]; an id of ``E``
     or more marks a pair that another rank computes (expert sharding) and contributes nothing.
     """
+    if _capturing(x):
+        return dense_experts(x, w13, w2, topk_weights, topk_ids, act)
     T, K = topk_ids.shape
     E = w13.shape[0]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, remote ones last
+    expert, order = torch.sort(topk_ids.reshape(-1), stable=True)  # pairs grouped by expert
     rows = order // K  # the token of each sorted pair
-    counts = torch.bincount(flat.clamp(max=E), minlength=E + 1)[:E]
-    offsets = counts.cumsum(0).to(torch.int32)
+    # Segment ends by search, not bincount, which syncs with the host (no CUDA graphs).
+    offsets = torch.searchsorted(expert, torch.arange(E, device=x.device), right=True).to(torch.int32)
 
-    h = act(grouped_matmul(x[rows], w13, counts, offsets))
-    y = grouped_matmul(h, w2, counts, offsets).float()
+    h = act(grouped_matmul(x[rows], w13, offsets))
+    y = grouped_matmul(h, w2, offsets).float()
     weight = topk_weights.reshape(-1)[order].float()
-    local = flat[order] < E
+    local = expert < E  # remote experts' pairs sort last
     y = torch.where(local[:, None], y * weight[:, None], 0.0)  # rows past the segments are garbage
     return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, y).to(x.dtype)
+
+
+def dense_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``fused_experts`` computed by every local expert on every token (one batched matmul per
+    projection), mixed by the routing weights, zero where a token did not pick the expert.
+
+    E / top_k times the FLOPs but the same weight reads once a batch touches every expert, and no
+    data-dependent shapes or host syncs: what a CUDA graph of a decode step can hold.
+    """
+    E = w13.shape[0]
+    h = act(torch.matmul(x, w13.transpose(1, 2)))  # [E, T, I]
+    y = torch.matmul(h, w2.transpose(1, 2)).float()  # [E, T, H]
+    mix = torch.zeros(x.shape[0], E + 1, dtype=torch.float32, device=x.device)
+    mix = mix.scatter_add_(1, topk_ids.clamp(max=E), topk_weights.float())[:, :E]  # remote experts dropped
+    return torch.einsum("te,eth->th", mix, y).to(x.dtype)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class FusedMoE(nn.Module):
