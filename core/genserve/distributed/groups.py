@@ -18,10 +18,13 @@ from genserve.distributed.state import TPGroup, set_tp_group
 HOST = "127.0.0.1"
 READY_KEY = "genserve/shard{}/ready"
 IDLE_TIMEOUT = timedelta(days=3650)
+# Spawning a worker and importing torch can take a while on a loaded host.
+START_TIMEOUT = timedelta(minutes=10)
+_threads_before: int | None = None
 
 
 def shard_timeout() -> float:
-    """Seconds a step (or a worker's start) may take before rank 0 declares a shard hung."""
+    """Seconds a forward or LM-head call may take before rank 0 declares a shard hung."""
     return float(os.environ.get("GENSERVE_SHARD_TIMEOUT", "300"))
 
 
@@ -38,12 +41,14 @@ def local_env() -> None:
 def share_cpu_threads(device: torch.device, world_size: int) -> None:
     """CPU ranks split the cores: N processes that each use every core oversubscribe them, and
     spinning OpenMP threads then slow every step many times over."""
+    global _threads_before
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        _threads_before = torch.get_num_threads()
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
 
 
 def init_groups(rank: int, world_size: int, store, backend: str) -> TPGroup:
-    # Longer than the supervisor's step timeout, so rank 0 sees a hang before NCCL's watchdog.
+    # Longer than the supervisor's timeout, so rank 0 sees a hang before NCCL's watchdog does.
     timeout = timedelta(seconds=shard_timeout() + 60)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
@@ -52,8 +57,12 @@ def init_groups(rank: int, world_size: int, store, backend: str) -> TPGroup:
 
 def destroy_groups() -> None:
     """Leave the groups and make this process single-rank again (later engines build unsharded)."""
+    global _threads_before
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:
         set_tp_group(0, 1)
+        if _threads_before is not None:
+            torch.set_num_threads(_threads_before)
+            _threads_before = None

@@ -23,8 +23,16 @@ import torch.distributed as dist
 from genserve.args import FLAGS
 from genserve.backends.select import select_backend
 from genserve.distributed.channel import Channel
-from genserve.distributed.groups import (HOST, READY_KEY, destroy_groups, init_groups, local_env,
-                                        shard_timeout, share_cpu_threads)
+from genserve.distributed.groups import (
+    HOST,
+    READY_KEY,
+    START_TIMEOUT,
+    destroy_groups,
+    init_groups,
+    local_env,
+    shard_timeout,
+    share_cpu_threads,
+)
 from genserve.distributed.runner import make_sharded
 from genserve.distributed.state import get_tp_group
 from genserve.distributed.supervisor import Supervisor
@@ -77,11 +85,11 @@ def _abort_default_group() -> None:
 def _wait_ready(store, supervisor: Supervisor, world_size: int) -> None:
     """Wait for every worker to reach the store, failing at once if one exits first."""
     keys = [READY_KEY.format(r) for r in range(1, world_size)]
-    deadline = time.monotonic() + shard_timeout()
+    deadline = time.monotonic() + START_TIMEOUT.total_seconds()
     while not store.check(keys):
         supervisor.check()
         if time.monotonic() > deadline:
-            raise supervisor.fail(f"the workers did not start within {shard_timeout():g}s")
+            raise supervisor.fail(f"the workers did not start within {START_TIMEOUT}")
         time.sleep(0.05)
 
 

@@ -32,9 +32,11 @@ class ShardedModelRunner(ModelRunner):
 
     @contextmanager
     def _collective(self, what: str):
+        """Run a call all ranks take part in, timed by the supervisor; a failure is fatal."""
         self.supervisor.check()
         try:
-            yield
+            with self.supervisor.busy():
+                yield
         except ShardFailure:
             raise
         except Exception as exc:
@@ -53,8 +55,7 @@ class ShardedModelRunner(ModelRunner):
 
     def step(self, scheduled):
         self.supervisor.check()
-        with self.supervisor.busy():
-            results = super().step(scheduled)
+        results = super().step(scheduled)
         # Under NCCL an abort lets a cut-short collective return garbage: never hand it out.
         self.supervisor.check()
         return results
@@ -64,12 +65,7 @@ class ShardedModelRunner(ModelRunner):
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        if self.supervisor.dead is None:
-            try:
-                self.channel.send_stop()
-            except Exception as exc:  # a worker went in the meantime: the supervisor kills the rest
-                logger.warning("could not tell the workers to stop: %s", exc)
-        self.supervisor.stop(grace)
+        self.supervisor.stop(self.channel.send_stop, grace)
         destroy_groups()
 
 

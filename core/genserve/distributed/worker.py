@@ -7,11 +7,12 @@ from the logits it all-gathers. Any error ends the process, which rank 0's super
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
-from datetime import timedelta
 from multiprocessing import parent_process
 from multiprocessing.connection import wait
 
@@ -21,8 +22,14 @@ import torch.distributed as dist
 from genserve.args import defaults
 from genserve.backends.select import select_backend
 from genserve.distributed.channel import FORWARD, LOGITS, Channel
-from genserve.distributed.groups import (HOST, READY_KEY, destroy_groups, init_groups, shard_timeout,
-                                        share_cpu_threads)
+from genserve.distributed.groups import (
+    HOST,
+    READY_KEY,
+    START_TIMEOUT,
+    destroy_groups,
+    init_groups,
+    share_cpu_threads,
+)
 from genserve.engine.build import build_engine
 from genserve.models.base import ForwardBatch
 from genserve.plugins import get_plugins
@@ -59,6 +66,7 @@ def serve(runner, channel: Channel) -> None:
 def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags: dict) -> None:
     # Ctrl-C reaches the whole process group: rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable()  # a crash in native code (NCCL, gloo) still shows where it happened
     _exit_with_parent()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [shard {rank}] %(levelname)s %(name)s: %(message)s")
@@ -68,14 +76,20 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
         backend = backend_cls()
         backend.set_device(rank)  # before any communicator exists, so none lands on device 0
         share_cpu_threads(backend.device, world_size)
-        store = dist.TCPStore(HOST, port, world_size, is_master=False,
-                              timeout=timedelta(seconds=shard_timeout()))
+        store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=START_TIMEOUT)
         store.set(READY_KEY.format(rank), "1")
         tp = init_groups(rank, world_size, store, backend_cls.distributed_backend)
         args = defaults(**{**flags, "backend": backend_name})
         loaded = build_engine(args, plugins)
         serve(loaded.engine.runner, Channel(tp.cpu_group, loaded.backend.device))
+        destroy_groups()
+        code = 0
     except Exception:
         logger.exception("shard %d failed", rank)
-        os._exit(1)  # skip interpreter teardown: a broken communicator can hang it
-    destroy_groups()
+        code = 1
+    # Skip interpreter teardown: a broken communicator can hang it, and even after a clean stop
+    # a native thread of the store or gloo may still be joinable and abort the process.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
