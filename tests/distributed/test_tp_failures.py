@@ -1,6 +1,7 @@
 """A lost or stuck shard fails requests with an error, within a bound, instead of hanging."""
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import time
@@ -10,11 +11,12 @@ import pytest
 from genserve.args import defaults
 from genserve.backends.cpu import CpuBackend
 from genserve.distributed import launch
+from genserve.distributed.state import get_tp_group
 from genserve.engine.async_engine import AsyncEngine, EngineDeadError
 from genserve.engine.build import ConfigError
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
-from genserve.testing import save_reference
+from genserve.testing import load_genserve, save_reference
 
 from .conftest import tiny_llama
 
@@ -81,6 +83,14 @@ def test_stuck_worker_times_out(serving, monkeypatch):
     assert "took longer than 3s: a shard hangs" in error
     assert time.monotonic() - t0 < 3 + 10
     assert worker.exitcode == -signal.SIGKILL  # the supervisor ended the stuck worker
+
+
+def test_config_error_at_start_stops_the_workers(tmp_path):
+    save_reference(tiny_llama(), tmp_path)
+    with pytest.raises(ConfigError, match="must be smaller"):  # rank 0's own error, not a shard's
+        load_genserve(tmp_path, num_shard=2, max_input_tokens=100, max_total_tokens=50)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("genserve-shard")]
+    assert get_tp_group().size == 1  # single-rank again: the next engine builds unsharded
 
 
 def test_shard_flags():

@@ -50,20 +50,26 @@ def sharding_requested(args) -> bool:
     return ((args.num_shard or 1) > 1 or bool(args.sharded)) and get_tp_group().size == 1
 
 
+def device_count(backend_cls) -> int | None:
+    """Devices the backend sees; None where ranks are processes, not devices (CPU)."""
+    count = getattr(backend_cls, "device_count", None)
+    if count is not None:
+        return count()
+    if backend_cls.distributed_backend == "nccl" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return None
+
+
 def shard_count(args, backend_cls) -> int:
-    if args.num_shard is not None:
-        n = args.num_shard
-    else:  # --sharded: every visible device
-        count = getattr(backend_cls, "device_count", None)
-        if count is not None:
-            n = count()
-        elif backend_cls.distributed_backend == "nccl" and torch.cuda.is_available():
-            n = torch.cuda.device_count()
-        else:
-            raise ConfigError(f"--sharded cannot count the devices of backend {backend_cls.name!r}; "
-                              "give --num-shard")
+    devices = device_count(backend_cls)
+    n = args.num_shard if args.num_shard is not None else devices  # --sharded: every device
+    if n is None:
+        raise ConfigError(f"--sharded cannot count the devices of backend {backend_cls.name!r}; "
+                          "give --num-shard")
     if n < 1 or (args.sharded and n == 1):
         raise ConfigError(f"--sharded needs at least 2 shards, got {n}")
+    if devices is not None and n > devices:
+        raise ConfigError(f"--num-shard {n} needs {n} devices; backend {backend_cls.name!r} sees {devices}")
     return n
 
 
@@ -121,8 +127,10 @@ def build_sharded_engine(args, plugins=None) -> LoadedEngine:
         loaded = build_engine(args, plugins)
         runner = make_sharded(loaded.engine.runner, Channel(tp.cpu_group, loaded.backend.device), supervisor)
     except BaseException as exc:
-        failure = supervisor.fail_from("start-up", exc)
+        failure = supervisor.fail_from("start-up", exc)  # stops the workers in any case
         destroy_groups()
-        raise failure from exc
+        if isinstance(exc, RuntimeError):  # a failed collective: the lost worker says more
+            raise failure from exc
+        raise  # rank 0's own error (a ConfigError, a missing file) as it is
     atexit.register(runner.shutdown, 5.0)
     return loaded

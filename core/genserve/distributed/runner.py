@@ -8,7 +8,7 @@ all-gathered logits. The backend's own runner (CUDA graphs, say) keeps its ``exe
 
 from __future__ import annotations
 
-import logging
+import atexit
 from contextlib import contextmanager
 
 import torch
@@ -17,8 +17,6 @@ from genserve.distributed.channel import Channel
 from genserve.distributed.groups import destroy_groups
 from genserve.distributed.supervisor import ShardFailure, Supervisor
 from genserve.engine.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
 
 
 class ShardedModelRunner(ModelRunner):
@@ -65,6 +63,7 @@ class ShardedModelRunner(ModelRunner):
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        atexit.unregister(self.shutdown)  # and let the engine be collected
         self.supervisor.stop(self.channel.send_stop, grace)
         destroy_groups()
 
@@ -73,8 +72,7 @@ def make_sharded(runner: ModelRunner, channel: Channel, supervisor: Supervisor) 
     """Turn rank 0's runner (of whatever backend class) into a sharded one, in place."""
     base = type(runner)
     if not issubclass(base, ShardedModelRunner):
-        runner.__class__ = ShardedModelRunner if base is ModelRunner else \
-            type(f"Sharded{base.__name__}", (ShardedModelRunner, base), {})
+        runner.__class__ = type(f"Sharded{base.__name__}", (ShardedModelRunner, base), {})
     runner.channel, runner.supervisor = channel, supervisor
     # Every LM-head call, from the sampler path or a prompt-logprobs path, is announced.
     runner._local_logits = runner.model.compute_logits

@@ -2,9 +2,10 @@
 
 A thread waits on the workers' process sentinels (an exit is seen within a fraction of a
 second, even while the engine is idle) and times each collective call (forward, LM head): one
-that outlives the timeout means a rank is stuck. Either way the supervisor records why (``dead``), kills the remaining
-workers (their closed sockets make a gloo collective on rank 0 fail at once) and, under NCCL,
-aborts the communicators so kernels waiting on a missing peer return.
+that outlives the timeout means a rank is stuck. Either way the supervisor records why
+(``dead``), kills the remaining workers (their closed sockets make a gloo collective on rank 0
+fail at once) and, under NCCL, aborts the communicators so kernels waiting on a missing peer
+return.
 """
 
 from __future__ import annotations
