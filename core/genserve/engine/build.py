@@ -155,7 +155,12 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     attn_cls = choose_attention(plugins, backend, forced, probe, dtype)
     logger.info("backend %s, attention %s, dtype %s", backend.name, attn_cls.name, dtype)
 
-    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory)
+    # Without a forced choice, layers the chosen kernel cannot serve fall back in backend order.
+    fallbacks = () if forced else tuple(
+        plugins.attention.get(n) for n in backend.attention_preference
+        if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
+    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
+                       attention_fallbacks=fallbacks)
     with torch.device(backend.device):
         model = model_cls(config, ctx)
     _load_weights(model, src, config, args, dtype)

@@ -22,9 +22,18 @@ class ModelContext:
     attention_cls: type[AttentionImpl]
     quant: Callable[[], QuantMethod | None] = lambda: None
     tp: TPGroup = field(default_factory=get_tp_group)
+    # Next choices, in the backend's order, for layers the first one cannot serve
+    # (e.g. a kernel without softcap under Gemma-2).
+    attention_fallbacks: tuple[type[AttentionImpl], ...] = ()
 
     def attention_for(self, spec: AttentionSpec) -> AttentionImpl:
-        return self.attention_cls(spec)
+        reasons = []
+        for cls in (self.attention_cls, *self.attention_fallbacks):
+            why = cls.supports(spec, self.dtype, self.device)
+            if why is None:
+                return cls(spec)
+            reasons.append(f"{cls.name}: {why}")
+        raise ValueError("no attention implementation serves this layer (" + "; ".join(reasons) + ")")
 
 
 @dataclass
