@@ -80,6 +80,7 @@ class ServerState:
         self.last_success = 0.0
         self._token_texts: dict[int, str] = {}
         self._health_lock: asyncio.Lock | None = None
+        self._parked = threading.Event()
 
     # -- loading --------------------------------------------------------------------------
     def load(self) -> None:
@@ -131,6 +132,11 @@ class ServerState:
                 self.status, self.error = "failed", f"{exc}" or type(exc).__name__
                 logger.debug("load failed", exc_info=True)
                 on_failure(exc)
+                return
+            # Stay alive until shutdown. With GNU OpenMP, the thread that ran the load owns an
+            # OpenMP thread team; if it exits, the engine thread's parallel regions become ~10x
+            # slower (measured: 32 tokens of SmolLM2 in 15 s instead of 1.4 s on 2 cores).
+            self._parked.wait()
 
         thread = threading.Thread(target=run, name="genserve-load", daemon=True)
         thread.start()
@@ -139,6 +145,7 @@ class ServerState:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        self._parked.set()
 
     # -- admission ------------------------------------------------------------------------
     def require_ready(self) -> None:
