@@ -18,6 +18,7 @@ from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from genserve.args import defaults
 from genserve.backends.select import select_backend
@@ -68,6 +69,8 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in native code (NCCL, gloo) still shows where it happened
     _exit_with_parent()
+    # tqdm's default lock is a multiprocessing semaphore, which leaving through os._exit leaks.
+    tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [shard {rank}] %(levelname)s %(name)s: %(message)s")
     try:
