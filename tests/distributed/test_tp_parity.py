@@ -3,9 +3,24 @@
 import pytest
 
 from genserve.distributed.runner import ShardedModelRunner
+from genserve.engine.sampling_params import SamplingParams
 from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits, save_reference
 
 from .conftest import tiny_llama
+
+
+def sampled_with_details(engine, prompt):
+    """Seeded sampling with top-n and prompt logprobs: the LM head runs once more per request."""
+    params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, seed=7, top_n_tokens=3,
+                            prompt_logprobs=True, ignore_eos=True)
+    engine.add_request("details", prompt, params)
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    tokens = [t for o in outs for t in o.tokens]
+    prompt_lps = [p.logprob for o in outs if o.prompt_tokens for p in o.prompt_tokens[1:]]
+    top_ids = [[i for i, _ in t.top] for t in tokens]
+    return [t.id for t in tokens], [t.logprob for t in tokens] + prompt_lps, top_ids
 
 
 def assert_sharded_matches(config, folder, build_sharded, new_tokens=20):
@@ -23,6 +38,12 @@ def assert_sharded_matches(config, folder, build_sharded, new_tokens=20):
     # Requests joining mid-flight: mixed prefill/decode batches, chunked prefill, prefix-cache hits.
     assert generate_greedy(sharded, prompts, new_tokens, join_every=3) == want
     assert sharded.blocks.hits > 0
+
+    ids, logprobs, tops = sampled_with_details(sharded, prompts[1])
+    want_ids, want_logprobs, want_tops = sampled_with_details(plain, prompts[1])
+    assert ids == want_ids and tops == want_tops
+    assert len(logprobs) == len(want_logprobs) > len(ids)
+    assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
     return sharded
 
 
