@@ -105,3 +105,31 @@ def test_inconsistent_limits_are_one_line(tiny_dir):
 def test_bad_flag_value_is_an_argparse_error():
     r = genserve("serve", "--max-total-tokens", "lots")
     assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+def test_health_is_503_until_the_model_is_loaded(tiny_dir):
+    import time
+
+    import httpx
+    from serverkit import ServerProcess
+
+    server = ServerProcess("loading", ["--model-id", str(tiny_dir)], {"OMP_NUM_THREADS": "1"})
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            try:
+                r = httpx.get(server.url + "/health", timeout=5)
+            except httpx.HTTPError:
+                time.sleep(0.02)
+                continue
+            if not seen or seen[-1][0] != r.status_code:
+                gen = httpx.post(server.url + "/generate", json={"inputs": "hi"}, timeout=30)
+                seen.append((r.status_code, r.json() if r.status_code == 503 else None, gen.status_code))
+            if r.status_code == 200:
+                break
+            time.sleep(0.02)
+    finally:
+        assert server.stop() == 0
+    assert seen[0] == (503, {"error": "the model is loading", "error_type": "healthcheck"}, 503)
+    assert seen[-1][0] == 200 and seen[-1][2] == 200

@@ -82,7 +82,8 @@ def test_stream_n_choices(oai):
 
 
 def test_stop_and_penalties(oai):
-    full = oai.chat.completions.create(model="tgi", messages=HI, max_tokens=20, temperature=0).choices[0].message.content
+    full = oai.chat.completions.create(model="tgi", messages=HI, max_tokens=20,
+                                       temperature=0).choices[0].message.content
     stop = full[5:7]
     cut = oai.chat.completions.create(model="tgi", messages=HI, max_tokens=20, temperature=0, stop=stop)
     assert cut.choices[0].finish_reason == "stop"
@@ -162,6 +163,16 @@ def test_tool_calls_stream(oai):
     assert len(calls) == 1 and calls[0].function.name == "get_time"
     assert json.loads(calls[0].function.arguments)["zone"] in ("UTC", "CET")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_content_parts_and_developer_role(oai, tiny):
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    a = oai.chat.completions.create(model="tgi", messages=parts, max_tokens=4, temperature=0)
+    b = oai.chat.completions.create(model="tgi", messages=plain, max_tokens=4, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == prompt_tokens(tiny, plain)
 
 
 def test_tool_messages_in_the_conversation(oai):

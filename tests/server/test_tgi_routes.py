@@ -89,7 +89,7 @@ def test_return_full_text_and_truncate(tiny):
 def test_top_n_tokens(tiny):
     d = gen(tiny, max_new_tokens=4, top_n_tokens=3, details=True)["details"]
     assert len(d["top_tokens"]) == 4
-    for chosen, tops in zip(d["tokens"], d["top_tokens"]):
+    for chosen, tops in zip(d["tokens"], d["top_tokens"], strict=True):
         assert len(tops) == 3
         assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
         assert tops[0]["id"] == chosen["id"]  # greedy takes the most likely token
@@ -130,7 +130,8 @@ def test_json_grammar(tiny):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                                "color": {"enum": ["red", "green"]}},
               "required": ["ok", "color"], "additionalProperties": False}
-    for kind, value in (("json", schema), ("json", json.dumps(schema)), ("json_schema", {"name": "x", "schema": schema})):
+    for kind, value in (("json", schema), ("json", json.dumps(schema)),
+                        ("json_schema", {"name": "x", "schema": schema})):
         out = json.loads(gen(tiny, max_new_tokens=40, grammar={"type": kind, "value": value})["generated_text"])
         assert isinstance(out["ok"], bool) and out["color"] in ("red", "green") and len(out) == 2
 

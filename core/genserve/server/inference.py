@@ -103,16 +103,18 @@ async def run_many(state, permit, jobs: list[tuple[list[int], object]]) -> list[
     base = new_request_id()
     if len(jobs) == 1:
         return [await run_sequence(state, permit, base, *jobs[0])]
+    tasks = [asyncio.ensure_future(run_sequence(state, permit, f"{base}-{i}", ids, params))
+             for i, (ids, params) in enumerate(jobs)]
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(run_sequence(state, permit, f"{base}-{i}", ids, params))
-                     for i, (ids, params) in enumerate(jobs)]
-    except BaseExceptionGroup as group_error:
-        first = group_error.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
-    return [t.result() for t in tasks]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their streams are closed
 
 
 async def merged_streams(state, permit, jobs: list[tuple[list[int], object]]

@@ -16,8 +16,7 @@ from genserve.server.errors import APIError, counted
 from genserve.server.inference import (ClientDisconnected, SeqResult, engine_stream, finite,
                                        new_request_id, run_many, unless_disconnected)
 from genserve.server.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse,
-                                         GenerateRequest, GenerateResponse, Info, SimpleToken,
-                                         StreamResponse)
+                                         GenerateRequest, GenerateResponse, Info, SimpleToken)
 from genserve.server.sse import GenerationEvents, event
 from genserve.server.validation import GenParams, ValidRequest, validate
 
@@ -290,17 +289,22 @@ async def probe(state) -> bool:
         if time.monotonic() - state.last_success < HEALTH_FRESH_S:
             return True
         ids = state.probe_ids(state.tokenizer, state.loaded.engine.runner.vocab_size)
+
+        async def one_token() -> bool:
+            async with aclosing(state.engine.generate(f"health-{new_request_id()}", ids,
+                                                      SamplingParams(max_new_tokens=1))) as outs:
+                async for out in outs:
+                    if out.finished:
+                        return out.error is None and out.finish_reason.value != "aborted"
+            return False
+
         try:
-            async with asyncio.timeout(30):
-                async with aclosing(state.engine.generate(f"health-{new_request_id()}", ids,
-                                                          SamplingParams(max_new_tokens=1))) as outs:
-                    async for out in outs:
-                        if out.finished and out.error is None and out.finish_reason.value != "aborted":
-                            state.last_success = time.monotonic()
-                            return True
+            ok = await asyncio.wait_for(one_token(), 30)
         except Exception:
             return False
-        return False
+        if ok:
+            state.last_success = time.monotonic()
+        return ok
 
 
 @router.get("/health", response_class=Response, responses={
@@ -324,8 +328,11 @@ async def health(request: Request):
     return Response(status_code=200)
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+METRICS_200 = {200: {"description": "Prometheus metrics",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_200)
 async def metrics(request: Request):
     """Prometheus metrics (TGI's names plus genserve_*)."""
     state = get_state(request)
