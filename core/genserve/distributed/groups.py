@@ -44,7 +44,8 @@ def share_cpu_threads(device: torch.device, world_size: int) -> None:
     global _threads_before
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         _threads_before = torch.get_num_threads()
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // world_size))
 
 
 def init_groups(rank: int, world_size: int, store, backend: str) -> TPGroup:
