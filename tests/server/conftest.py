@@ -1,7 +1,7 @@
 """Real ``genserve serve`` processes for the server tests, started once per session.
 
-Servers are launched as soon as collection finishes (all at once, so the slow embedded
-SmolLM2 loads while the tiny-model tests run); each fixture then waits for its /health.
+Servers are launched together when the first test of this directory starts (so the slow
+embedded SmolLM2 loads while the tiny-model tests run); each fixture then waits for its /health.
 """
 
 from __future__ import annotations
@@ -62,11 +62,19 @@ def start(name: str) -> ServerProcess:
     return _servers[name]
 
 
+_wanted: set[str] = set()
+
+
 def pytest_collection_finish(session):
-    wanted = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    _wanted.update(f for item in session.items for f in getattr(item, "fixturenames", ()))
+
+
+def pytest_runtest_setup(item):
+    """When the first server test is about to run, start every server the session will need."""
     for name in ("smol_server", "tiny_server", "limited_server", "faulty_server"):
-        if name in wanted:
+        if name in _wanted:
             start(name)
+    _wanted.clear()
 
 
 def pytest_sessionfinish(session, exitstatus):
