@@ -44,7 +44,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim, interleaved
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())
+        # transformers' scaled-rope functions return CPU tensors; build on the default device.
+        freqs = torch.outer(t, inv_freq.float().to(t.device))
         self.register_buffer("cos", freqs.cos() * scaling, persistent=False)  # [P, rotary_dim/2]
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
