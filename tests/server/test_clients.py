@@ -9,7 +9,11 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-text_generation = pytest.importorskip("text_generation", reason="pip install --no-deps text-generation")
+
+
+@pytest.fixture()
+def text_generation():
+    return pytest.importorskip("text_generation", reason="pip install --no-deps text-generation")
 HI = [{"role": "user", "content": "Say hi"}]
 
 
@@ -50,7 +54,7 @@ def test_hub_errors(hub):
         list(hub.text_generation("Hello", max_new_tokens=3, top_p=1.0, stream=True))
 
 
-def test_text_generation_client(tiny_server, tiny):
+def test_text_generation_client(text_generation, tiny_server, tiny):
     client = text_generation.Client(tiny_server.url)
     ref = tiny.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 6}}).json()
     r = client.generate("Hello", max_new_tokens=6)
@@ -68,7 +72,7 @@ def test_text_generation_client(tiny_server, tiny):
         list(client.generate_stream("Hello", max_new_tokens=100_000))
 
 
-def test_text_generation_chat_stream(tiny_server):
+def test_text_generation_chat_stream(text_generation, tiny_server):
     """The client parses every chunk; it trips over the final `data: [DONE]` as it does with TGI."""
     client = text_generation.Client(tiny_server.url)
     chunks = []
@@ -79,7 +83,7 @@ def test_text_generation_chat_stream(tiny_server):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_text_generation_async_client(tiny_server, tiny):
+def test_text_generation_async_client(text_generation, tiny_server, tiny):
     ref = tiny.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 5}}).json()
 
     async def run():

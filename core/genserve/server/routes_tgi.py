@@ -288,7 +288,7 @@ async def probe(state) -> bool:
     async with state._health_lock:
         if time.monotonic() - state.last_success < HEALTH_FRESH_S:
             return True
-        ids = state.probe_ids(state.tokenizer, state.loaded.engine.runner.vocab_size)
+        ids = state.probe_ids(state.tokenizer, state.vocab_size)
 
         async def one_token() -> bool:
             async with aclosing(state.engine.generate(f"health-{new_request_id()}", ids,

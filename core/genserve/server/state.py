@@ -41,6 +41,12 @@ def parse_lora_adapters(spec: str | None) -> dict[str, str | None]:
     return adapters
 
 
+def model_vocab_size(loaded) -> int:
+    """Rows of the model's logits (the runner's, else the config's)."""
+    runner = getattr(loaded.engine, "runner", None)
+    return int(getattr(runner, "vocab_size", None) or loaded.model_config.vocab_size)
+
+
 @dataclass
 class Permit:
     """One admitted HTTP request; remembers its engine request ids for shutdown."""
@@ -68,6 +74,7 @@ class ServerState:
         self.loaded = None  # LoadedEngine
         self.engine = None  # AsyncEngine
         self.tokenizer = None
+        self.vocab_size = 0
         self.limits: Limits | None = None
         self.grammar = None  # GrammarCompiler
         self.status = "loading"  # loading | ready | failed
@@ -92,7 +99,8 @@ class ServerState:
 
         loaded = (self._build or build_engine)(self.args)
         engine = loaded.engine
-        warm_ids = self.probe_ids(loaded.tokenizer, engine.runner.vocab_size)
+        vocab = model_vocab_size(loaded)
+        warm_ids = self.probe_ids(loaded.tokenizer, vocab)
         engine.add_request("genserve-warmup", warm_ids, SamplingParams(max_new_tokens=2))
         while engine.has_work:
             engine.step()
@@ -102,13 +110,13 @@ class ServerState:
                              a.max_top_n_tokens, cfg.max_input_tokens, cfg.max_total_tokens,
                              a.max_client_batch_size, a.disable_grammar_support,
                              a.enable_prefill_logprobs)
-        self.grammar = GrammarCompiler(loaded.tokenizer, engine.runner.vocab_size, engine.eos_token_ids)
+        self.grammar = GrammarCompiler(loaded.tokenizer, vocab, engine.eos_token_ids)
         if not a.disable_grammar_support:
             try:
                 self.grammar.warm()
             except Exception as exc:  # grammar requests will report it
                 logger.warning("grammar support unavailable: %s", exc)
-        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.loaded, self.tokenizer, self.vocab_size = loaded, loaded.tokenizer, vocab
         self.engine = AsyncEngine(engine)
         self.engine.step_listeners.append(self.metrics.on_step)
         self.engine.start()

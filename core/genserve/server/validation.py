@@ -180,7 +180,7 @@ async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_
             ids = tokenize(state.tokenizer, inputs, add_special_tokens)
         text = inputs
     else:
-        vocab = state.loaded.engine.runner.vocab_size
+        vocab = state.vocab_size
         if any(not 0 <= t < vocab for t in inputs):
             raise validation(f"token ids must be >= 0 and < {vocab}")
         ids = list(inputs)
