@@ -77,13 +77,14 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=64, help="transformers is slow: fewer tokens")
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--dtype", default=None, help="genserve's --dtype (default: the CPU backend's, fp32)")
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
     from genserve.args import defaults
     from genserve.engine.build import build_engine
 
-    loaded = build_engine(defaults())
+    loaded = build_engine(defaults(dtype=args.dtype))
     tok, engine = loaded.tokenizer, loaded.engine
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                    tokenize=False)
@@ -97,6 +98,7 @@ def main():
 
     def record(metric, value, unit, eng):
         results.append({"metric": metric, "value": round(value, 2), "unit": unit, "engine": eng,
+                        "dtype": args.dtype or "float32" if eng == "genserve" else None,
                         "device": "cpu", "threads": threads})
         print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}")
 
