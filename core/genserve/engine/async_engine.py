@@ -68,7 +68,12 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                out = await stream.get()
+                try:
+                    out = await asyncio.wait_for(stream.get(), timeout=1.0)
+                except asyncio.TimeoutError:  # nothing yet: make sure someone is still computing
+                    if not self.is_alive:
+                        raise EngineDeadError(self.dead or "the engine stopped") from None
+                    continue
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -126,6 +131,11 @@ class AsyncEngine:
                 stats = self.engine.last_step_stats
                 for listener in self.step_listeners:
                     listener(stats)
+            except EngineDeadError as exc:  # e.g. a tensor-parallel shard died: stop serving
+                logger.error("engine stopped: %s", exc)
+                self.dead = str(exc)
+                self._fail_all(f"the engine stopped: {exc}")
+                return
             except Exception:
                 # A failed step fails the requests in it, not the server.
                 detail = traceback.format_exc()
