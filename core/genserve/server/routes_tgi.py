@@ -84,6 +84,16 @@ def record_validated(state, valid: ValidRequest) -> float:
 
 
 # -- /generate ----------------------------------------------------------------------------
+async def validate_generate(state, req: GenerateRequest, full_text_default: bool,
+                            stream: bool = False) -> ValidRequest:
+    """The parameters of a /generate-style request, with the route's return_full_text default."""
+    p = GenParams.from_tgi(req.parameters)
+    if req.parameters is None or req.parameters.return_full_text is None:
+        p.return_full_text = full_text_default
+    return await validate(state, req.inputs, p, stream=stream,
+                          add_special_tokens=req.add_special_tokens is not False)
+
+
 async def generate_json(state, request: Request, req: GenerateRequest, full_text_default: bool,
                         as_list: bool = False) -> Response:
     start = time.monotonic()
@@ -91,10 +101,7 @@ async def generate_json(state, request: Request, req: GenerateRequest, full_text
     with counted(state.metrics):
         permit = state.admit()
         try:
-            p = GenParams.from_tgi(req.parameters)
-            if req.parameters is None or req.parameters.return_full_text is None:
-                p.return_full_text = full_text_default
-            valid = await validate(state, req.inputs, p, add_special_tokens=req.add_special_tokens is not False)
+            valid = await validate_generate(state, req, full_text_default)
             validated = record_validated(state, valid)
             jobs = [(valid.prompt_ids, valid.sampling_params()) for _ in range(valid.best_of)]
             try:
@@ -104,6 +111,7 @@ async def generate_json(state, request: Request, req: GenerateRequest, full_text
                 return Response(status_code=499)
         finally:
             permit.release()
+    p = valid.params
     best = max(results, key=lambda r: r.logprob_sum) if len(results) > 1 else results[0]
     record_success(state, start, validated, best)
     prefix = valid.inputs if p.return_full_text else ""
@@ -180,11 +188,7 @@ async def generate_events(state, req: GenerateRequest, full_text_default: bool) 
     with counted(state.metrics):
         permit = state.admit()
         try:
-            p = GenParams.from_tgi(req.parameters)
-            if req.parameters is None or req.parameters.return_full_text is None:
-                p.return_full_text = full_text_default
-            valid = await validate(state, req.inputs, p, stream=True,
-                                   add_special_tokens=req.add_special_tokens is not False)
+            valid = await validate_generate(state, req, full_text_default, stream=True)
         except BaseException:
             permit.release()
             raise
