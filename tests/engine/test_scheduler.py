@@ -63,6 +63,29 @@ def test_waiting_served_ratio_holds_back_single_arrivals():
     assert admitted_at == 3  # held for exactly max_waiting_tokens decode steps
 
 
+def test_a_nearly_full_batch_admits_in_groups_not_one_per_step():
+    # TGI counts the requests that can join (free slots), not the queue: with 1 free slot of
+    # 8 and a long queue, 8 * 0.5 = 4 joiners are needed, so the queue waits for
+    # max_waiting_tokens steps instead of forcing a prefill into every decode step.
+    sched = make(num_blocks=256, max_batch_size=8, max_batch_prefill_tokens=1000,
+                 waiting_served_ratio=0.5, max_waiting_tokens=4)
+    first = [add(sched, 3, f"r{i}") for i in range(8)]
+    run_step(sched, sched.schedule())
+    for i in range(20):
+        add(sched, 3, f"q{i}")
+    sched.finish(first[0], FinishReason.EOS)  # one slot frees
+    admitted = []
+    for step in range(6):
+        plan = sched.schedule()
+        admitted.append(sum(1 for s in plan.scheduled if s.num_tokens > 1))  # prefills
+        run_step(sched, plan)
+    assert admitted == [0, 0, 0, 0, 1, 0]
+    for s in first[1:4]:
+        sched.finish(s, FinishReason.EOS)  # now 4 slots: enough joiners at once
+    plan = sched.schedule()
+    assert sum(1 for s in plan.scheduled if s.num_tokens > 1) == 4
+
+
 def test_max_batch_size_caps_running_sequences():
     sched = make(max_batch_size=2)
     for i in range(3):

@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run this step, and how many of their tokens.
 
 Each step runs the decodes of running sequences, continues chunked prefills, then admits
-waiting requests under TGI's budgets. When the KV cache is full, the newest running
+waiting requests under TGI's budgets and admission rule. When the KV cache is full, the newest running
 sequence is preempted (its blocks freed, its tokens recomputed later, mostly from the prefix
 cache), so no request fails because others are long.
 """
@@ -44,7 +44,7 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled if s.num_tokens > 1 or not s.seq.output_ids)
+        return sum(s.num_tokens for s in self.scheduled if s.num_tokens > 1 or not s.seq.num_generated)
 
     @property
     def is_empty(self) -> bool:
@@ -83,7 +83,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
-            if seq.num_uncomputed == 1 and seq.output_ids:  # decode
+            if seq.num_uncomputed == 1 and seq.num_generated:  # decode
+                if seq.num_pending and seq.num_generated >= seq.params.max_new_tokens:
+                    continue  # its in-flight token is its last: nothing to compute for it
                 while not self.blocks.can_append(seq):
                     victim = self.running[-1]
                     self._preempt(victim, out)
@@ -99,16 +101,20 @@ class Scheduler:
         running = set(map(id, self.running))
         out.scheduled = [s for s in out.scheduled if id(s.seq) in running]
 
-        # 2. Admit waiting requests (TGI's rule: with a running batch, wait until enough are
-        #    queued, or until max_waiting_tokens decode steps have passed).
+        # 2. Admit waiting requests. TGI's rule: with a running batch, admit only once at least
+        #    ``waiting_served_ratio`` x running requests can join together, or once
+        #    ``max_waiting_tokens`` decode steps have passed, so prefills come in batches
+        #    instead of interrupting every decode step with a one-request prefill.
         decoding = len(self.running)
         min_new = 0
         if decoding and self.steps_since_admission < self.config.max_waiting_tokens:
             min_new = max(1, math.floor(decoding * self.config.waiting_served_ratio))
         admitted = 0
-        if len(self.waiting) >= min_new:
+        if min_new == 0 or self._admissible(budget, min_new) >= min_new:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
                 seq = self.waiting[0]
+                if seq.num_pending:  # preempted while its last token is in flight: next step
+                    break
                 if not self.blocks.can_allocate(seq):
                     if not self.running and self.blocks.num_used == 0:
                         self.waiting.popleft()  # larger than the whole cache: it can never run
@@ -131,11 +137,27 @@ class Scheduler:
         self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
         return out
 
+    def _admissible(self, budget: int, enough: int) -> int:
+        """How many waiting requests could join now (free batch slots, prefill budget and KV
+        blocks permitting), counting no further than ``enough``."""
+        slots = self.config.max_batch_size - len(self.running)
+        count, reserve = 0, 0
+        for seq in self.waiting:
+            if count >= min(slots, enough) or budget <= 0 or seq.num_pending:
+                break
+            if not self.blocks.can_allocate(seq, reserve):
+                break
+            reserve += self.blocks.blocks_needed(len(seq))  # an upper bound: ignores prefix hits
+            budget -= len(seq)
+            count += 1
+        return count
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a sequence (finished, aborted or failed) and free its blocks at once."""
         if seq.status is Status.FINISHED:
             return
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.num_pending = 0
         if seq in self.running:
             self.running.remove(seq)
         else:
