@@ -80,8 +80,8 @@ def test_a_nearly_full_batch_admits_in_groups_not_one_per_step():
         admitted.append(sum(1 for s in plan.scheduled if s.num_tokens > 1))  # prefills
         run_step(sched, plan)
     assert admitted == [0, 0, 0, 0, 1, 0]
-    for s in first[1:4]:
-        sched.finish(s, FinishReason.EOS)  # now 4 slots: enough joiners at once
+    for s in first[1:5]:
+        sched.finish(s, FinishReason.EOS)  # now 4 free slots, 2 joiners needed: all 4 join
     plan = sched.schedule()
     assert sum(1 for s in plan.scheduled if s.num_tokens > 1) == 4
 
