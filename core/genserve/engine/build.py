@@ -119,9 +119,12 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     t0 = time.perf_counter()
     plugins = plugins or get_plugins()
     backend_cls = select_backend(plugins, args.backend)
+    lora_spec = getattr(args, "lora_adapters", None)
     backend = backend_cls({
         "cuda_memory_fraction": args.cuda_memory_fraction,
-        "cuda_graphs": args.cuda_graphs,
+        # Decode graphs are captured without adapters and would replay without them: with
+        # --lora-adapters every step runs eagerly (docs/lora.md).
+        "cuda_graphs": "0" if lora_spec else args.cuda_graphs,
         "disable_custom_kernels": args.disable_custom_kernels,
     })
     tp = get_tp_group()
@@ -168,6 +171,7 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     model.eval()
     if hasattr(backend, "optimize_model"):
         model = backend.optimize_model(model) or model
+    lora = _load_lora(lora_spec, plugins, model, backend, dtype) if lora_spec else None
     tokenizer = load_tokenizer(src, args)
 
     engine_config = _engine_config(args, config, dtype)
@@ -176,7 +180,13 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         # Decoder K/V depend on the encoder input, which the prefix-cache block hashes do not cover.
         engine_config.enable_prefix_caching = False
         decoder_start = model.decoder_start_token_id
+    if lora is not None:
+        # Adapted k/v projections make a block's KV depend on the adapter, which the prefix-cache
+        # block hashes do not cover: a hit could hand one adapter's KV to another request.
+        engine_config.enable_prefix_caching = False
     runner = backend.create_model_runner(model, engine_config)
+    if lora is not None:
+        runner.lora = lora  # ModelRunner puts lora.batch_for(...) in each step's ForwardBatch
     # Every rank must hold the same number of blocks: the scheduler on rank 0 hands them out.
     num_blocks = tp.min_over_ranks(_num_blocks(args, engine_config, runner, backend))
     runner.allocate_kv_cache(num_blocks)
@@ -188,6 +198,20 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
                        decoder_start)
     return LoadedEngine(engine, tokenizer, config, src, backend, attn_cls.name, quant_name,
                         time.perf_counter() - t0)
+
+
+def _load_lora(spec: str, plugins: Plugins, model, backend, dtype):
+    """The LoRAManager for ``--lora-adapters``, its layers attached to ``model``. The method
+    (``plugins.lora``) is "torch" unless GENSERVE_LORA_METHOD names another."""
+    import os
+
+    from genserve.lora import LoRAError, load_lora_manager
+
+    method = plugins.lora.get(os.environ.get("GENSERVE_LORA_METHOD") or "torch")()
+    try:
+        return load_lora_manager(spec, model, method, backend.device, dtype)
+    except LoRAError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _load_weights(model, src, config, args, dtype) -> None:

@@ -16,6 +16,10 @@ from genserve.layers.weights import copy_into, expect_dim, narrow, shape_of
 
 
 class LinearBase(nn.Module):
+    # LoRA adapters of this layer (``genserve.lora.runtime.LoRALayer``), attached by the
+    # LoRAManager; None (no adapter targets this layer) costs one attribute check.
+    lora = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  quant: QuantMethod | None):
         super().__init__()
@@ -33,7 +37,8 @@ class LinearBase(nn.Module):
         copy_into(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant.apply(self, x, self.bias)
+        out = self.quant.apply(self, x, self.bias)
+        return out if self.lora is None else self.lora(out, x)
 
 
 class ReplicatedLinear(LinearBase):
@@ -130,5 +135,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x):
         out = self.quant.apply(self, x, None)
+        if self.lora is not None:
+            # Before the all-reduce: this rank's partial delta from its slice of A (sharding.py).
+            out = self.lora(out, x)
         out = self.tp.all_reduce(out)
         return out + self.bias if self.bias is not None else out

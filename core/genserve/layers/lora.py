@@ -28,16 +28,19 @@ class LoRAMethod:
 
 
 class TorchLoRA(LoRAMethod):
+    """Every adapter's shrink for every row in one matmul, masked to each row's own adapter,
+    then one expand. No host sync and fixed shapes; the work grows with the number of loaded
+    adapters, which is fine for a handful (gathering per-row matrices instead would allocate
+    [T, r, in] per layer). Rows with index -1 get an exactly zero delta."""
+
     name = "torch"
 
     def apply(self, y, x, lora_a, lora_b, scales, index):
-        active = index >= 0
-        if not bool(active.any()):
-            return y
-        idx = index.clamp(min=0)
-        shrink = torch.bmm(lora_a[idx], x[:, :, None])  # [T, r, 1]
-        expand = torch.bmm(lora_b[idx], shrink)[:, :, 0]  # [T, out]
-        delta = expand * (scales[idx] * active.to(scales.dtype))[:, None]
+        n, r, _ = lora_a.shape
+        shrink = (x.to(lora_a.dtype) @ lora_a.reshape(n * r, -1).t()).view(-1, n, r)  # [T, n, r]
+        own = index[:, None] == torch.arange(n, device=index.device)  # [T, n], all False for -1
+        shrink = shrink * (own.to(shrink.dtype) * scales[None, :])[:, :, None]
+        delta = torch.einsum("tnr,nor->to", shrink, lora_b)
         return y + delta.to(y.dtype)
 
 

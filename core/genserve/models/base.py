@@ -45,6 +45,8 @@ class ForwardBatch:
     # Encoder-decoder models: per scheduled sequence, in batch order, what ``encode`` returned
     # for its prompt (e.g. cross-attention keys and values). None for decoder-only models.
     encoder: list | None = None
+    # LoRA: the step's per-row adapters (``LoRAManager.batch_for``); None when no row uses one.
+    lora: object | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 from genserve import __version__
+# The same parser engine/build.py uses to load the adapters, so the ids requests may name
+# (validation, OpenAI ``model``) are exactly the ids loaded.
+from genserve.lora.spec import parse_lora_adapters  # noqa: F401  (re-exported)
 from genserve.server import errors
 from genserve.server.metrics import Metrics
 
@@ -27,18 +30,6 @@ class Limits:
     max_client_batch_size: int
     disable_grammar: bool
     enable_prefill_logprobs: bool
-
-
-def parse_lora_adapters(spec: str | None) -> dict[str, str | None]:
-    """``--lora-adapters "a,b=/path"`` -> {"a": None, "b": "/path"}."""
-    adapters: dict[str, str | None] = {}
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, path = item.partition("=")
-        adapters[name.strip()] = path.strip() or None
-    return adapters
 
 
 def model_vocab_size(loaded) -> int:

@@ -1,0 +1,133 @@
+"""``LoRAManager``: every loaded adapter stacked per target layer, attached to the model.
+
+Each adapter gets a slot (its position in ``--lora-adapters``). For every linear layer that any
+adapter targets, the manager builds A [n_slots, R, in] and B [n_slots, out, R] on the device
+(R = the largest rank any adapter has there; smaller ranks and adapters that do not target the
+layer are zero-padded, which adds exactly nothing) and sets ``layer.lora``. Layers no adapter
+targets keep ``lora = None`` and run unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from genserve.distributed.state import get_tp_group
+from genserve.lora.errors import LoRAError
+from genserve.lora.mapping import check_model, resolve
+from genserve.lora.peft_format import PeftAdapter
+from genserve.lora.runtime import LoRABatch, LoRAContext, LoRALayer
+from genserve.lora.sharding import shard_for_layer
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, adapters: list[PeftAdapter], method, device: torch.device,
+                 dtype: torch.dtype):
+        self.adapter_ids = [a.adapter_id for a in adapters]
+        self.slots = {aid: i for i, aid in enumerate(self.adapter_ids)}
+        self.device, self.tp = torch.device(device), get_tp_group()
+        self.context = LoRAContext()
+        self.layers: dict[str, LoRALayer] = {}
+        self._attached: list[nn.Module] = []
+
+        modules = dict(model.named_modules())
+        n = len(adapters)
+        per_layer: dict[str, list[list]] = {}
+        for slot, adapter in enumerate(adapters):
+            check_model(adapter.adapter_id, model)
+            seen: dict[tuple, str] = {}
+            for name, part in adapter.modules.items():
+                target = resolve(adapter.adapter_id, model, name, modules)
+                key = (target.layer, target.shard_id)
+                if key in seen or (target.layer, None) in seen or \
+                        (target.shard_id is None and any(k[0] == target.layer for k in seen)):
+                    raise LoRAError(adapter.adapter_id, f"modules {seen.get(key, '?')!r} and {name!r} "
+                                                        f"overlap in {target.layer!r}")
+                seen[key] = name
+                per_layer.setdefault(target.layer, [[] for _ in range(n)])[slot].append(
+                    (target.shard_id, name, part))
+
+        for layer_name, by_slot in per_layer.items():
+            layer = modules[layer_name]
+            shards = [shard_for_layer(adapters[s].adapter_id, layer, parts) if parts else None
+                      for s, parts in enumerate(by_slot)]
+            rank = max(a.shape[0] for a, _ in filter(None, shards))
+            a = torch.zeros(n, rank, layer.in_features)
+            b = torch.zeros(n, layer.out_features, rank)
+            for s, shard in enumerate(shards):
+                if shard is not None:
+                    a[s, :shard[0].shape[0]] = shard[0]
+                    b[s, :, :shard[1].shape[1]] = shard[1]
+            lora = LoRALayer(a.to(self.device, dtype), b.to(self.device, dtype), method, self.context)
+            layer.lora = lora
+            self.layers[layer_name] = lora
+            self._attached.append(layer)
+
+        # See runtime.py: the step's LoRABatch reaches the layers through these two hooks.
+        self._hooks = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
+                       model.register_forward_hook(self._exit, always_call=True)]
+        logger.info("LoRA: %d adapter(s) %s on %d layers, method %s", n, self.adapter_ids,
+                    len(self.layers), getattr(method, "name", type(method).__name__))
+
+    # -- per step ---------------------------------------------------------------------------
+    def batch_for(self, adapter_ids: list[str | None], q_lens: list[int]) -> LoRABatch | None:
+        """The step's per-row adapter slots (rows of a sequence are contiguous, in order);
+        None when no row uses an adapter, so the step costs nothing extra."""
+        if len(adapter_ids) != len(q_lens):
+            raise ValueError(f"{len(adapter_ids)} adapter ids for {len(q_lens)} sequences")
+        if all(a is None for a in adapter_ids):
+            return None
+        slots = []
+        for aid in adapter_ids:
+            if aid is not None and aid not in self.slots:
+                raise ValueError(f"LoRA adapter {aid!r} is not loaded; loaded: {self.adapter_ids}")
+            slots.append(-1 if aid is None else self.slots[aid])
+        index_cpu = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
+                                            torch.tensor(q_lens, dtype=torch.long))
+        return LoRABatch(self._upload(index_cpu), index_cpu)
+
+    def _upload(self, index_cpu: torch.Tensor) -> torch.Tensor:
+        # Pinned, so the copy does not wait for a step still running on the device.
+        if self.device.type == "cpu":
+            return index_cpu
+        return index_cpu.pin_memory().to(self.device, non_blocking=True)
+
+    def _enter(self, model, args, kwargs):
+        batch = kwargs.get("batch", args[2] if len(args) > 2 else None)
+        step = getattr(batch, "lora", None)
+        if self.tp.size > 1:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            step = self._share(step, int(input_ids.shape[0]))
+        self.context.current = step
+
+    def _exit(self, model, args, output):
+        self.context.current = None
+
+    def _share(self, step: LoRABatch | None, rows: int) -> LoRABatch | None:
+        """Tensor parallelism: only rank 0 schedules, and the workers' ForwardBatch carries no
+        adapters, so rank 0 broadcasts the row slots (host tensor, CPU group) at the start of
+        every forward; all ranks run the forward in the same order, so this pairs up."""
+        index = step.index_cpu if step is not None else torch.full((rows,), -1, dtype=torch.long)
+        if self.tp.rank != 0:
+            index = torch.empty(rows, dtype=torch.long)
+        dist.broadcast(index, src=0, group=self.tp.cpu_group)
+        if step is not None:
+            return step
+        if not bool((index >= 0).any()):
+            return None
+        return LoRABatch(self._upload(index), index)
+
+    def close(self) -> None:
+        """Detach from the model (tests; a server keeps its adapters for its lifetime)."""
+        for hook in self._hooks:
+            hook.remove()
+        self.context.current = None
+        for layer in self._attached:
+            layer.lora = None
+        self._attached.clear()
+        self.layers.clear()
