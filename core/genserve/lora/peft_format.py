@@ -22,6 +22,10 @@ from genserve.lora.errors import LoRAError
 TENSOR_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 
 
+# Module names of input embeddings and LM heads in transformers' models.
+EMBEDDING_NAMES = {"lm_head", "embed_tokens", "embed_out", "wte", "word_embeddings", "embed_in"}
+
+
 @dataclass
 class LoRAModule:
     """One adapted module, as PEFT named it (``model.layers.0.self_attn.q_proj``)."""
@@ -73,6 +77,11 @@ def _check_config(adapter_id: str, cfg: dict) -> None:
     for refused, reason in refusals:
         if refused:
             raise LoRAError(adapter_id, reason)
+    targets = cfg.get("target_modules")
+    for name in targets if isinstance(targets, list) else ():
+        if name in EMBEDDING_NAMES:
+            raise LoRAError(adapter_id, f"target {name!r}: LoRA on embeddings and the LM head is "
+                                        "not supported")
 
 
 def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
@@ -103,6 +112,9 @@ def read_peft_adapter(adapter_id: str, path: Path) -> PeftAdapter:
                 why = "LoRA on embeddings is not supported"
             elif "lora_magnitude_vector" in name:
                 why = "DoRA is not supported"
+            elif not any(k in name for k in ("lora_A", "lora_B")):
+                why = ("the adapter carries a full base-model tensor (modules_to_save or saved "
+                       "embedding layers), which is not supported")
             else:
                 why = "only lora_A / lora_B weights of linear layers are supported"
             raise LoRAError(adapter_id, f"tensor {name!r}: {why}")
