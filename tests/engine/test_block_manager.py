@@ -27,7 +27,7 @@ def test_prefix_blocks_are_shared_once_computed():
     a = seq(range(12), "a")
     bm.allocate(a)
     a.num_computed = 12
-    bm.mark_computed(a, 0)
+    bm.mark_computed(a, 0, a.num_computed)
     b = seq(list(range(8)) + [99, 98, 97], "b")
     bm.allocate(b)
     assert b.block_table[:2] == a.block_table[:2]  # two full shared blocks
@@ -50,7 +50,7 @@ def test_full_hit_still_computes_the_last_token():
     a = seq(range(8), "a")
     bm.allocate(a)
     a.num_computed = 8
-    bm.mark_computed(a, 0)
+    bm.mark_computed(a, 0, a.num_computed)
     b = seq(range(8), "b")
     bm.allocate(b)
     assert b.num_computed == 4  # the second block is recomputed so the last token has logits
@@ -61,7 +61,7 @@ def test_freed_blocks_stay_cached_until_reused():
     a = seq([1, 2, 3, 4, 5], "a")
     bm.allocate(a)
     a.num_computed = 5
-    bm.mark_computed(a, 0)
+    bm.mark_computed(a, 0, a.num_computed)
     bm.free_seq(a)
     again = seq([1, 2, 3, 4, 9], "again")
     bm.allocate(again)
@@ -96,7 +96,7 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache():
     a = seq(range(12), "a")
     bm.allocate(a)
     a.num_computed = 12
-    bm.mark_computed(a, 0)
+    bm.mark_computed(a, 0, a.num_computed)
     b = seq(range(12), "b", prompt_logprobs=True)
     bm.allocate(b)
     assert b.num_cached == 0

@@ -140,6 +140,8 @@ class CudaModelRunner(ModelRunner):
     engine has settled ``config.max_total_tokens`` against the KV cache.
     """
 
+    overlap_steps = True  # kernel launches are asynchronous: build step N+1 while N runs
+
     def __init__(self, model, config, backend):
         super().__init__(model, config, backend)
         self.graphs: DecodeGraphs | None = None

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from genserve.engine.model_runner import ModelRunner, StepResult
+from genserve.engine.model_runner import FinishedStep, ModelRunner, StepResult
 from genserve.engine.sampler import sample
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.models.base import ForwardBatch
@@ -109,7 +109,7 @@ class NeuronModelRunner(ModelRunner):
         self.backend.synchronize()
 
     @torch.inference_mode()
-    def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
+    def launch(self, scheduled: list[ScheduledSeq]) -> FinishedStep:
         results = [StepResult() for _ in scheduled]
         sampled: dict[int, torch.Tensor] = {}  # scheduled index -> logits row (host)
         for indices in self.groups(scheduled):
@@ -128,7 +128,7 @@ class NeuronModelRunner(ModelRunner):
             index = sorted(sampled)
             out = sample(torch.stack([sampled[i] for i in index]), self.sampling_batch(scheduled, index))
             fill_sampled(results, scheduled, index, out)
-        return results
+        return FinishedStep(scheduled, results)
 
 
 def fill_sampled(results, scheduled, index, out) -> None:

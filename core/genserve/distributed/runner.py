@@ -16,7 +16,7 @@ import torch
 from genserve.distributed.channel import Channel
 from genserve.distributed.groups import destroy_groups
 from genserve.distributed.supervisor import ShardFailure, Supervisor
-from genserve.engine.model_runner import ModelRunner
+from genserve.engine.model_runner import FinishedStep, ModelRunner
 
 
 class ShardedModelRunner(ModelRunner):
@@ -51,12 +51,15 @@ class ShardedModelRunner(ModelRunner):
             self.channel.send_logits(hidden)
             return self._local_logits(hidden)
 
-    def step(self, scheduled):
+    # The supervisor must vouch for a step after it ran, so steps don't overlap (yet).
+    overlap_steps = False
+
+    def launch(self, scheduled):
         self.supervisor.check()
-        results = super().step(scheduled)
+        results = super().launch(scheduled).results()
         # Under NCCL an abort lets a cut-short collective return garbage: never hand it out.
         self.supervisor.check()
-        return results
+        return FinishedStep(scheduled, results)
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop the workers and leave the process groups (stop the engine thread first)."""

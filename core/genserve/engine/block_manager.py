@@ -123,12 +123,13 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = 0
 
-    def mark_computed(self, seq: Sequence, old_computed: int) -> None:
-        """Publish the hashes of blocks that became full and computed this step."""
+    def mark_computed(self, seq: Sequence, start: int, end: int) -> None:
+        """Publish the hashes of blocks that became full and computed by a step that computed
+        positions ``start .. end - 1`` (all real token ids by the time it is called)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        first, last = old_computed // bs, seq.num_computed // bs
+        first, last = start // bs, end // bs
         if first == last:
             return
         ids = seq.all_ids

@@ -1,4 +1,14 @@
-"""The synchronous engine: one ``step()`` schedules, runs the model and emits outputs."""
+"""The engine: one ``step()`` schedules, runs the model and emits outputs.
+
+With ``overlap`` (the runner's ``overlap_steps``, on for GPUs) a step launches the next batch
+before it reads the previous batch's tokens, so the host's scheduling, input building and
+output handling run while the device computes (vLLM's async scheduling, SGLang's overlap
+scheduler). The scheduler sees the in-flight tokens as pending (``Sequence.num_pending``):
+they take a position and a KV slot, and the next step reads them on the device. A sequence
+that turns out to have finished gets one wasted token, which is discarded. Requests whose
+sampling needs the host to know earlier tokens (penalties, watermark, grammars) make the
+engine wait for each step instead.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,18 @@ from genserve.engine.config import EngineConfig
 from genserve.engine.detokenizer import DecodeState, Detokenizer
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.scheduler import Scheduler
+from genserve.engine.model_runner import LaunchedStep
+from genserve.engine.scheduler import Scheduler, SchedulerOutput
 from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
 
 logger = logging.getLogger(__name__)
+
+
+def needs_host_history(p: SamplingParams) -> bool:
+    """Sampling that reads the request's earlier token ids on the host, so it can't run
+    before the previous step's tokens are back."""
+    return (p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
+            or p.watermark or p.constraint is not None)
 
 
 class LLMEngine:
@@ -31,6 +49,9 @@ class LLMEngine:
         self._decode: dict[str, DecodeState] = {}
         self._texts: dict[str, str] = {}
         self.last_step_stats: dict = {}
+        self.overlap = bool(getattr(runner, "overlap_steps", False))
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._num_host_history = 0  # live requests whose sampling reads earlier tokens on the host
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -43,6 +64,8 @@ class LLMEngine:
         if self.decoder_start_token_id is not None:
             seq.encoder_ids, seq.prompt_ids = seq.prompt_ids, [self.decoder_start_token_id]
         self.seqs[request_id] = seq
+        if needs_host_history(params):
+            self._num_host_history += 1
         self._decode[request_id] = self.detok.start(seq.prompt_ids)
         self._texts[request_id] = ""
         self.scheduler.add(seq)
@@ -56,37 +79,69 @@ class LLMEngine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._num_host_history:
+            outputs += self._complete(*self._in_flight)  # the next batch needs its tokens first
+            self._in_flight = None
         plan = self.scheduler.schedule()
-        outputs = [self._finish_output(seq) for seq in plan.failed]
-        if plan.is_empty:
-            return outputs
-        results = self.runner.step(plan.scheduled)
+        outputs += [self._finish_output(seq) for seq in plan.failed]
+        launched = None if plan.is_empty else (plan, self._launch(plan))
+        if self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)
+        self._in_flight = None
+        if launched is not None:
+            if self.overlap:
+                self._in_flight = launched
+            else:
+                outputs += self._complete(*launched)
+        if launched is not None:
+            self.last_step_stats = {
+                "duration": time.perf_counter() - t0,
+                "num_seqs": len(plan.scheduled),
+                "prefill_tokens": plan.num_prefill_tokens,
+                "is_prefill": plan.num_prefill_tokens > 0,
+            }
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput) -> LaunchedStep:
+        """Queue the batch on the device and account its tokens as computed (and, where it
+        samples, one token as pending)."""
+        step = self.runner.launch(plan.scheduled)
+        for row, i in enumerate(step.sampling_index):
+            seq = plan.scheduled[i].seq
+            seq.num_pending += 1
+            seq.pending_row = row
+        for s in plan.scheduled:
+            s.start, s.block_table = s.seq.num_computed, s.seq.block_table
+            s.seq.num_computed += s.num_tokens
+        return step
+
+    def _complete(self, plan: SchedulerOutput, step: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens and turn them into outputs."""
+        outputs = []
+        results = step.results()
         now = time.monotonic()
         for s, r in zip(plan.scheduled, results):
             seq = s.seq
-            old = seq.num_computed
-            seq.num_computed += s.num_tokens
-            self.blocks.mark_computed(seq, old)
+            if seq.is_finished:  # aborted, or finished by the previous step: a wasted token
+                continue
+            if seq.block_table is s.block_table:  # not preempted since: publish full blocks
+                self.blocks.mark_computed(seq, s.start, s.start + s.num_tokens)
             if r.prompt_logprobs:
                 seq.prompt_logprobs.extend(r.prompt_logprobs)
             if r.token is None:
                 continue
+            seq.num_pending -= 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             out = self._append_token(seq, r.token, r.logprob, r.top)
             if out is not None:
                 outputs.append(out)
-        self.last_step_stats = {
-            "duration": time.perf_counter() - t0,
-            "num_seqs": len(plan.scheduled),
-            "prefill_tokens": plan.num_prefill_tokens,
-            "is_prefill": plan.num_prefill_tokens > 0,
-        }
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput | None:
@@ -120,7 +175,7 @@ class LLMEngine:
                     reason = FinishReason.STOP
                     break
             if reason is None and (len(seq.output_ids) >= p.max_new_tokens
-                                   or len(seq) >= self.config.max_total_tokens):
+                                   or len(seq.all_ids) >= self.config.max_total_tokens):
                 reason = FinishReason.LENGTH
         self._texts[seq.request_id] += text
 
@@ -158,7 +213,8 @@ class LLMEngine:
         return out
 
     def _forget(self, seq: Sequence) -> None:
-        self.seqs.pop(seq.request_id, None)
+        if self.seqs.pop(seq.request_id, None) is not None and needs_host_history(seq.params):
+            self._num_host_history -= 1
         self._decode.pop(seq.request_id, None)
         self._texts.pop(seq.request_id, None)
 

@@ -2,6 +2,11 @@
 
 The flat-batch layout (no padding) is described in ``attention/base.py``. Backends subclass
 ``ModelRunner`` to add device-specific speed (CUDA graphs) by overriding ``execute``.
+
+``launch`` only queues work: inputs go up in two pinned copies, sampled ids come back in
+pinned copies marked by an event, so an engine may launch step N+1 before reading step N
+(``overlap_steps``). A decode input that step N sampled is gathered on the device from
+``last_tokens`` through ``Sequence.pending_row``.
 """
 
 from __future__ import annotations
@@ -32,18 +37,77 @@ class PreparedBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
-    logit_rows: torch.Tensor  # rows whose logits feed the sampler
+    logit_rows: torch.Tensor | None  # rows whose logits feed the sampler; None: every row
     sampling_index: list[int]  # scheduled index for each sampled row
     prompt_rows: dict[int, tuple[int, int]]  # scheduled index -> (first row, n rows) for prompt logprobs
 
 
+class LaunchedStep:
+    """A step whose work is queued on the device. ``results()`` waits for its sampled tokens,
+    which were copied to the host without blocking, so the host can schedule and launch the
+    next step while this one runs."""
+
+    def __init__(self, scheduled: list[ScheduledSeq], sampling_index: list[int] | None = None,
+                 out: SamplerOutput | None = None, device: torch.device | None = None):
+        self.scheduled = scheduled
+        self.sampling_index = sampling_index or []
+        self.prompt_logprobs: dict[int, list[float]] = {}
+        self._host: list[torch.Tensor | None] = []
+        self._event = None
+        if out is not None:
+            self._host = [_to_host(t) for t in (out.tokens, out.logprobs, out.top_ids, out.top_logprobs)]
+            if device is not None and device.type != "cpu":
+                self._event = torch.Event(device=device)
+                self._event.record()
+
+    def results(self) -> list[StepResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        results = [StepResult() for _ in self.scheduled]
+        if self.sampling_index:
+            tokens, logprobs, top_ids, top_lps = (t.tolist() if t is not None else None for t in self._host)
+            for row, i in enumerate(self.sampling_index):
+                r = results[i]
+                r.token, r.logprob = tokens[row], logprobs[row]
+                n_top = self.scheduled[i].seq.params.top_n_tokens
+                if top_ids is not None and n_top:
+                    r.top = list(zip(top_ids[row][:n_top], top_lps[row][:n_top]))
+        for i, lps in self.prompt_logprobs.items():
+            results[i].prompt_logprobs = lps
+        return results
+
+
+class FinishedStep(LaunchedStep):
+    """A step that already ran to completion (backends whose launch is synchronous)."""
+
+    def __init__(self, scheduled: list[ScheduledSeq], results: list[StepResult]):
+        super().__init__(scheduled, [i for i, r in enumerate(results) if r.token is not None])
+        self._results = results
+
+    def results(self) -> list[StepResult]:
+        return self._results
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Start copying ``t`` to pinned host memory; read it only after the step's event."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class ModelRunner:
+    # Whether the engine should launch the next step before reading this one's tokens. Worth
+    # it where launches are asynchronous (GPUs); on CPU a launch already runs the step.
+    overlap_steps: bool = False
+
     def __init__(self, model, config, backend):
         self.model, self.config, self.backend = model, config, backend
         self.device = backend.device
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.vocab_size = model.config.vocab_size
+        self.last_tokens: torch.Tensor | None = None  # the latest step's sampled ids, on device
 
     # -- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -62,16 +126,30 @@ class ModelRunner:
                           for _ in range(spec.num_layers)]
 
     # -- inputs ---------------------------------------------------------------------------
+    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """One host-to-device copy. Pinned memory keeps it asynchronous: a copy from pageable
+        memory would wait for the device to finish the step in flight."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def prepare(self, scheduled: list[ScheduledSeq]) -> PreparedBatch:
         ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
         logit_rows, sampling_index, prompt_rows = [], [], {}
+        ref_dst, ref_src = [], []  # input rows whose token is still on the device
         bs = self.block_size
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
             row0 = len(ids)
             table = seq.block_table
             if n == 1:  # decode: avoid building the whole token list every step
-                ids.append(seq.token_at(start))
+                if seq.num_pending:  # sampled by the step in flight: gather it on the device
+                    ref_dst.append(row0)
+                    ref_src.append(seq.pending_row)
+                    ids.append(0)
+                else:
+                    ids.append(seq.token_at(start))
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -81,39 +159,51 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(start + n)
             tables.append(table)
-            if seq.params.prompt_logprobs and not seq.output_ids and start < len(seq.prompt_ids):
+            if seq.params.prompt_logprobs and not seq.num_generated and start < len(seq.prompt_ids):
                 prompt_rows[i] = (row0, n)
             if s.completes:
                 logit_rows.append(row0 + n - 1)
                 sampling_index.append(i)
+        T, B, S, R = len(ids), len(scheduled), len(logit_rows), len(ref_dst)
         width = max(len(t) for t in tables)
-        dev = self.device
+        every_row = S == T  # decode-only: the sampler takes all rows, no gather needed
 
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
+        # Two uploads per step: the int64 inputs and the int32 attention metadata.
+        longs = self._upload(ids + pos + slots + ([] if every_row else logit_rows) + ref_dst + ref_src,
+                             torch.long)
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
+        flat_tables = []
+        for tb in tables:
+            flat_tables += tb
+            flat_tables += [0] * (width - len(tb))
+        ints = self._upload(cu + seq_lens + flat_tables, torch.int32)
+
+        input_ids = longs[:T]
+        if R:
+            o = 3 * T + (0 if every_row else S)
+            dst, src = longs[o:o + R], longs[o + R:o + 2 * R]
+            input_ids = input_ids.index_copy(0, dst, self.last_tokens.index_select(0, src))
         attn = AttentionMetadata(
-            cu_seqlens_q=t(cu, torch.int32),
-            seq_lens=t(seq_lens, torch.int32),
-            block_tables=t([tb + [0] * (width - len(tb)) for tb in tables], torch.int32),
-            slot_mapping=t(slots, torch.long),
+            cu_seqlens_q=ints[:B + 1],
+            seq_lens=ints[B + 1:2 * B + 1],
+            block_tables=ints[2 * B + 1:].view(B, width),
+            slot_mapping=longs[2 * T:3 * T],
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(seq_lens),
             is_decode_only=all(n == 1 for n in q_lens),
             seq_lens_cpu=seq_lens,
             query_lens_cpu=q_lens,
         )
-        return PreparedBatch(t(ids, torch.long), t(pos, torch.long), attn,
-                             t(logit_rows, torch.long), sampling_index, prompt_rows)
+        rows = None if every_row else longs[3 * T:3 * T + S]
+        return PreparedBatch(input_ids, longs[T:2 * T], attn, rows, sampling_index, prompt_rows)
 
     def sampling_batch(self, scheduled: list[ScheduledSeq], index: list[int]) -> SamplingBatch:
         seqs = [scheduled[i].seq for i in index]
         params = [s.params for s in seqs]
         batch = SamplingBatch.build(
-            params, [s.seed for s in seqs], [len(s.output_ids) for s in seqs],
+            params, [s.seed for s in seqs], [s.num_generated for s in seqs],
             [s.all_ids for s in seqs] if any(p.repetition_penalty != 1.0 or p.watermark for p in params)
             else [[] for _ in seqs],
             [s.output_ids for s in seqs], self.device,
@@ -144,29 +234,25 @@ class ModelRunner:
         return self.model(input_ids, positions, batch)
 
     @torch.inference_mode()
-    def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
+    def launch(self, scheduled: list[ScheduledSeq]) -> LaunchedStep:
+        """Queue one step on the device; nothing here waits for it (except prompt logprobs)."""
         prep = self.prepare(scheduled)
         batch = ForwardBatch(prep.attn, self.kv_caches, self.encoder_states(scheduled))
         hidden = self.execute(prep.input_ids, prep.positions, batch)
-        results = [StepResult() for _ in scheduled]
-
+        step = LaunchedStep(scheduled)
         if prep.sampling_index:
-            logits = self.model.compute_logits(hidden[prep.logit_rows])
-            out: SamplerOutput = sample(logits, self.sampling_batch(scheduled, prep.sampling_index))
-            tokens = out.tokens.tolist()  # the one host sync of a step
-            logprobs = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            for row, i in enumerate(prep.sampling_index):
-                r = results[i]
-                r.token, r.logprob = tokens[row], logprobs[row]
-                n_top = scheduled[i].seq.params.top_n_tokens
-                if top_ids is not None and n_top:
-                    r.top = list(zip(top_ids[row][:n_top], top_lps[row][:n_top]))
-
+            rows = hidden if prep.logit_rows is None else hidden[prep.logit_rows]
+            out: SamplerOutput = sample(self.model.compute_logits(rows),
+                                        self.sampling_batch(scheduled, prep.sampling_index))
+            self.last_tokens = out.tokens  # the next step's inputs may be gathered from these
+            step = LaunchedStep(scheduled, prep.sampling_index, out, self.device)
         for i, (row0, n) in prep.prompt_rows.items():
-            results[i].prompt_logprobs = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
-        return results
+            step.prompt_logprobs[i] = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
+        return step
+
+    def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
+        """Run one step and wait for it."""
+        return self.launch(scheduled).results()
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[float]:
         """Log-probability of each prompt token given the ones before it (rows of this chunk)."""

@@ -65,31 +65,35 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
               histories: list[list[int]], outputs: list[list[int]], device,
               watermark_gamma=0.5, watermark_delta=2.0) -> "SamplingBatch":
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+        def upload(rows, dtype):
+            # One (pinned, asynchronous) copy per dtype; the fields are column views.
+            t = torch.tensor(rows, dtype=dtype)
+            if torch.device(device).type != "cpu":
+                t = t.pin_memory().to(device, non_blocking=True)
+            return t
 
         def padded(rows):
             width = max(1, max(len(r) for r in rows))
-            return t([r + [-1] * (width - len(r)) for r in rows], torch.long)
+            return upload([r + [-1] * (width - len(r)) for r in rows], torch.long)
 
         need_rep = any(p.repetition_penalty != 1.0 for p in params)
         need_freq = any(p.frequency_penalty or p.presence_penalty for p in params)
         need_wm = any(p.watermark for p in params)
+        floats = upload([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
+                          p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
+                          p.frequency_penalty, p.presence_penalty] for p in params], torch.float32)
+        longs = upload([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
+                         int(p.watermark), h[-1] if h else 0]
+                        for p, seed, step, h in zip(params, seeds, steps, histories)], torch.long)
         return cls(
-            temperature=t([p.temperature if p.do_sample else 1.0 for p in params], torch.float32),
-            top_k=t([p.top_k if p.do_sample else 0 for p in params], torch.long),
-            top_p=t([p.top_p if p.do_sample else 1.0 for p in params], torch.float32),
-            typical_p=t([p.typical_p if p.do_sample else 1.0 for p in params], torch.float32),
-            repetition_penalty=t([p.repetition_penalty for p in params], torch.float32),
-            frequency_penalty=t([p.frequency_penalty for p in params], torch.float32),
-            presence_penalty=t([p.presence_penalty for p in params], torch.float32),
-            do_sample=t([p.do_sample for p in params], torch.bool),
-            seeds=t([s & ((1 << 63) - 1) for s in seeds], torch.long),
-            steps=t(steps, torch.long),
+            temperature=floats[:, 0], top_p=floats[:, 1], typical_p=floats[:, 2],
+            repetition_penalty=floats[:, 3], frequency_penalty=floats[:, 4],
+            presence_penalty=floats[:, 5],
+            top_k=longs[:, 0], do_sample=longs[:, 1] != 0, seeds=longs[:, 2], steps=longs[:, 3],
             history=padded(histories) if need_rep else None,
             output_history=padded(outputs) if need_freq else None,
-            watermark=t([p.watermark for p in params], torch.bool) if need_wm else None,
-            prev_tokens=t([h[-1] if h else 0 for h in histories], torch.long) if need_wm else None,
+            watermark=longs[:, 4] != 0 if need_wm else None,
+            prev_tokens=longs[:, 5] if need_wm else None,
             any_sorting=any(p.needs_sorting for p in params),
             any_sampling=any(p.do_sample for p in params),
             max_top_n=max((p.top_n_tokens for p in params), default=0),
@@ -164,7 +168,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     logits = apply_watermark(logits, b)
     if b.allowed is not None:
         logits = logits.masked_fill(~b.allowed, float("-inf"))
-    logits = logits / b.temperature[:, None]
+    if b.any_sampling:  # greedy rows have temperature 1
+        logits = logits / b.temperature[:, None]
     logprobs_all = logits.log_softmax(-1)
     greedy = logits.argmax(-1)
     if b.any_sampling:

@@ -29,6 +29,10 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens of the sequence computed this step, starting at seq.num_computed
+    # Set by the engine at launch: the first position computed, and the block table it used
+    # (a new list object after preemption, so a late result can tell).
+    start: int = -1
+    block_table: list[int] | None = None
 
     @property
     def completes(self) -> bool:

@@ -57,6 +57,11 @@ class Sequence:
     # frees decoder blocks only).
     encoder_ids: list[int] | None = None
     encoder_state: object | None = None
+    # Overlapped steps: tokens already sampled on the device whose ids the host has not read
+    # yet (they count in ``len`` but not in ``all_ids``), and the newest one's row in the
+    # step that sampled it, from which the next step's input is gathered on the device.
+    num_pending: int = 0
+    pending_row: int = -1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,7 +77,12 @@ class Sequence:
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far, including those still on the device."""
+        return len(self.output_ids) + self.num_pending
 
     @property
     def num_uncomputed(self) -> int:
@@ -84,4 +94,4 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self) - 1 or not self.output_ids and self.num_computed < len(self)
+        return self.num_computed < len(self) - 1 or not self.num_generated and self.num_computed < len(self)
