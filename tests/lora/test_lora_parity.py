@@ -117,3 +117,26 @@ def test_stacked_layout(engine):
     assert beta_b[:64, 8:10].abs().sum() == 0 and beta_b[96:, :8].abs().sum() == 0  # block-diagonal
     assert beta_b[:64, :8].abs().sum() > 0 and beta_b[96:, 8:10].abs().sum() > 0
     assert torch.equal(lora.scales, torch.ones(2))
+
+
+def test_phi3_fused_checkpoint_projections(tmp_path):
+    """Phi-3 holds qkv_proj and gate_up_proj fused in its checkpoint: PEFT adapts the fused
+    layers as wholes, and genserve must split their B exactly like the weights."""
+    from transformers import Phi3Config
+
+    config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        tie_word_embeddings=False, pad_token_id=0)
+    base = save_base(tmp_path / "base", config)
+    adapter = make_adapter(base, tmp_path / "phi", seed=6, r=4, lora_alpha=16,
+                           target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    ref, plain = peft_model(base, adapter), peft_model(base, None)
+    engine = load_with_adapters(base, f"phi={adapter}")
+    ps = prompts()[:3]
+    items = [(ps[0], "phi"), (ps[1], None), (ps[2], "phi")]
+    for (p, a), ours in zip(items, batch_logits(engine, items)):
+        want = reference_logits(ref if a else plain, p)
+        assert (ours - want).abs().max().item() <= ATOL
+    assert (reference_logits(ref, ps[0]) - reference_logits(plain, ps[0])).abs().max().item() > 0.05
+    assert generate(engine, items, NEW_TOKENS) == [reference_greedy(ref if a else plain, p, NEW_TOKENS)
+                                                   for p, a in items]
