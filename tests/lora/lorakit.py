@@ -6,22 +6,21 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 from genserve.engine.model_runner import ModelRunner
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
 from genserve.models.base import ForwardBatch
 from genserve.testing import load_genserve, save_reference
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_llama(**overrides) -> LlamaConfig:
-    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     cfg.update(overrides)
     return LlamaConfig(**cfg)
 

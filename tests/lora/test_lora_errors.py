@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from genserve.engine.build import ConfigError
 from genserve.lora import spec
 

@@ -7,11 +7,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .lorakit import ALL_TARGETS, generate, load_with_adapters, make_adapter, runner_fills_lora
+from .lorakit import (
+    ALL_TARGETS,
+    generate,
+    load_with_adapters,
+    make_adapter,
+    runner_fills_lora,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from serverkit import ServerProcess  # noqa: E402
-from tinymodel import build_tiny_llama  # noqa: E402
+from serverkit import ServerProcess
+from tinymodel import build_tiny_llama
 
 NEW_TOKENS = 8
 PROMPT = "The quick brown fox"

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
-
 from genserve.layers.linear import LinearBase
 from genserve.testing import make_prompts, reference_greedy
 
-from .lorakit import (ALL_TARGETS, batch_logits, generate, load_with_adapters, make_adapter, peft_model,
-                      reference_logits, save_base)
+from .lorakit import (
+    ALL_TARGETS,
+    batch_logits,
+    generate,
+    load_with_adapters,
+    make_adapter,
+    peft_model,
+    reference_logits,
+    save_base,
+)
 
 ATOL = 1e-3
 NEW_TOKENS = 12

@@ -3,11 +3,19 @@ column-parallel layers (incl. fused qkv with replicated KV heads), A split by in
 row-parallel ones, and the workers learn each step's adapters from rank 0."""
 
 import pytest
-
 from genserve.testing import make_prompts, reference_greedy
 
-from .lorakit import (ALL_TARGETS, batch_logits, generate, load_with_adapters, make_adapter, peft_model,
-                      reference_logits, save_base, tiny_llama)
+from .lorakit import (
+    ALL_TARGETS,
+    batch_logits,
+    generate,
+    load_with_adapters,
+    make_adapter,
+    peft_model,
+    reference_logits,
+    save_base,
+    tiny_llama,
+)
 
 
 @pytest.fixture(autouse=True)

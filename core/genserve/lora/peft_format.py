@@ -64,13 +64,13 @@ def _check_config(adapter_id: str, cfg: dict) -> None:
         raise LoRAError(adapter_id, f"peft_type {peft_type} is not supported (only LORA)")
     refusals = [
         (cfg.get("use_dora"), "DoRA (use_dora) is not supported"),
-        (cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')} is not supported "
-                                     "(it replaces whole base-model modules)"),
-        (cfg.get("bias", "none") not in (None, "none"), f"bias={cfg.get('bias')!r} is not supported "
-                                                        "(it trains base-model biases)"),
+        (cfg.get("modules_to_save"), (f"modules_to_save {cfg.get('modules_to_save')} is not supported "
+                                      "(it replaces whole base-model modules)")),
+        (cfg.get("bias", "none") not in (None, "none"), (f"bias={cfg.get('bias')!r} is not supported "
+                                                         "(it trains base-model biases)")),
         (cfg.get("lora_bias"), "lora_bias is not supported"),
-        (cfg.get("target_parameters"), "target_parameters (LoRA on raw parameters, e.g. MoE experts) "
-                                       "is not supported"),
+        (cfg.get("target_parameters"), ("target_parameters (LoRA on raw parameters, e.g. MoE experts) "
+                                        "is not supported")),
         (cfg.get("layer_replication"), "layer_replication is not supported"),
         (cfg.get("use_qalora"), "QALoRA is not supported"),
     ]

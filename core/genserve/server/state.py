@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass, field
 
 from genserve import __version__
+
 # The same parser engine/build.py uses to load the adapters, so the ids requests may name
 # (validation, OpenAI ``model``) are exactly the ids loaded.
-from genserve.lora.spec import parse_lora_adapters  # noqa: F401  (re-exported)
+from genserve.lora.spec import parse_lora_adapters
 from genserve.server import errors
 from genserve.server.metrics import Metrics
 
