@@ -108,6 +108,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.vocab_size = model.config.vocab_size
         self.last_tokens: torch.Tensor | None = None  # the latest step's sampled ids, on device
+        self.lora = None  # a genserve.lora.LoRAManager when --lora-adapters loaded some
 
     # -- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -238,6 +239,9 @@ class ModelRunner:
         """Queue one step on the device; nothing here waits for it (except prompt logprobs)."""
         prep = self.prepare(scheduled)
         batch = ForwardBatch(prep.attn, self.kv_caches, self.encoder_states(scheduled))
+        if self.lora is not None:
+            batch.lora = self.lora.batch_for([s.seq.params.adapter_id for s in scheduled],
+                                             [s.num_tokens for s in scheduled])
         hidden = self.execute(prep.input_ids, prep.positions, batch)
         step = LaunchedStep(scheduled)
         if prep.sampling_index:
