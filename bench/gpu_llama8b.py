@@ -52,7 +52,7 @@ class Recorder:
         row = {"metric": metric, "value": round(float(value), 3), "unit": unit, "engine": engine,
                **self.meta, **extra}
         self.rows.append(row)
-        print(f"{engine:13s} {metric:28s} {value:12.2f} {unit}", flush=True)
+        print(f"{engine:13s} {metric:28s} {value:12.2f} {unit}" + (f"  {extra}" if extra else ""), flush=True)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -75,7 +75,12 @@ def build_genserve(model_dir, args):
     loaded = build_engine(defaults(**flags))
     print(f"genserve: backend {loaded.backend.name}, attention {loaded.attention}, "
           f"KV blocks {loaded.engine.blocks.num_blocks}, load {loaded.load_seconds:.1f}s", flush=True)
+    for row in getattr(getattr(loaded.engine.runner.model, "gemv_dispatch", None), "report", []):
+        print(f"  one-row GEMV {row}", flush=True)
     return loaded.engine
+
+
+STEPS: dict[str, int] = {}  # what the last run_requests did: steps, steps with prefill, seqs summed
 
 
 def run_requests(engine, prompts, out_lens):
@@ -90,8 +95,14 @@ def run_requests(engine, prompts, out_lens):
         times[rid] = []
         engine.add_request(rid, p, SamplingParams(max_new_tokens=n, ignore_eos=True))
     produced = 0
+    STEPS.update(steps=0, mixed=0, seqs=0)
     while engine.has_work:
-        for out in engine.step():
+        outs = engine.step()
+        st = engine.last_step_stats
+        STEPS["steps"] += 1
+        STEPS["mixed"] += bool(st.get("is_prefill"))
+        STEPS["seqs"] += st.get("num_seqs", 0)
+        for out in outs:
             now = time.perf_counter()
             produced += len(out.tokens)
             times[out.request_id].extend([now] * len(out.tokens))
@@ -125,7 +136,8 @@ def genserve_suite(engine, rec, vocab, only, rng):
         prompts = [random_prompt(rng, n, vocab) for n in lens_in]
         wall, produced, _, _ = run_requests(engine, prompts, lens_out)
         rec("offline_tok_s_1000", produced / wall, "tok/s", "genserve",
-            mean_in=sum(lens_in) / 1000, mean_out=sum(lens_out) / 1000)
+            mean_in=sum(lens_in) / 1000, mean_out=sum(lens_out) / 1000, steps=STEPS["steps"],
+            steps_with_prefill=STEPS["mixed"], mean_batch=round(STEPS["seqs"] / max(1, STEPS["steps"]), 1))
 
 
 # -- transformers ---------------------------------------------------------------------------

@@ -159,7 +159,13 @@ class CudaModelRunner(ModelRunner):
         return self.graphs
 
     def warmup(self) -> None:
-        """Capture every batch size now (after ``allocate_kv_cache``), not on first use."""
+        """Choose the one-row GEMV kernels, then capture every batch size now (after
+        ``allocate_kv_cache``), not on first use."""
+        dispatch = getattr(self.model, "gemv_dispatch", None)
+        if dispatch is not None and dispatch.weights:
+            t0 = time.perf_counter()
+            dispatch.tune()
+            logger.info("tuned %d one-row GEMV shapes in %.1f s", len(dispatch.choice), time.perf_counter() - t0)
         graphs = self._decode_graphs()
         if graphs is not None and self.kv_caches:
             t0 = time.perf_counter()

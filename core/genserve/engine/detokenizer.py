@@ -30,12 +30,16 @@ class Detokenizer:
         n = len(prompt_ids)
         return DecodeState(prefix_offset=max(n - 5, 0), read_offset=n)
 
-    def step(self, state: DecodeState, all_ids: list[int]) -> str:
-        """Text added by the newest token of ``all_ids`` (may be '' while a character is split)."""
-        prefix = self._decode(all_ids[state.prefix_offset:state.read_offset])
-        full = self._decode(all_ids[state.prefix_offset:])
+    def step(self, state: DecodeState, ids: list[int], base: int = 0) -> str:
+        """Text added by the newest token (may be '' while a character is split). ``ids`` are
+        the sequence's ids from position ``base`` (<= ``state.prefix_offset``) on, so callers
+        need not copy a long sequence every token."""
+        if self.tokenizer is None:
+            return ""
+        prefix = self._decode(ids[state.prefix_offset - base:state.read_offset - base])
+        full = self._decode(ids[state.prefix_offset - base:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            state.prefix_offset, state.read_offset = state.read_offset, len(all_ids)
+            state.prefix_offset, state.read_offset = state.read_offset, base + len(ids)
             return full[len(prefix):]
         return ""
 

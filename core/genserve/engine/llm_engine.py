@@ -148,7 +148,8 @@ class LLMEngine:
         p = seq.params
         seq.output_ids.append(token)
         special = token in self.detok.special_ids
-        text = self.detok.step(self._decode[seq.request_id], seq.all_ids)
+        state = self._decode[seq.request_id]
+        text = self.detok.step(state, seq.ids_from(state.prefix_offset), state.prefix_offset)
         info = TokenInfo(id=token, logprob=logprob, text=text if not special else
                          self.detok.token_text(token), special=special,
                          top=[(t, lp) for t, lp in top])

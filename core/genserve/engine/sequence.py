@@ -72,6 +72,11 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids_from(self, start: int) -> list[int]:
+        """``all_ids[start:]`` without copying the prompt when ``start`` is past it."""
+        n = len(self.prompt_ids)
+        return self.output_ids[start - n:] if start >= n else self.prompt_ids[start:] + self.output_ids
+
     def token_at(self, index: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
