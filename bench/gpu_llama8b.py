@@ -68,7 +68,7 @@ def build_genserve(model_dir, args):
     from genserve.engine.build import build_engine
 
     flags = dict(model_id=model_dir, load_format="dummy", backend=args.backend, dtype="bfloat16",
-                 max_batch_prefill_tokens=args.prefill_chunk, max_batch_size=256,
+                 max_batch_prefill_tokens=args.prefill_chunk, max_batch_size=args.max_batch_size,
                  cuda_memory_fraction=0.92)
     if args.cuda_graphs is not None:
         flags["cuda_graphs"] = args.cuda_graphs
@@ -212,7 +212,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--prefill-chunk", type=int, default=8192)
-    ap.add_argument("--cuda-graphs", default=None)
+    ap.add_argument("--cuda-graphs", default=None, help="decode graph batch sizes, e.g. 1,2,4,...,256")
+    ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     only = set(args.only.split(","))
