@@ -1,8 +1,9 @@
 """Paged attention for prefill, chunked prefill and mixed batches.
 
-Grid ``(q_tiles, batch, heads)``: a program takes ``BLOCK_M`` query rows of one sequence and
-one head and streams that sequence's keys from the paged cache (prefix-cache hits, earlier
-chunks and this step's tokens alike: the new K/V are written first). Masking is by absolute
+Grid ``(heads, batch, q_tiles)``, heaviest tiles first: a program takes ``BLOCK_M`` query
+rows of one sequence and one head and streams that sequence's keys from the paged cache
+(prefix-cache hits, earlier chunks and this step's tokens alike: the new K/V are written
+first). Masking is by absolute
 position, so a sequence's query rows sit at ``seq_len - q_len ... seq_len - 1``.
 """
 
@@ -62,9 +63,12 @@ def _prefill_kernel(
     CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # Causal tiles further down a sequence see more keys. The tile is the grid's slowest axis
+    # and counts down, so the GPU (which starts programs in grid order) takes the heaviest
+    # first and the last wave isn't a few long programs on an otherwise idle GPU.
+    h = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     if tile * BLOCK_M >= q_len:
@@ -160,7 +164,7 @@ def paged_prefill_attention(
     cfg = default_config(D, q.dtype, q.device)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
-    grid = (triton.cdiv(max_seqlen_q, block_m), B, H)
+    grid = (H, B, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, cu_seqlens_q,
         alibi_slopes if alibi_slopes is not None else q, out,
