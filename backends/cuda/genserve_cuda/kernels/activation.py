@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -25,14 +26,15 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.const
     tl.store(out_ptr + row * stride_o + cols, (act * up).to(ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2*I] -> [..., I]."""
+def silu_and_mul(x: torch.Tensor, block: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """x [..., 2*I] -> [..., I]. ``block``/``num_warps`` override the tile (for sweeps)."""
+    block, num_warps = block or BLOCK, num_warps or NUM_WARPS
     n = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, BLOCK))](x2, out, x2.stride(0), out.stride(0), n,
-                                                               BLOCK=BLOCK, num_warps=4)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n,
+                                                               BLOCK=block, num_warps=num_warps)
     return out.view(*x.shape[:-1], n)
