@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -96,6 +97,10 @@ class ServerState:
         engine.add_request("genserve-warmup", warm_ids, SamplingParams(max_new_tokens=2))
         while engine.has_work:
             engine.step()
+        # Loading leaves millions of long-lived objects; frozen, every later full collection
+        # skips them instead of stalling the engine loop mid-step (vLLM and SGLang do this too).
+        gc.collect()
+        gc.freeze()
         cfg = engine.config
         a = self.args
         self.limits = Limits(a.max_concurrent_requests, a.max_best_of, a.max_stop_sequences,
