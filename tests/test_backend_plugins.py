@@ -172,10 +172,16 @@ def test_optimize_model_keeps_cpu_maths(monkeypatch):
     from genserve.layers.norm import RMSNorm
     from genserve_cuda.optimize import optimize_model
 
-    model = torch.nn.ModuleDict({"norm": RMSNorm(32), "act": GatedActivation("silu")})
+    from genserve.layers.linear import ColumnParallelLinear
+
+    model = torch.nn.ModuleDict({"norm": RMSNorm(32), "act": GatedActivation("silu"),
+                                 "proj": ColumnParallelLinear(32, 16, bias=True, dtype=torch.float32)})
+    for p in model["proj"].parameters():
+        p.data.normal_()
     x, r = torch.randn(4, 32), torch.randn(4, 32)
-    ref = (model["norm"](x, r), model["act"](x))
-    assert optimize_model(model) == {"rms_norm": 1, "rotary": 0, "silu_mul": 1}
-    out = (model["norm"](x, r), model["act"](x))
+    ref = (model["norm"](x, r), model["act"](x), model["proj"](x[:1]))
+    assert optimize_model(model) == {"rms_norm": 1, "rotary": 0, "silu_mul": 1, "gemv": 1}
+    out = (model["norm"](x, r), model["act"](x), model["proj"](x[:1]))
     assert torch.equal(out[0][0], ref[0][0]) and torch.equal(out[0][1], ref[0][1])
     assert torch.equal(out[1], ref[1])
+    assert torch.equal(out[2], ref[2])  # untuned (and fp32): a one-row input stays on F.linear

@@ -15,11 +15,11 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from genserve_cuda.kernels.gemv import CANDIDATES, GemvConfig, gemv
-
 logger = logging.getLogger(__name__)
 
 Key = tuple[int, int, torch.dtype]
+# The kernel module imports triton: it is imported where a chosen kernel runs or is timed, so
+# the dispatch itself works (all cuBLAS) where triton is missing.
 MIN_GAIN = 0.97  # keep Triton only when it takes < 97% of cuBLAS's time
 
 
@@ -29,7 +29,7 @@ def shape_key(weight: torch.Tensor) -> Key:
 
 class GemvDispatch:
     def __init__(self):
-        self.choice: dict[Key, GemvConfig | None] = {}
+        self.choice: dict[Key, object | None] = {}  # a GemvConfig, or None for cuBLAS
         self.weights: dict[Key, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
         self.report: list[dict] = []
 
@@ -42,11 +42,15 @@ class GemvDispatch:
         if x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype:
             cfg = self.choice.get(shape_key(weight))
             if cfg is not None:
+                from genserve_cuda.kernels.gemv import gemv
+
                 return gemv(x, weight, bias, cfg)
         return F.linear(x, weight, bias)
 
     @torch.inference_mode()
     def tune(self, max_weights: int = 32) -> list[dict]:
+        from genserve_cuda.kernels.gemv import CANDIDATES, gemv
+
         for key, items in self.weights.items():
             if key in self.choice:
                 continue
