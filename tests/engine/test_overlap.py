@@ -139,3 +139,17 @@ def test_outputs_lag_one_step_when_overlapping(checkpoint):
         while engine.has_work:
             engine.step()
     assert engine.blocks.num_used == 0
+
+
+def test_a_step_that_fails_to_complete_is_not_completed_again(checkpoint):
+    # The async engine fails the requests of a step that raised and carries on; the broken
+    # in-flight step must be gone, or every later step would raise again.
+    folder, _ = checkpoint
+    engine = engine_for(folder, True)
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    engine.step()
+    broken = engine._in_flight[1]
+    broken.results = lambda: (_ for _ in ()).throw(RuntimeError("device error"))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine._in_flight is None or engine._in_flight[1] is not broken

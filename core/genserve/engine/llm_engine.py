@@ -85,15 +85,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self._num_host_history:
-            outputs += self._complete(*self._in_flight)  # the next batch needs its tokens first
-            self._in_flight = None
+        # Taken off the engine first: a step that raises is never completed twice.
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and self._num_host_history:
+            outputs += self._complete(*in_flight)  # the next batch needs its tokens first
+            in_flight = None
         plan = self.scheduler.schedule()
         outputs += [self._finish_output(seq) for seq in plan.failed]
         launched = None if plan.is_empty else (plan, self._launch(plan))
-        if self._in_flight is not None:
-            outputs += self._complete(*self._in_flight)
-        self._in_flight = None
+        if in_flight is not None:
+            outputs += self._complete(*in_flight)
         if launched is not None:
             if self.overlap:
                 self._in_flight = launched
