@@ -58,8 +58,14 @@ def decode(engine, prompts, new_tokens) -> dict:
 
 
 def child(opts) -> dict:
+    import faulthandler
+    import os
+
     from genserve.args import defaults
     from genserve.engine.build import build_engine
+
+    if os.environ.get("GENSERVE_HANG_DUMP_S"):  # debugging a hang: every thread's stack, later
+        faulthandler.dump_traceback_later(float(os.environ["GENSERVE_HANG_DUMP_S"]), repeat=True)
 
     with tempfile.TemporaryDirectory() as folder:
         write_config(folder, opts.tiny)
@@ -71,6 +77,7 @@ def child(opts) -> dict:
         t0 = time.perf_counter()
         loaded = build_engine(defaults(**flags))
         load_s = time.perf_counter() - t0
+    print(f"[rank 0] engine built in {load_s:.1f}s", file=sys.stderr, flush=True)
     engine = loaded.engine
     rng = random.Random(0)
     vocab = loaded.model_config.vocab_size
@@ -79,6 +86,7 @@ def child(opts) -> dict:
         return [[rng.randrange(10, vocab) for _ in range(opts.prompt_len)] for _ in range(n)]
 
     decode(engine, prompts(opts.concurrency), 8)  # warm-up: graph capture, allocator, lazy init
+    print("[rank 0] warm-up done", file=sys.stderr, flush=True)
     one = decode(engine, prompts(1), opts.new_tokens)
     many = decode(engine, prompts(opts.concurrency), opts.new_tokens)
     result = {

@@ -68,6 +68,8 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
     # Ctrl-C reaches the whole process group: rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in native code (NCCL, gloo) still shows where it happened
+    if os.environ.get("GENSERVE_HANG_DUMP_S"):  # debugging a hang: every thread's stack, later
+        faulthandler.dump_traceback_later(float(os.environ["GENSERVE_HANG_DUMP_S"]), repeat=True)
     _exit_with_parent()
     # tqdm's default lock is a multiprocessing semaphore, which leaving through os._exit leaks.
     tqdm.set_lock(threading.RLock())
