@@ -98,6 +98,7 @@ def child(opts) -> dict:
         "e2e_tok_s": round(many["produced"] / many["wall_s"], 1),
         "kv_blocks": engine.blocks.num_blocks,
     }
+    print("RESULT " + json.dumps(result), flush=True)  # before teardown, which may be slow
     shutdown = getattr(engine.runner, "shutdown", None)
     if shutdown:
         shutdown()
@@ -118,7 +119,7 @@ def main() -> None:
     opts = ap.parse_args()
 
     if opts.num_shard is not None:
-        print("RESULT " + json.dumps(child(opts)), flush=True)
+        child(opts)
         return
 
     results = []

@@ -7,7 +7,9 @@ which the workers wait on for as long as the server stays idle, so it gets no re
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from datetime import timedelta
 
 import torch
@@ -15,9 +17,12 @@ import torch.distributed as dist
 
 from genserve.distributed.state import TPGroup, set_tp_group
 
+logger = logging.getLogger(__name__)
+
 HOST = "127.0.0.1"
 READY_KEY = "genserve/shard{}/ready"
 IDLE_TIMEOUT = timedelta(days=3650)
+DESTROY_TIMEOUT_S = 15.0
 # Spawning a worker and importing torch can take a while on a loaded host.
 START_TIMEOUT = timedelta(minutes=10)
 _threads_before: int | None = None
@@ -61,7 +66,14 @@ def destroy_groups() -> None:
     global _threads_before
     try:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # NCCL's teardown can block for good once the peers have exited (seen on 2 H200s
+            # after a finished run): give it a bounded time, then leave it to process exit.
+            done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            done.start()
+            done.join(DESTROY_TIMEOUT_S)
+            if done.is_alive():
+                logger.warning("process-group teardown still blocked after %.0f s; moving on",
+                               DESTROY_TIMEOUT_S)
     finally:
         set_tp_group(0, 1)
         if _threads_before is not None:
