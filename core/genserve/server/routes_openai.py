@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from genserve.engine.sequence import FinishReason
 from genserve.server import errors
 from genserve.server.chat import parse_tool_output, render_chat, response_format_grammar, tool_schema
+from genserve.server.admission import admitted, run_to_completion
 from genserve.server.errors import APIError, counted
-from genserve.server.inference import (ClientDisconnected, SeqResult, finite, merged_streams,
-                                       run_many, unless_disconnected)
+from genserve.server.inference import finite, merged_streams
 from genserve.server.routes_tgi import ERRORS, get_state, record_validated, sse_schema
 from genserve.server.schemas_openai import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelList
 from genserve.server.sse import DONE, GenerationEvents, event
@@ -98,38 +98,27 @@ def model_name(state, req) -> str:
 # -- chat ---------------------------------------------------------------------------------
 async def chat_impl(state, request: Request, req: ChatRequest) -> Response:
     start = time.monotonic()
-    state.metrics.request_received()
-    with counted(state.metrics):
-        permit = state.admit()
-        try:
-            n = choices_count(state, req.n)
-            p = openai_params(state, req, req.max_completion_tokens or req.max_tokens)
-            if req.logprobs:
-                p.top_n_tokens = req.top_logprobs or 0
-            schema = tool_schema(req.tools, req.tool_choice)
-            if schema is not None:
-                p.grammar = ("json_schema", schema)
-            else:
-                p.grammar = response_format_grammar(req.response_format)
-            prompt = render_chat(state, req.messages, req.tools if schema is not None else None,
-                                 req.tool_prompt)
-            valid = await validate(state, prompt, p, add_special_tokens=False)
-        except BaseException:
-            permit.release()
-            raise
+    with admitted(state) as permit:
+        n = choices_count(state, req.n)
+        p = openai_params(state, req, req.max_completion_tokens or req.max_tokens)
+        if req.logprobs:
+            p.top_n_tokens = req.top_logprobs or 0
+        schema = tool_schema(req.tools, req.tool_choice)
+        if schema is not None:
+            p.grammar = ("json_schema", schema)
+        else:
+            p.grammar = response_format_grammar(req.response_format)
+        prompt = render_chat(state, req.messages, req.tools if schema is not None else None,
+                             req.tool_prompt)
+        valid = await validate(state, prompt, p, add_special_tokens=False)
     validated = record_validated(state, valid)
     jobs = [(valid.prompt_ids, params) for params in seeded(valid, n)]
     ctx = ChatContext(state, req, valid, schema is not None, start, validated)
     if req.stream:
         return GenerationEvents(chat_events(ctx, permit, jobs), permit.release)
-    try:
-        with counted(state.metrics):
-            results = await unless_disconnected(request, run_many(state, permit, jobs))
-    except ClientDisconnected:
-        state.metrics.request_failed("cancelled")
-        return Response(status_code=499)
-    finally:
-        permit.release()
+    results = await run_to_completion(state, request, permit, jobs)
+    if isinstance(results, Response):
+        return results
     ctx.succeeded(results[-1].arrival, results[-1].first_scheduled, sum(len(r.tokens) for r in results))
     choices = []
     for i, r in enumerate(results):
@@ -251,21 +240,15 @@ def completion_logprobs(state, tokens, offset: int, top: int) -> dict:
 
 async def completions_impl(state, request: Request, req: CompletionRequest) -> Response:
     start = time.monotonic()
-    state.metrics.request_received()
-    with counted(state.metrics):
-        permit = state.admit()
-        try:
-            if req.suffix:
-                raise errors.validation("Suffix is not supported and can be achieved by preprocessing the prompt.")
-            n = choices_count(state, req.n)
-            prompts = prompts_of(state, req.prompt)
-            p = openai_params(state, req, req.max_tokens if req.max_tokens is not None else 100)
-            if req.logprobs is not None:
-                p.top_n_tokens = req.logprobs
-            valids = [await validate(state, x, p) for x in prompts]
-        except BaseException:
-            permit.release()
-            raise
+    with admitted(state) as permit:
+        if req.suffix:
+            raise errors.validation("Suffix is not supported and can be achieved by preprocessing the prompt.")
+        n = choices_count(state, req.n)
+        prompts = prompts_of(state, req.prompt)
+        p = openai_params(state, req, req.max_tokens if req.max_tokens is not None else 100)
+        if req.logprobs is not None:
+            p.top_n_tokens = req.logprobs
+        valids = [await validate(state, x, p) for x in prompts]
     validated = time.monotonic()
     for v in valids:
         record_validated(state, v)
@@ -275,14 +258,9 @@ async def completions_impl(state, request: Request, req: CompletionRequest) -> R
     prompt_tokens = sum(v.input_length for v in valids)
     if req.stream:
         return GenerationEvents(completion_events(ctx, permit, jobs, echo, prompt_tokens), permit.release)
-    try:
-        with counted(state.metrics):
-            results: list[SeqResult] = await unless_disconnected(request, run_many(state, permit, jobs))
-    except ClientDisconnected:
-        state.metrics.request_failed("cancelled")
-        return Response(status_code=499)
-    finally:
-        permit.release()
+    results = await run_to_completion(state, request, permit, jobs)
+    if isinstance(results, Response):
+        return results
     generated = sum(len(r.tokens) for r in results)
     ctx.succeeded(results[-1].arrival, results[-1].first_scheduled, generated)
     choices = [{"index": i, "text": echo[i] + r.text, "finish_reason": finish_reason(r.finish_reason),

@@ -12,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from genserve.engine.sampling_params import SamplingParams
 from genserve.server import errors
+from genserve.server.admission import admitted, run_to_completion
 from genserve.server.errors import APIError, counted
-from genserve.server.inference import (ClientDisconnected, SeqResult, engine_stream, finite,
-                                       new_request_id, run_many, unless_disconnected)
+from genserve.server.inference import SeqResult, engine_stream, finite, new_request_id
 from genserve.server.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse,
                                          GenerateRequest, GenerateResponse, Info, SimpleToken)
 from genserve.server.sse import GenerationEvents, event
@@ -97,20 +97,13 @@ async def validate_generate(state, req: GenerateRequest, full_text_default: bool
 async def generate_json(state, request: Request, req: GenerateRequest, full_text_default: bool,
                         as_list: bool = False) -> Response:
     start = time.monotonic()
-    state.metrics.request_received()
-    with counted(state.metrics):
-        permit = state.admit()
-        try:
-            valid = await validate_generate(state, req, full_text_default)
-            validated = record_validated(state, valid)
-            jobs = [(valid.prompt_ids, valid.sampling_params()) for _ in range(valid.best_of)]
-            try:
-                results = await unless_disconnected(request, run_many(state, permit, jobs))
-            except ClientDisconnected:
-                state.metrics.request_failed("cancelled")
-                return Response(status_code=499)
-        finally:
-            permit.release()
+    with admitted(state) as permit:
+        valid = await validate_generate(state, req, full_text_default)
+    validated = record_validated(state, valid)
+    jobs = [(valid.prompt_ids, valid.sampling_params()) for _ in range(valid.best_of)]
+    results = await run_to_completion(state, request, permit, jobs)
+    if isinstance(results, Response):
+        return results
     p = valid.params
     best = max(results, key=lambda r: r.logprob_sum) if len(results) > 1 else results[0]
     record_success(state, start, validated, best)
@@ -184,14 +177,8 @@ async def tgi_events(state, permit, valid: ValidRequest, start: float, validated
 
 async def generate_events(state, req: GenerateRequest, full_text_default: bool) -> Response:
     start = time.monotonic()
-    state.metrics.request_received()
-    with counted(state.metrics):
-        permit = state.admit()
-        try:
-            valid = await validate_generate(state, req, full_text_default, stream=True)
-        except BaseException:
-            permit.release()
-            raise
+    with admitted(state) as permit:
+        valid = await validate_generate(state, req, full_text_default, stream=True)
     validated = record_validated(state, valid)
     return GenerationEvents(tgi_events(state, permit, valid, start, validated), permit.release,
                             headers={"x-compute-type": state.loaded.backend.name})
