@@ -153,3 +153,12 @@ def test_a_step_that_fails_to_complete_is_not_completed_again(checkpoint):
     with pytest.raises(RuntimeError):
         engine.step()
     assert engine._in_flight is None or engine._in_flight[1] is not broken
+
+
+def test_the_flag_turns_overlap_off(checkpoint, monkeypatch):
+    folder, _ = checkpoint
+    engine = load_genserve(folder)  # CPU: its runner doesn't overlap
+    assert engine.overlap is False
+    monkeypatch.setattr(type(engine.runner), "overlap_steps", True)  # as a GPU runner does
+    assert load_genserve(folder).overlap is True
+    assert load_genserve(folder, disable_overlap_steps=True).overlap is False

@@ -185,6 +185,8 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         # block hashes do not cover: a hit could hand one adapter's KV to another request.
         engine_config.enable_prefix_caching = False
     runner = backend.create_model_runner(model, engine_config)
+    if args.disable_overlap_steps:
+        runner.overlap_steps = False  # read by LLMEngine; an instance attribute beats the class's
     if lora is not None:
         runner.lora = lora  # ModelRunner puts lora.batch_for(...) in each step's ForwardBatch
     # Every rank must hold the same number of blocks: the scheduler on rank 0 hands them out.
