@@ -18,8 +18,6 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 Key = tuple[int, int, torch.dtype]
-# The kernel module imports triton: it is imported where a chosen kernel runs or is timed, so
-# the dispatch itself works (all cuBLAS) where triton is missing.
 MIN_GAIN = 0.97  # keep Triton only when it takes < 97% of cuBLAS's time
 
 
@@ -28,6 +26,9 @@ def shape_key(weight: torch.Tensor) -> Key:
 
 
 class GemvDispatch:
+    # The kernel module imports triton, so it is imported only where a chosen kernel runs or is
+    # timed: the dispatch itself works (all cuBLAS) where triton is missing.
+
     def __init__(self):
         self.choice: dict[Key, object | None] = {}  # a GemvConfig, or None for cuBLAS
         self.weights: dict[Key, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
@@ -60,7 +61,7 @@ class GemvDispatch:
             times = {None: _graph_time([lambda w=w, b=b: F.linear(x, w, b) for w, b in items])}
             for cfg in CANDIDATES:
                 times[cfg] = _graph_time([lambda w=w, b=b, c=cfg: gemv(x, w, b, c) for w, b in items])
-            best = min((c for c in CANDIDATES), key=lambda c: times[c])
+            best = min(CANDIDATES, key=lambda c: times[c])
             chosen = best if times[best] < MIN_GAIN * times[None] else None
             self.choice[key] = chosen
             gbs = n * k * torch.empty((), dtype=dtype).element_size() / 1e9

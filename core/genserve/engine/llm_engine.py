@@ -100,7 +100,6 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 outputs += self._complete(*launched)
-        if launched is not None:
             self.last_step_stats = {
                 "duration": time.perf_counter() - t0,
                 "num_seqs": len(plan.scheduled),

@@ -19,6 +19,7 @@ from genserve.attention.base import AttentionMetadata
 from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from genserve.engine.scheduler import ScheduledSeq
+from genserve.engine.transfer import download, upload
 from genserve.models.base import ForwardBatch
 
 
@@ -55,7 +56,7 @@ class LaunchedStep:
         self._host: list[torch.Tensor | None] = []
         self._event = None
         if out is not None:
-            self._host = [_to_host(t) for t in (out.tokens, out.logprobs, out.top_ids, out.top_logprobs)]
+            self._host = [download(t) for t in (out.tokens, out.logprobs, out.top_ids, out.top_logprobs)]
             if device is not None and device.type != "cpu":
                 self._event = torch.Event(device=device)
                 self._event.record()
@@ -86,14 +87,6 @@ class FinishedStep(LaunchedStep):
 
     def results(self) -> list[StepResult]:
         return self._results
-
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Start copying ``t`` to pinned host memory; read it only after the step's event."""
-    if t is None or t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class ModelRunner:
@@ -127,14 +120,6 @@ class ModelRunner:
                           for _ in range(spec.num_layers)]
 
     # -- inputs ---------------------------------------------------------------------------
-    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """One host-to-device copy. Pinned memory keeps it asynchronous: a copy from pageable
-        memory would wait for the device to finish the step in flight."""
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def prepare(self, scheduled: list[ScheduledSeq]) -> PreparedBatch:
         ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
         logit_rows, sampling_index, prompt_rows = [], [], {}
@@ -170,8 +155,8 @@ class ModelRunner:
         every_row = S == T  # decode-only: the sampler takes all rows, no gather needed
 
         # Two uploads per step: the int64 inputs and the int32 attention metadata.
-        longs = self._upload(ids + pos + slots + ([] if every_row else logit_rows) + ref_dst + ref_src,
-                             torch.long)
+        packed = ids + pos + slots + ([] if every_row else logit_rows) + ref_dst + ref_src
+        longs = upload(torch.tensor(packed, dtype=torch.long), self.device)
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
@@ -179,7 +164,7 @@ class ModelRunner:
         for tb in tables:
             flat_tables += tb
             flat_tables += [0] * (width - len(tb))
-        ints = self._upload(cu + seq_lens + flat_tables, torch.int32)
+        ints = upload(torch.tensor(cu + seq_lens + flat_tables, dtype=torch.int32), self.device)
 
         input_ids = longs[:T]
         if R:

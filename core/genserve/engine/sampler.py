@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from genserve.engine.sampling_params import SamplingParams
+from genserve.engine.transfer import upload
 
 _MASK62 = (1 << 62) - 1
 
@@ -65,24 +66,21 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
               histories: list[list[int]], outputs: list[list[int]], device,
               watermark_gamma=0.5, watermark_delta=2.0) -> "SamplingBatch":
-        def upload(rows, dtype):
-            # One (pinned, asynchronous) copy per dtype; the fields are column views.
-            t = torch.tensor(rows, dtype=dtype)
-            if torch.device(device).type != "cpu":
-                t = t.pin_memory().to(device, non_blocking=True)
-            return t
+        def t(rows, dtype):
+            # One asynchronous copy per dtype; the per-row fields are column views.
+            return upload(torch.tensor(rows, dtype=dtype), device)
 
         def padded(rows):
             width = max(1, max(len(r) for r in rows))
-            return upload([r + [-1] * (width - len(r)) for r in rows], torch.long)
+            return t([r + [-1] * (width - len(r)) for r in rows], torch.long)
 
         need_rep = any(p.repetition_penalty != 1.0 for p in params)
         need_freq = any(p.frequency_penalty or p.presence_penalty for p in params)
         need_wm = any(p.watermark for p in params)
-        floats = upload([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
+        floats = t([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
                           p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
                           p.frequency_penalty, p.presence_penalty] for p in params], torch.float32)
-        longs = upload([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
+        longs = t([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
                          int(p.watermark), h[-1] if h else 0]
                         for p, seed, step, h in zip(params, seeds, steps, histories)], torch.long)
         return cls(

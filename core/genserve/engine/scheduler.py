@@ -1,9 +1,9 @@
 """Continuous batching: which sequences run this step, and how many of their tokens.
 
 Each step runs the decodes of running sequences, continues chunked prefills, then admits
-waiting requests under TGI's budgets and admission rule. When the KV cache is full, the newest running
-sequence is preempted (its blocks freed, its tokens recomputed later, mostly from the prefix
-cache), so no request fails because others are long.
+waiting requests under TGI's budgets and admission rule. When the KV cache is full, the
+newest running sequence is preempted (its blocks freed, its tokens recomputed later, mostly
+from the prefix cache), so no request fails because others are long.
 """
 
 from __future__ import annotations

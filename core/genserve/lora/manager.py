@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from genserve.engine.transfer import upload
 from genserve.distributed.state import get_tp_group
 from genserve.lora.errors import LoRAError
 from genserve.lora.mapping import check_model, resolve
@@ -89,13 +90,7 @@ class LoRAManager:
             slots.append(-1 if aid is None else self.slots[aid])
         index_cpu = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long),
                                             torch.tensor(q_lens, dtype=torch.long))
-        return LoRABatch(self._upload(index_cpu), index_cpu)
-
-    def _upload(self, index_cpu: torch.Tensor) -> torch.Tensor:
-        # Pinned, so the copy does not wait for a step still running on the device.
-        if self.device.type == "cpu":
-            return index_cpu
-        return index_cpu.pin_memory().to(self.device, non_blocking=True)
+        return LoRABatch(upload(index_cpu, self.device), index_cpu)
 
     def _enter(self, model, args, kwargs):
         batch = kwargs.get("batch", args[2] if len(args) > 2 else None)
@@ -120,7 +115,7 @@ class LoRAManager:
             return step
         if not bool((index >= 0).any()):
             return None
-        return LoRABatch(self._upload(index), index)
+        return LoRABatch(upload(index, self.device), index)
 
     def close(self) -> None:
         """Detach from the model (tests; a server keeps its adapters for its lifetime)."""

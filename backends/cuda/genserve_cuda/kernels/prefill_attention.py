@@ -3,8 +3,8 @@
 Grid ``(heads, batch, q_tiles)``, heaviest tiles first: a program takes ``BLOCK_M`` query
 rows of one sequence and one head and streams that sequence's keys from the paged cache
 (prefix-cache hits, earlier chunks and this step's tokens alike: the new K/V are written
-first). Masking is by absolute
-position, so a sequence's query rows sit at ``seq_len - q_len ... seq_len - 1``.
+first). Masking is by absolute position, so a sequence's query rows sit at
+``seq_len - q_len ... seq_len - 1``.
 """
 
 from __future__ import annotations
