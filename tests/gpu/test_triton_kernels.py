@@ -159,3 +159,38 @@ def test_prefill_writes_every_output_row(device):
                             m.max_seqlen_q, spec.scale, out=out)
     assert not out.isnan().any()
     assert max_excess(out, ref, dtype)[1] <= 0
+
+
+def test_fresh_prefill_reads_qkv_views(device):
+    """The fresh-prompt path takes K/V straight from a fused QKV projection's strided views."""
+    from genserve_cuda.kernels.prefill_attention import fresh_prefill_attention
+
+    spec = spec_of(8, 2, 64)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    b = make_paged_batch([(70, 70), (9, 9), (1, 1)], 8, 2, 64, dtype=dtype, device=device)
+    ref = TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache, b.meta)
+    T = b.q.shape[0]
+    qkv = torch.cat([b.q.reshape(T, -1), b.k.reshape(T, -1), b.v.reshape(T, -1)], dim=1)
+    q, k, v = qkv.split([8 * 64, 2 * 64, 2 * 64], dim=1)
+    out = torch.full_like(b.q, float("nan"))
+    m = b.meta
+    fresh_prefill_attention(q.view(T, 8, 64), k.view(T, 2, 64), v.view(T, 2, 64), m.seq_lens,
+                            m.cu_seqlens_q, m.max_seqlen_q, spec.scale, out=out)
+    assert not out.isnan().any()
+    assert max_excess(out, ref, dtype)[1] <= 0
+
+
+def test_long_fresh_prompts_through_cudnn(device, on_gpu):
+    """Long fresh prompts take cuDNN's attention on Hopper; the answer is the reference's."""
+    if not on_gpu:
+        pytest.skip("cuDNN attention needs a GPU")
+    spec = spec_of(32, 8, 128)
+    impl = TritonPagedAttention(spec)
+    if not impl._cudnn.enabled:
+        pytest.skip("cuDNN fused attention is used on Hopper and newer only")
+    b = make_paged_batch([(2048, 2048), (3000, 3000)], 32, 8, 128, dtype=torch.bfloat16, device=device)
+    assert impl._cudnn.wants(b.meta.query_lens_cpu, torch.bfloat16)
+    ref = TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache.clone(), b.meta)
+    out = impl.forward(b.q, b.k, b.v, b.kv_cache, b.meta)
+    assert impl._cudnn.enabled, "cuDNN refused the call and the Triton kernel served it"
+    assert max_excess(out, ref, torch.bfloat16)[1] <= 0

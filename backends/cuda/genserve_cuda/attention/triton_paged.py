@@ -6,12 +6,15 @@ import torch
 
 from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
 from genserve_cuda._triton import triton_unavailable_reason
+from genserve_cuda.attention.cudnn_fresh import CudnnFreshAttention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class TritonPagedAttention(AttentionImpl):
-    """Decode-only batches go to the split-K decode kernel, everything else to the prefill one.
+    """Decode-only batches go to the split-K decode kernel, everything else to the prefill one,
+    which reads a batch of fresh prompts from this step's K/V rather than through the cache
+    (long ones go to cuDNN's fused attention where it is faster: ``cudnn_fresh``).
 
     Graph-safe: no host syncs, and every launch shape comes from host-side metadata, so the
     CUDA-graph runner can capture decode steps. Padding rows (slot -1, seq_len 0) give zeros.
@@ -23,6 +26,7 @@ class TritonPagedAttention(AttentionImpl):
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
         self._slopes: dict[torch.device, torch.Tensor] = {}
+        self._cudnn = CudnnFreshAttention(spec)
 
     @classmethod
     def supports(cls, spec: AttentionSpec, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -48,7 +52,7 @@ class TritonPagedAttention(AttentionImpl):
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         from genserve_cuda.kernels.decode_attention import paged_decode_attention
         from genserve_cuda.kernels.kv_cache import write_kv_cache
-        from genserve_cuda.kernels.prefill_attention import paged_prefill_attention
+        from genserve_cuda.kernels.prefill_attention import fresh_prefill_attention, paged_prefill_attention
 
         s = self.spec
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
@@ -59,6 +63,18 @@ class TritonPagedAttention(AttentionImpl):
             return paged_decode_attention(
                 q, kv_cache, meta.block_tables, meta.seq_lens, s.scale, meta.max_seqlen_k,
                 num_splits=meta.extra.get("decode_num_splits"), **common)
+        if is_fresh(meta):
+            if self._cudnn.wants(meta.query_lens_cpu, q.dtype):
+                out = self._cudnn(q, k, v, meta.query_lens_cpu)
+                if out is not None:
+                    return out
+            return fresh_prefill_attention(q, k, v, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                           s.scale, causal=s.causal, **common)
         return paged_prefill_attention(
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
             s.scale, causal=s.causal, **common)
+
+
+def is_fresh(meta: AttentionMetadata) -> bool:
+    """Every sequence of the batch is a whole prompt with nothing cached before it."""
+    return bool(meta.seq_lens_cpu) and meta.seq_lens_cpu == meta.query_lens_cpu

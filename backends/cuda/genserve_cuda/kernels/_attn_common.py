@@ -27,6 +27,15 @@ def load_kv_tile(cache_ptr, bt_row_ptr, pos, kmask, d, dmask, kvh,
 
 
 @triton.jit
+def load_kv_rows(base_ptr, pos, kmask, d, dmask, kvh, stride_tok, stride_h, CHECK_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of one KV head from a contiguous run of rows (``base_ptr`` is
+    the sequence's first token): the fresh-prompt path, where no key is in the cache yet."""
+    mask = (kmask[:, None] & dmask[None, :]) if CHECK_N else dmask[None, :]
+    off = pos.to(tl.int64) * stride_tok + kvh * stride_h
+    return tl.load(base_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def scores_log2(q, k, scale_log2, softcap, pos, q_pos, slope_log2,
                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Attention logits in log2 units (so the softmax can use exp2): [rows, BLOCK_N]."""

@@ -1,4 +1,5 @@
-"""Paged attention for prefill, chunked prefill and mixed batches.
+"""Attention for prefill, chunked prefill and mixed batches, over the paged cache or, for a
+batch of fresh prompts, over this step's own K/V rows.
 
 Grid ``(heads, batch, q_tiles)``, heaviest tiles first: a program takes ``BLOCK_M`` query
 rows of one sequence and one head and streams that sequence's keys from the paged cache
@@ -14,21 +15,30 @@ import triton
 import triton.language as tl
 
 from genserve_cuda._triton import next_pow2
-from genserve_cuda.kernels._attn_common import load_kv_tile, scores_log2
+from genserve_cuda.kernels._attn_common import load_kv_rows, load_kv_tile, scores_log2
 
 
 @triton.jit
-def _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
-                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+def _load_tile(base, bt_row, pos, kmask, d, dmask, kvh, block_size, stride_block, stride_tok, stride_h,
+               MASKED: tl.constexpr, PAGED: tl.constexpr):
+    if PAGED:
+        return load_kv_tile(base, bt_row, pos, kmask, d, dmask, kvh,
+                            block_size, stride_block, stride_tok, stride_h, MASKED)
+    return load_kv_rows(base, pos, kmask, d, dmask, kvh, stride_tok, stride_h, MASKED)
+
+
+@triton.jit
+def _attend_tile(acc, m, l, q, q_pos, n0, hi, k_base, v_base, bt_row, d, dmask, kvh, block_size,
+                 stride_block, stride_tok, stride_h,
                  scale_log2, softcap, window, slope_log2,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr):
     """One key tile of online softmax. ``MASKED=False`` only for tiles every row sees whole."""
     pos = n0 + tl.arange(0, BLOCK_N)
     kmask = pos < hi
-    k = load_kv_tile(cache_ptr, bt_row, pos, kmask, d, dmask, kvh,
-                     block_size, stride_c_block, stride_c_tok, stride_c_h, MASKED)
+    k = _load_tile(k_base, bt_row, pos, kmask, d, dmask, kvh, block_size, stride_block, stride_tok,
+                   stride_h, MASKED, PAGED)
     s = scores_log2(q, k, scale_log2, softcap, pos, q_pos, slope_log2, USE_SOFTCAP, USE_ALIBI, DOT_PRECISION)
     if MASKED:
         rel = pos[None, :] - q_pos[:, None]
@@ -47,22 +57,26 @@ def _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, 
     alpha = tl.exp2(m - m_use)
     p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
-    v = load_kv_tile(cache_ptr + stride_c_kv, bt_row, pos, kmask, d, dmask, kvh,
-                     block_size, stride_c_block, stride_c_tok, stride_c_h, MASKED)
+    v = _load_tile(v_base, bt_row, pos, kmask, d, dmask, kvh, block_size, stride_block, stride_tok,
+                   stride_h, MASKED, PAGED)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, slopes_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, slopes_ptr, out_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_c_kv, stride_c_block, stride_c_tok, stride_c_h, stride_bt,
+    stride_block, stride_tok, stride_h, stride_bt,
     scale, softcap, window, head_dim, block_size,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr,
 ):
+    # PAGED: keys and values come from the cache through the block table (k_ptr, v_ptr are its
+    # key and value halves). Otherwise every sequence is a fresh prompt (seq_len == q_len) and
+    # they are this step's contiguous K/V rows, read directly: no table lookups, and loads
+    # Triton can pipeline.
     # Causal tiles further down a sequence see more keys. The tile is the grid's slowest axis
     # and counts down, so the GPU (which starts programs in grid order) takes the heaviest
     # first and the last wave isn't a few long programs on an otherwise idle GPU.
@@ -108,28 +122,44 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    k_base = k_ptr
+    v_base = v_ptr
+    if not PAGED:
+        k_base += q_start.to(tl.int64) * stride_tok
+        v_base += q_start.to(tl.int64) * stride_tok
     for n0 in range(lo, full, BLOCK_N):
-        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
-                                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, k_base, v_base, bt_row, d, dmask, kvh,
+                                 block_size, stride_block, stride_tok, stride_h,
                                  scale_log2, softcap, window, slope_log2, BLOCK_N, False, CAUSAL,
-                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, PAGED)
     for n0 in range(tl.maximum(lo, full), hi, BLOCK_N):
-        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, cache_ptr, bt_row, d, dmask, kvh, block_size,
-                                 stride_c_kv, stride_c_block, stride_c_tok, stride_c_h,
+        acc, m, l = _attend_tile(acc, m, l, q, q_pos, n0, hi, k_base, v_base, bt_row, d, dmask, kvh,
+                                 block_size, stride_block, stride_tok, stride_h,
                                  scale_log2, softcap, window, slope_log2, BLOCK_N, True, CAUSAL,
-                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+                                 USE_ALIBI, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, PAGED)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows that saw nothing give zeros
     tl.store(out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
-def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes. On H100 (bf16, head_dim 128) 128x128 tiles ran 5-10% faster than 128x64
-    (bench/gpu_kernels.py sweep); fp32 tiles of that size overflow shared memory."""
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, paged: bool = True,
+                   max_seqlen_q: int = 0) -> dict:
+    """Tile sizes, from bench/prefill_attention.py on an H100 (bf16, head_dim 128).
+
+    Paged: 128x128 tiles, 2 stages (5-10% faster than 128x64). Fresh prompts, whose K/V loads
+    are plain strided rows that Triton pipelines deeper: 128x64 with 3 stages for long prompts
+    (417 vs 377 TFLOP/s at 2x4096), 64x64 with 4 warps for short ones (more programs to fill
+    the GPU). fp32 tiles of these sizes overflow shared memory.
+    """
+    if device.type == "cuda" and head_dim <= 128 and dtype.itemsize == 2:
+        if paged:
+            return dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
+        if max_seqlen_q >= 2048:
+            return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
     if device.type == "cuda" and head_dim <= 128:
-        block_n = 128 if dtype.itemsize == 2 else 64
-        return dict(block_m=128, block_n=block_n, num_warps=8, num_stages=2)
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
     return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
@@ -141,7 +171,35 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,  # [B+1] int32
     max_seqlen_q: int,
     scale: float,
-    *,
+    **kwargs,
+) -> torch.Tensor:
+    """Attention of this step's query rows over each sequence's whole paged context."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale,
+                   strides=(k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+                   block_size=kv_cache.shape[2], paged=True, **kwargs)
+
+
+def fresh_prefill_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]: this step's keys, every sequence starting at position 0
+    v: torch.Tensor,  # [T, Hkv, D]
+    seq_lens: torch.Tensor,  # [B] int32, equal to the query lengths
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    max_seqlen_q: int,
+    scale: float,
+    **kwargs,
+) -> torch.Tensor:
+    """Attention for a batch of fresh prompts (nothing cached yet): K/V are read from this step's
+    rows instead of through the block table. Same numbers as the paged path."""
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    return _launch(q, k, v, cu_seqlens_q, seq_lens, cu_seqlens_q, max_seqlen_q, scale,
+                   strides=(0, k.stride(0), k.stride(1)), block_size=1, paged=False, **kwargs)
+
+
+def _launch(
+    q, k, v, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, *, strides, block_size, paged,
     causal: bool = True,
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,
@@ -154,28 +212,28 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     T, H, D = q.shape
     B = seq_lens.shape[0]
-    Hkv = kv_cache.shape[3]
+    Hkv = k.shape[-2]
     if out is None:
         out = torch.empty_like(q)
     if T == 0:
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    cfg = default_config(D, q.dtype, q.device)
+    cfg = default_config(D, q.dtype, q.device, paged, max_seqlen_q)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     grid = (H, B, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, cu_seqlens_q,
+        q, k, v, block_tables, seq_lens, cu_seqlens_q,
         alibi_slopes if alibi_slopes is not None else q, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0),
-        scale, logit_softcap or 0.0, sliding_window or 0, D, kv_cache.shape[2],
+        *strides, block_tables.stride(0),
+        scale, logit_softcap or 0.0, sliding_window or 0, D, block_size,
         GROUP=H // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
         CAUSAL=causal, USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=logit_softcap is not None,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the target's default
+        PAGED=paged,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out
