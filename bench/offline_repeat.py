@@ -27,12 +27,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode-first", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
+    ap.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,128,192,256,320,384,448,512")
     args = ap.parse_args()
     from transformers import LlamaConfig
     folder = tempfile.mkdtemp()
     LlamaConfig(**b.LLAMA3_8B).save_pretrained(folder)
-    ns = argparse.Namespace(backend="cuda", prefill_chunk=8192, max_batch_size=512,
-                            cuda_graphs="1,2,4,8,16,32,64,128,192,256,320,384,448,512")
+    ns = argparse.Namespace(backend="cuda", prefill_chunk=args.prefill_chunk, max_batch_size=args.max_batch_size,
+                            cuda_graphs=args.cuda_graphs)
+    print(f"max batch {args.max_batch_size}, prefill chunk {args.prefill_chunk}", flush=True)
     engine = b.build_genserve(folder, ns)
     vocab = 128256
     if args.decode_first:
@@ -42,7 +46,8 @@ def main():
         print(f"decode 128x2048 took {time.perf_counter() - t0:.1f}s", flush=True)
     for i in range(args.repeats):
         tok_s = offline(engine, vocab)
-        print(f"offline run {i}: {tok_s:8.1f} tok/s, steps {b.STEPS}", flush=True)
+        print(f"offline run {i}: {tok_s:8.1f} tok/s, steps {b.STEPS}, "
+              f"preemptions {engine.scheduler.num_preemptions}", flush=True)
     gc.collect()
     gc.freeze()
     print(f"after gc.freeze: {offline(engine, vocab):8.1f} tok/s", flush=True)

@@ -141,6 +141,7 @@ class CudaModelRunner(ModelRunner):
     """
 
     overlap_steps = True  # kernel launches are asynchronous: build step N+1 while N runs
+    lazy_kernels = True  # Triton compiles on first use: warm every step kind up (engine/warmup.py)
 
     def __init__(self, model, config, backend):
         super().__init__(model, config, backend)

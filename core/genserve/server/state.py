@@ -87,16 +87,13 @@ class ServerState:
         """Build the engine, run a warmup generation, start the engine thread (blocking)."""
         from genserve.engine.async_engine import AsyncEngine
         from genserve.engine.build import build_engine
-        from genserve.engine.sampling_params import SamplingParams
+        from genserve.engine.warmup import warm_up
         from genserve.server.grammar import GrammarCompiler
 
         loaded = (self._build or build_engine)(self.args)
         engine = loaded.engine
         vocab = model_vocab_size(loaded)
-        warm_ids = self.probe_ids(loaded.tokenizer, vocab)
-        engine.add_request("genserve-warmup", warm_ids, SamplingParams(max_new_tokens=2))
-        while engine.has_work:
-            engine.step()
+        warm_up(engine, vocab)
         # Loading leaves millions of long-lived objects; frozen, every later full collection
         # skips them instead of stalling the engine loop mid-step (vLLM and SGLang do this too).
         gc.collect()
