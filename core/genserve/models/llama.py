@@ -122,6 +122,11 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config, ctx)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
         self.layers = nn.ModuleList(self.make_layer(config, i, ctx) for i in range(config.num_hidden_layers))
+        # Every layer rotates alike: share one fp32 cos/sin table of max_position rows (otherwise
+        # ~50 MB a layer at 128k positions, twice that with longrope's two tables).
+        self.rotary_emb = self.layers[0].self_attn.rotary_emb
+        for layer in self.layers[1:]:
+            layer.self_attn.rotary_emb = self.rotary_emb
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, self.norm_offset)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype)
         if getattr(config, "tie_word_embeddings", False):
