@@ -7,7 +7,8 @@ pytest.importorskip("triton")
 
 from genserve.layers.activation import GatedActivation  # noqa: E402
 from genserve.layers.norm import RMSNorm  # noqa: E402
-from genserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from genserve.attention.base import AttentionMetadata  # noqa: E402
+from genserve.layers.rotary import LongRopeRotaryEmbedding, RotaryEmbedding  # noqa: E402
 from genserve_cuda.kernels.activation import silu_and_mul  # noqa: E402
 from genserve_cuda.kernels.rms_norm import rms_norm  # noqa: E402
 from genserve_cuda.kernels.rotary import rotary_embedding  # noqa: E402
@@ -60,6 +61,32 @@ def test_rotary(device, dtype, rotary_dim, interleaved):
         torch.testing.assert_close(out.float(), exact.to(dtype).float(), rtol=0, atol=2 * torch.finfo(dtype).eps * 4)
         # Never further from the fp32 result than the module's own dtype-rounded maths.
         assert (out.float() - exact).abs().max() <= (ref.float() - exact).abs().max() + 1e-6
+
+
+def test_rotary_longrope_rows(device, dtype):
+    """longrope's stacked [short; long] tables through the unchanged kernel: rows chosen per
+    sequence by ``cache_rows`` (a short prefill, a long one, decode rows on both sides)."""
+    half = 32
+    inv = 1.0 / (10000 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))
+    rope = LongRopeRotaryEmbedding(64, 2 * half, 512, inv / 1.2, inv / 9.0, threshold=64,
+                                   scaling=1.1).to(device)
+    optimize_model(rope)  # the subclass keeps the core forward, so it is swapped like any rotary
+    assert "forward" in vars(rope) and rope.cos.shape == (1024, half)
+    seqs = [(40, 7), (100, 50), (64, 1), (65, 1)]  # (length after the step, rows this step)
+    pos = torch.tensor([p for n, q in seqs for p in range(n - q, n)], device=device)
+    cu = torch.tensor([0, 7, 57, 58, 59], dtype=torch.int32, device=device)
+    lens = torch.tensor([n for n, _ in seqs], dtype=torch.int32, device=device)
+    meta = AttentionMetadata(cu, lens, torch.zeros(4, 1, dtype=torch.int32, device=device),
+                             torch.zeros(59, dtype=torch.long, device=device), 50, 100, False)
+    rows = rope.cache_rows(pos, meta)
+    assert rows.tolist() == [p + 512 * (n > 64) for n, q in seqs for p in range(n - q, n)]
+    q = torch.randn(59, 4, 64, dtype=dtype, device=device)
+    k = torch.randn(59, 2, 64, dtype=dtype, device=device)
+    exact = RotaryEmbedding.forward(rope, rows, q.float(), k.float())
+    kernel = rotary_embedding(rows, q, k, rope.cos, rope.sin, 2 * half)
+    swapped = rope(rows, q, k)  # the kernel on a GPU; the PyTorch fallback on the CPU
+    for out, ref in [*zip(kernel, exact), *zip(swapped, exact)]:
+        torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=0, atol=2 * torch.finfo(dtype).eps * 4)
 
 
 @pytest.mark.parametrize("inter", [11, 1024, 3000])

@@ -151,8 +151,11 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids, positions, batch):
         x, residual = self.embed(input_ids), None
+        # The layers use positions only to rotate: hand them the rotary table's rows (longrope
+        # picks the short or long table per sequence, once per step rather than per layer).
+        rows = self.rotary_emb.cache_rows(positions, batch.attn)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, batch)
+            x, residual = layer(rows, x, residual, batch)
         x, _ = self.norm(x, residual)
         return x
 
