@@ -1,4 +1,5 @@
-"""Every validation rule of TGI's table answers 422 with TGI's message and error body."""
+"""Every validation rule of TGI's table answers 422 with TGI's message and error body (streamed
+requests get the same body as their one SSE event: test_stream_errors.py)."""
 
 from __future__ import annotations
 
@@ -54,16 +55,6 @@ def test_input_longer_than_total_budget(tiny):
     long = "The quick brown fox jumps over the lazy dog. " * 500  # > 4096 tokens
     r = tiny.post("/generate", json={"inputs": long, "parameters": {"max_new_tokens": 1}})
     assert r.status_code == 422 and "`inputs` tokens + `max_new_tokens` must be <= 4096" in r.json()["error"]
-
-
-@pytest.mark.parametrize("params,message", [
-    ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not supported when streaming tokens"),
-    ({"decoder_input_details": True}, "`decoder_input_details` == true is not supported when streaming tokens"),
-    ({"temperature": -1}, "`temperature` must be strictly positive"),
-])
-def test_stream_validation_errors_come_before_the_stream(tiny, params, message):
-    r = tiny.post("/generate_stream", json={"inputs": "Hello", "parameters": params})
-    assert r.status_code == 422 and r.json() == {"error": message, "error_type": "validation"}
 
 
 @pytest.mark.parametrize("raw,content_type", [

@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from genserve.engine.sequence import FinishReason
 from genserve.server import errors
 from genserve.server.chat import parse_tool_output, render_chat, response_format_grammar, tool_schema
-from genserve.server.admission import admitted, run_to_completion
+from genserve.server.admission import admitted, admitted_stream, run_to_completion
 from genserve.server.errors import APIError, counted
 from genserve.server.inference import finite, merged_streams
 from genserve.server.routes_tgi import ERRORS, get_state, record_validated, sse_schema
 from genserve.server.schemas_openai import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelList
-from genserve.server.sse import DONE, GenerationEvents, event
+from genserve.server.sse import DONE, event
 from genserve.server.validation import U64_MAX, GenParams, validate
 
 router = APIRouter(tags=["OpenAI"])
@@ -98,7 +98,8 @@ def model_name(state, req) -> str:
 # -- chat ---------------------------------------------------------------------------------
 async def chat_impl(state, request: Request, req: ChatRequest) -> Response:
     start = time.monotonic()
-    with admitted(state) as permit:
+
+    async def prepare() -> tuple[ChatContext, list]:
         n = choices_count(state, req.n)
         p = openai_params(state, req, req.max_completion_tokens or req.max_tokens)
         if req.logprobs:
@@ -111,11 +112,14 @@ async def chat_impl(state, request: Request, req: ChatRequest) -> Response:
         prompt = render_chat(state, req.messages, req.tools if schema is not None else None,
                              req.tool_prompt)
         valid = await validate(state, prompt, p, add_special_tokens=False)
-    validated = record_validated(state, valid)
-    jobs = [(valid.prompt_ids, params) for params in seeded(valid, n)]
-    ctx = ChatContext(state, req, valid, schema is not None, start, validated)
+        validated = record_validated(state, valid)
+        jobs = [(valid.prompt_ids, params) for params in seeded(valid, n)]
+        return ChatContext(state, req, valid, schema is not None, start, validated), jobs
+
     if req.stream:
-        return GenerationEvents(chat_events(ctx, permit, jobs), permit.release)
+        return await admitted_stream(state, prepare, lambda permit, ctx, jobs: chat_events(ctx, permit, jobs))
+    with admitted(state) as permit:
+        ctx, jobs = await prepare()
     results = await run_to_completion(state, request, permit, jobs)
     if isinstance(results, Response):
         return results
@@ -128,7 +132,7 @@ async def chat_impl(state, request: Request, req: ChatRequest) -> Response:
                         "finish_reason": "tool_calls" if calls else finish_reason(r.finish_reason)})
     completion = sum(len(r.tokens) for r in results)
     return JSONResponse({**ctx.header("chat.completion"), "choices": choices,
-                         "usage": usage(valid.input_length, completion)})
+                         "usage": usage(ctx.valid.input_length, completion)})
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -240,7 +244,8 @@ def completion_logprobs(state, tokens, offset: int, top: int) -> dict:
 
 async def completions_impl(state, request: Request, req: CompletionRequest) -> Response:
     start = time.monotonic()
-    with admitted(state) as permit:
+
+    async def prepare():
         if req.suffix:
             raise errors.validation("Suffix is not supported and can be achieved by preprocessing the prompt.")
         n = choices_count(state, req.n)
@@ -249,15 +254,19 @@ async def completions_impl(state, request: Request, req: CompletionRequest) -> R
         if req.logprobs is not None:
             p.top_n_tokens = req.logprobs
         valids = [await validate(state, x, p) for x in prompts]
-    validated = time.monotonic()
-    for v in valids:
-        record_validated(state, v)
-    jobs = [(v.prompt_ids, params) for v in valids for params in seeded(v, n)]
-    echo = [v.inputs if req.echo else "" for v in valids for _ in range(n)]
-    ctx = ChatContext(state, req, valids[0], False, start, validated, kind="cmpl")
-    prompt_tokens = sum(v.input_length for v in valids)
+        validated = time.monotonic()
+        for v in valids:
+            record_validated(state, v)
+        jobs = [(v.prompt_ids, params) for v in valids for params in seeded(v, n)]
+        echo = [v.inputs if req.echo else "" for v in valids for _ in range(n)]
+        ctx = ChatContext(state, req, valids[0], False, start, validated, kind="cmpl")
+        return ctx, jobs, echo, sum(v.input_length for v in valids)
+
     if req.stream:
-        return GenerationEvents(completion_events(ctx, permit, jobs, echo, prompt_tokens), permit.release)
+        return await admitted_stream(state, prepare, lambda permit, ctx, *rest: completion_events(
+            ctx, permit, *rest))
+    with admitted(state) as permit:
+        ctx, jobs, echo, prompt_tokens = await prepare()
     results = await run_to_completion(state, request, permit, jobs)
     if isinstance(results, Response):
         return results

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from genserve.engine.sampling_params import SamplingParams
 from genserve.server import errors
-from genserve.server.admission import admitted, run_to_completion
+from genserve.server.admission import admitted, admitted_stream, run_to_completion
 from genserve.server.errors import APIError, counted
 from genserve.server.inference import SeqResult, engine_stream, finite, new_request_id
 from genserve.server.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse,
@@ -40,7 +40,8 @@ def sse_schema(*payloads: str, done: bool = False) -> dict:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-SSE_200 = {200: {"description": "Generated tokens as server-sent events",
+SSE_200 = {200: {"description": "Generated tokens as server-sent events; an error (validation and "
+                                 "overload included) is one `{error, error_type}` event that ends the stream",
                  "content": {"text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
 
 router = APIRouter(tags=[TAG])
@@ -177,11 +178,14 @@ async def tgi_events(state, permit, valid: ValidRequest, start: float, validated
 
 async def generate_events(state, req: GenerateRequest, full_text_default: bool) -> Response:
     start = time.monotonic()
-    with admitted(state) as permit:
+
+    async def prepare():
         valid = await validate_generate(state, req, full_text_default, stream=True)
-    validated = record_validated(state, valid)
-    return GenerationEvents(tgi_events(state, permit, valid, start, validated), permit.release,
-                            headers={"x-compute-type": state.loaded.backend.name})
+        return valid, record_validated(state, valid)
+
+    headers = {"x-compute-type": state.loaded.backend.name} if state.loaded is not None else None
+    return await admitted_stream(state, prepare, lambda permit, valid, validated: tgi_events(
+        state, permit, valid, start, validated), headers)
 
 
 @router.post("/generate_stream", response_class=GenerationEvents, status_code=200,

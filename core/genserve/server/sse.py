@@ -16,6 +16,11 @@ def event(payload: Any) -> ServerSentEvent:
 DONE = ServerSentEvent(data="[DONE]")
 
 
+async def single_event(payload: Any) -> AsyncIterator[ServerSentEvent]:
+    """A stream of one event (an error body), after which the response ends."""
+    yield event(payload)
+
+
 class GenerationEvents(EventSourceResponse):
     """An SSE response that, however it ends (finished, client gone, server stopping), closes
     its generator (aborting the engine request) and then runs ``on_close`` (the permit)."""
