@@ -1,6 +1,10 @@
 """Is the offline figure stable within one process? Runs the offline workload of
 gpu_llama8b.py several times on one engine (optionally after a long decode run), printing
-tok/s and steps each time. ``python bench/offline_repeat.py [--decode-first]``"""
+tok/s and steps each time, and where the host's time went: waiting for the device (in
+``LaunchedStep.results``) vs scheduling, launching and reading outputs. A run whose wait is a
+small share of its wall time is host-bound.
+
+    python bench/offline_repeat.py [--decode-first] [--repeats N]"""
 
 import argparse
 import gc
@@ -9,17 +13,80 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_llama8b as b  # noqa: E402
 
 
-def offline(engine, vocab):
+HOST = Counter()  # seconds per phase of the engine's step, summed over a run
+
+
+def time_phases(engine):
+    """Wrap the step's phases with timers (a few microseconds per step)."""
+    from genserve.engine import model_runner
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                HOST[label] += time.perf_counter() - t0
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.launch = timed("launch (prepare + enqueue)", engine.runner.launch)
+    engine._complete = timed("complete (wait + outputs)", engine._complete)
+    model_runner.LaunchedStep.results = timed("  of which wait for device", model_runner.LaunchedStep.results)
+
+
+def allocator_stats(when: str) -> None:
+    """Device allocations that the caching allocator could not serve from its cache: each
+    cudaMalloc/cudaFree waits for the device, which undoes overlapped steps."""
+    import torch
+
+    if torch.cuda.is_available():
+        st = torch.cuda.memory_stats()
+        keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+        print(f"  allocator {when}: " + ", ".join(f"{k} {st.get(k, 0)}" for k in keys), flush=True)
+    print(f"  triton variants {when}: {triton_variants()}", flush=True)
+
+
+def triton_variants() -> dict[str, int]:
+    """Compiled variants of each genserve-cuda Triton kernel: one that grows during a run
+    compiled in the middle of serving (seconds each)."""
+    import importlib
+    import pkgutil
+
+    try:
+        import genserve_cuda.kernels as kernels
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    counts = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"genserve_cuda.kernels.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction):
+                n = sum(len(cache[0]) for cache in obj.device_caches.values())
+                if n:
+                    counts[name] = n
+    return counts
+
+
+def offline(engine, vocab, n=1000):
+    HOST.clear()
     rng = random.Random(0)
-    lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(1000)]
-    lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(1000)]
+    lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(n)]
+    lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(n)]
     prompts = [b.random_prompt(rng, n, vocab) for n in lens_in]
     wall, produced, _, _ = b.run_requests(engine, prompts, lens_out)
+    steps = b.STEPS["steps"]
+    for label, sec in HOST.most_common():
+        print(f"    {label:28s} {sec:6.2f} s  {sec / steps * 1e3:6.2f} ms/step", flush=True)
+    print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
+    allocator_stats("after offline")
     return produced / wall
 
 
@@ -30,27 +97,32 @@ def main():
     ap.add_argument("--max-batch-size", type=int, default=512)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,128,192,256,320,384,448,512")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: check the script runs")
     args = ap.parse_args()
     from transformers import LlamaConfig
     folder = tempfile.mkdtemp()
-    LlamaConfig(**b.LLAMA3_8B).save_pretrained(folder)
-    ns = argparse.Namespace(backend="cuda", prefill_chunk=args.prefill_chunk, max_batch_size=args.max_batch_size,
-                            cuda_graphs=args.cuda_graphs)
+    LlamaConfig(**(b.TINY if args.tiny else b.LLAMA3_8B)).save_pretrained(folder)
+    ns = argparse.Namespace(backend="cpu" if args.tiny else "cuda", prefill_chunk=args.prefill_chunk,
+                            max_batch_size=args.max_batch_size, cuda_graphs=None if args.tiny else args.cuda_graphs)
     print(f"max batch {args.max_batch_size}, prefill chunk {args.prefill_chunk}", flush=True)
     engine = b.build_genserve(folder, ns)
-    vocab = 128256
+    time_phases(engine)
+    gc.collect()
+    gc.freeze()  # as the server and gpu_llama8b.py do after loading
+    allocator_stats("after load")
+    vocab = 128256 if not args.tiny else b.TINY["vocab_size"]
     if args.decode_first:
         t0 = time.perf_counter()
         rng = random.Random(1)
-        b.run_requests(engine, [b.random_prompt(rng, 32, vocab) for _ in range(128)], [2048] * 128)
+        n = 8 if args.tiny else 128
+        b.run_requests(engine, [b.random_prompt(rng, 32, vocab) for _ in range(n)], [2048 // 16 if args.tiny else 2048] * n)
         print(f"decode 128x2048 took {time.perf_counter() - t0:.1f}s", flush=True)
+        allocator_stats("after decode")
     for i in range(args.repeats):
-        tok_s = offline(engine, vocab)
+        tok_s = offline(engine, vocab, args.requests)
         print(f"offline run {i}: {tok_s:8.1f} tok/s, steps {b.STEPS}, "
               f"preemptions {engine.scheduler.num_preemptions}", flush=True)
-    gc.collect()
-    gc.freeze()
-    print(f"after gc.freeze: {offline(engine, vocab):8.1f} tok/s", flush=True)
 
 
 if __name__ == "__main__":

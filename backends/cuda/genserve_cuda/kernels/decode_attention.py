@@ -22,7 +22,9 @@ MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs the parallel
 MAX_SPLITS = 32
 
 
-@triton.jit
+# Values that change from step to step are not specialised on: otherwise each new class of
+# them (1, a multiple of 16, other) compiles another variant in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, slopes_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -94,7 +96,7 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits, head_dim, num_heads,
     SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,

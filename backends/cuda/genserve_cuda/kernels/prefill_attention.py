@@ -63,7 +63,8 @@ def _attend_tile(acc, m, l, q, q_pos, n0, hi, k_base, v_base, bt_row, d, dmask, 
     return acc, m_new, l
 
 
-@triton.jit
+# The block table's width changes from step to step: not specialised on (see decode_attention).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, slopes_ptr, out_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
