@@ -20,6 +20,7 @@ import gpu_llama8b as b  # noqa: E402
 
 
 HOST = Counter()  # seconds per phase of the engine's step, summed over a run
+SLOW_LAUNCHES: list[tuple[float, int, int]] = []  # (seconds, sequences, tokens) per launch
 
 
 def time_phases(engine):
@@ -36,7 +37,18 @@ def time_phases(engine):
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.runner.launch = timed("launch (prepare + enqueue)", engine.runner.launch)
+    launch = engine.runner.launch
+
+    def timed_launch(scheduled):
+        t0 = time.perf_counter()
+        try:
+            return launch(scheduled)
+        finally:
+            took = time.perf_counter() - t0
+            HOST["launch (prepare + enqueue)"] += took
+            SLOW_LAUNCHES.append((took, len(scheduled), sum(s.num_tokens for s in scheduled)))
+
+    engine.runner.launch = timed_launch
     engine._complete = timed("complete (wait + outputs)", engine._complete)
     model_runner.LaunchedStep.results = timed("  of which wait for device", model_runner.LaunchedStep.results)
 
@@ -77,6 +89,7 @@ def triton_variants() -> dict[str, int]:
 
 def offline(engine, vocab, n=1000):
     HOST.clear()
+    SLOW_LAUNCHES.clear()
     rng = random.Random(0)
     lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(n)]
     lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(n)]
@@ -87,6 +100,8 @@ def offline(engine, vocab, n=1000):
         print(f"    {label:28s} {sec:6.2f} s  {sec / steps * 1e3:6.2f} ms/step", flush=True)
     print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
     allocator_stats("after offline")
+    slow = sorted(SLOW_LAUNCHES, reverse=True)[:8]
+    print("  slowest launches (ms, seqs, tokens): " + ", ".join(f"({t * 1e3:.0f}, {n}, {k})" for t, n, k in slow))
     return produced / wall
 
 

@@ -88,11 +88,34 @@ def candidates(q, k, v, meta, kv_cache, lens):
         yield f"sdpa {name} per sequence", per_sequence_sdpa(q, k, v, lens, backend)
 
 
+def cudnn_first_calls():
+    """cuDNN builds an execution plan per new shape: what does a first call at a new prompt
+    length cost, against a repeat?"""
+    import time
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("\ncuDNN first call vs repeat at new prompt lengths")
+    for n in (2048, 2061, 2300, 3001, 4096, 5555):
+        q = torch.randn(1, H, n, D, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(1, HKV, n, D, dtype=torch.bfloat16, device="cuda")
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        print(f"  length {n}: " + ", ".join(f"{t:.2f}" for t in times) + " ms", flush=True)
+
+
 def main() -> int:
     from genserve_cuda.testing import make_paged_batch
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
-    for lens in ([4096, 4096], [1024], [4096], [512] * 16, [300, 1500, 77, 2200]):
+    only_first_calls = "--first-calls" in sys.argv
+    for lens in [] if only_first_calls else ([4096, 4096], [1024], [4096], [512] * 16, [300, 1500, 77, 2200]):
         b = make_paged_batch([(n, n) for n in lens], H, HKV, D, 16, torch.bfloat16, "cuda")
         ref = reference(b.q, b.k, b.v, lens)
         pairs = sum(n * (n + 1) / 2 for n in lens)
@@ -111,6 +134,7 @@ def main() -> int:
                   flush=True)
         del b
         torch.cuda.empty_cache()
+    cudnn_first_calls()
     return 0
 
 

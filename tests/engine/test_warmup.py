@@ -28,6 +28,7 @@ def test_warm_up_covers_every_step_kind(tmp_path):
     chunk = engine.config.scheduler.max_batch_prefill_tokens
     fresh = [(s, q) for s, q in seen if s == q]
     assert any(q == [chunk] for _, q in fresh), "no long fresh prompt filling a prefill chunk"
+    assert any(sorted(q) == [5, chunk // 2] for _, q in fresh), "no long fresh prompt beside a short one"
     assert any(len(q) >= 4 and max(q) > 1 for _, q in fresh), "no batch of short fresh prompts"
     assert any(q == [1] and s[0] > chunk for s, q in seen), "no decode over the long context"
     assert any(s != q and max(q) > 1 and min(q) == 1 for s, q in seen), "no mixed prefill + decode step"

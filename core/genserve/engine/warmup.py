@@ -33,8 +33,11 @@ def warm_up(engine, vocab_size: int) -> None:
     # 1. A long fresh prompt (the prefill kernels' large-tile variants), then decoding over a
     #    long context at batch 1 (split-K decode attention).
     _run(engine, [_prompt(1, long_len, vocab_size)], max_new_tokens=3)
+    #    And a long prompt beside a short one (kernels may pick tiles by the longest prompt, and
+    #    libraries serve only batches of long prompts).
+    _run(engine, [_prompt(2, long_len // 2, vocab_size), _prompt(3, SHORT[0], vocab_size)], max_new_tokens=1)
     # 2. Several short fresh prompts at once, then small decode batches.
-    _run(engine, [_prompt(2 + i, n, vocab_size) for i, n in enumerate(SHORT)], max_new_tokens=3)
+    _run(engine, [_prompt(4 + i, n, vocab_size) for i, n in enumerate(SHORT)], max_new_tokens=3)
     # 3. A prompt joining a running sequence: a mixed step, attention over the paged cache.
     _run(engine, [_prompt(10, SHORT[1], vocab_size)], max_new_tokens=6,
          joining=[_prompt(11, SHORT[2], vocab_size)])
