@@ -20,7 +20,7 @@ import gpu_llama8b as b  # noqa: E402
 
 
 HOST = Counter()  # seconds per phase of the engine's step, summed over a run
-SLOW_LAUNCHES: list[tuple[float, int, int]] = []  # (seconds, sequences, tokens) per launch
+SLOW_LAUNCHES: list[tuple[float, int, int, int]] = []  # (seconds, sequences, tokens, device mallocs)
 
 
 def time_phases(engine):
@@ -39,14 +39,20 @@ def time_phases(engine):
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     launch = engine.runner.launch
 
+    def device_mallocs() -> int:
+        import torch
+        return torch.cuda.memory_stats().get("num_device_alloc", 0) if torch.cuda.is_available() else 0
+
     def timed_launch(scheduled):
+        before = device_mallocs()
         t0 = time.perf_counter()
         try:
             return launch(scheduled)
         finally:
             took = time.perf_counter() - t0
             HOST["launch (prepare + enqueue)"] += took
-            SLOW_LAUNCHES.append((took, len(scheduled), sum(s.num_tokens for s in scheduled)))
+            SLOW_LAUNCHES.append((took, len(scheduled), sum(s.num_tokens for s in scheduled),
+                                  device_mallocs() - before))
 
     engine.runner.launch = timed_launch
     engine._complete = timed("complete (wait + outputs)", engine._complete)
@@ -101,7 +107,8 @@ def offline(engine, vocab, n=1000):
     print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
     allocator_stats("after offline")
     slow = sorted(SLOW_LAUNCHES, reverse=True)[:8]
-    print("  slowest launches (ms, seqs, tokens): " + ", ".join(f"({t * 1e3:.0f}, {n}, {k})" for t, n, k in slow))
+    print("  slowest launches (ms, seqs, tokens, device mallocs): "
+          + ", ".join(f"({t * 1e3:.0f}, {n}, {k}, {m})" for t, n, k, m in slow))
     return produced / wall
 
 

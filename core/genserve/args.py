@@ -62,7 +62,7 @@ FLAGS: list[Flag] = [
     Flag("--max-input-tokens", int, None, "Longest prompt in tokens", aliases=("--max-input-length",),
          extra_env=("MAX_INPUT_LENGTH",)),
     Flag("--max-total-tokens", int, None, "Prompt + new tokens per request"),
-    Flag("--max-batch-prefill-tokens", int, None, "Prompt tokens computed in one step"),
+    Flag("--max-batch-prefill-tokens", int, None, "Tokens computed in one step (decode rows first, prompt chunks fill the rest)"),
     Flag("--max-batch-total-tokens", int, None, "KV-cache capacity in tokens (default: from free memory)"),
     Flag("--max-batch-size", int, None, "Most sequences in one step"),
     Flag("--waiting-served-ratio", float, 0.3, "Queued/running ratio that lets new requests in"),

@@ -17,6 +17,9 @@ from genserve.engine.block_manager import BlockManager
 from genserve.engine.sequence import FinishReason, Sequence, Status
 
 
+PREFILL_FLOOR = 256  # prompt tokens a step may always take, however many sequences decode
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_prefill_tokens: int = 4096  # prompt tokens computed in one step
@@ -81,29 +84,30 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_batch_prefill_tokens
 
-        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out. Decodes
+        #    first: they always run, and prefill tokens fill the rest of the step's budget.
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an older one
-                continue
-            if seq.num_uncomputed == 1 and seq.num_generated:  # decode
-                if seq.num_pending and seq.num_generated >= seq.params.max_new_tokens:
-                    continue  # its in-flight token is its last: nothing to compute for it
-                while not self.blocks.can_append(seq):
-                    victim = self.running[-1]
-                    self._preempt(victim, out)
-                    if victim is seq:
-                        break
-                if seq in self.running:
-                    self.blocks.append_slot(seq)
-                    out.scheduled.append(ScheduledSeq(seq, 1))
-            elif budget > 0:  # a chunked prefill in progress
+            if seq not in self.running or not self._decoding(seq):
+                continue  # preempted below to make room for an older one; or prefilling
+            if seq.num_pending and seq.num_generated >= seq.params.max_new_tokens:
+                continue  # its in-flight token is its last: nothing to compute for it
+            while not self.blocks.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.blocks.append_slot(seq)
+                out.scheduled.append(ScheduledSeq(seq, 1))
+        running = set(map(id, self.running))
+        out.scheduled = [s for s in out.scheduled if id(s.seq) in running]
+        budget = self._prefill_budget(len(out.scheduled))
+        for seq in self.running:  # chunked prefills in progress
+            if budget > 0 and not self._decoding(seq):
                 n = min(seq.num_uncomputed, budget)
                 budget -= n
                 out.scheduled.append(ScheduledSeq(seq, n))
-        running = set(map(id, self.running))
-        out.scheduled = [s for s in out.scheduled if id(s.seq) in running]
 
         # 2. Admit waiting requests. TGI's rule: with a running batch, admit only once at least
         #    ``waiting_served_ratio`` x running requests can join together, or once
@@ -140,6 +144,18 @@ class Scheduler:
                 admitted += 1
         self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
         return out
+
+    @staticmethod
+    def _decoding(seq: Sequence) -> bool:
+        return seq.num_uncomputed == 1 and seq.num_generated > 0
+
+    def _prefill_budget(self, decodes: int) -> int:
+        """Prompt tokens this step may compute: ``max_batch_prefill_tokens`` less the step's
+        decode rows, so no step is larger than that (the activation memory the warm-up
+        allocated covers every step; vLLM's ``max_num_batched_tokens`` counts the same way).
+        A floor keeps prompts moving when decodes alone would fill the budget."""
+        limit = self.config.max_batch_prefill_tokens
+        return max(limit - decodes, min(limit, PREFILL_FLOOR))
 
     def _admissible(self, budget: int, enough: int) -> int:
         """How many waiting requests could join now (free batch slots, prefill budget and KV
