@@ -144,5 +144,5 @@ def test_overloaded_stream_is_one_event(limited_server, limited):
     while metric(limited, "genserve_requests_in_flight") != 0:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    r, data = stream_events(limited, "/generate_stream", GEN(max_new_tokens=2))
+    _, data = stream_events(limited, "/generate_stream", GEN(max_new_tokens=2))
     assert len(data) == 2
