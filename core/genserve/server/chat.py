@@ -4,23 +4,23 @@ The prompt is the model's chat template rendered by its tokenizer
 (``apply_chat_template(..., tokenize=False, add_generation_prompt=True)``), with ``tools``
 passed when the template uses them. Tool calling works as in TGI: the output is constrained
 by a JSON-Schema grammar to ``{"name": <tool>, "arguments": {...}}`` (or, under
-``tool_choice=auto``, ``{"name": "no_tool", "content": "..."}`` for a plain answer).
+``tool_choice=auto``, ``{"name": "no_tool", "content": "..."}`` for a plain answer), which
+``tool_stream`` reads back, whole or while it streams.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from genserve.server.errors import validation
+from genserve.server.tool_stream import NO_TOOL, ToolCallReader, new_call_id
 
 DEFAULT_TOOL_PROMPT = (
     "Given the functions available, please respond with a JSON for a function call with its "
     "proper arguments that best answers the given prompt. Respond in the format "
     '{"name": function name, "arguments": dictionary of argument name and its value}. '
     "Do not use variables.")
-NO_TOOL = "no_tool"
 
 
 def _content_text(content) -> str:
@@ -125,18 +125,14 @@ def tool_schema(tools, tool_choice) -> dict | None:
 
 
 def parse_tool_output(text: str) -> tuple[str | None, list[dict] | None]:
-    """Generated JSON -> (content, tool_calls). Unparseable text comes back as content."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return text, None
-    if not isinstance(obj, dict) or "name" not in obj:
-        return text, None
-    if obj["name"] == NO_TOOL:
-        return str(obj.get("content", "")), None
-    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}))}}
-    return None, [call]
+    """Generated JSON -> (content, tool_calls), read as the stream reads it (tool_stream).
+    Text that never became a tool object comes back as content."""
+    reader = ToolCallReader()
+    reader.feed(text, final=True)
+    if not reader.is_call:
+        return reader.content, None
+    return None, [{"id": new_call_id(), "type": "function",
+                   "function": {"name": reader.name, "arguments": reader.arguments}}]
 
 
 def response_format_grammar(fmt) -> tuple[str, Any] | None:

@@ -21,6 +21,7 @@ from genserve.server.inference import finite, merged_streams
 from genserve.server.routes_tgi import ERRORS, get_state, record_validated, sse_schema
 from genserve.server.schemas_openai import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelList
 from genserve.server.sse import DONE, event
+from genserve.server.tool_stream import ToolCallReader, ToolDelta, new_call_id
 from genserve.server.validation import U64_MAX, GenParams, validate
 
 router = APIRouter(tags=["OpenAI"])
@@ -129,10 +130,15 @@ async def chat_impl(state, request: Request, req: ChatRequest) -> Response:
         content, calls = parse_tool_output(r.text) if ctx.tools else (r.text, None)
         choices.append({"index": i, "message": {"role": "assistant", "content": content, "tool_calls": calls},
                         "logprobs": chat_logprobs(state, r.tokens) if req.logprobs else None,
-                        "finish_reason": "tool_calls" if calls else finish_reason(r.finish_reason)})
+                        "finish_reason": chat_finish_reason(r.finish_reason, bool(calls))})
     completion = sum(len(r.tokens) for r in results)
     return JSONResponse({**ctx.header("chat.completion"), "choices": choices,
                          "usage": usage(ctx.valid.input_length, completion)})
+
+
+def chat_finish_reason(reason: FinishReason, tool_call: bool) -> str:
+    # A tool call cut short by max_tokens says "length", as OpenAI does: its arguments are partial.
+    return "tool_calls" if tool_call and reason is not FinishReason.LENGTH else finish_reason(reason)
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -167,6 +173,20 @@ def delta(content=None, tool_calls=None) -> dict:
     return {"role": "assistant", "content": content, "tool_calls": tool_calls}
 
 
+def tool_deltas(d: ToolDelta, call_id: str) -> list[dict]:
+    """OpenAI's streamed tool call: id, type and name first (empty arguments), then only pieces
+    of the arguments text, all under tool call index 0."""
+    out = []
+    if d.name is not None:
+        out.append(delta(None, [{"index": 0, "id": call_id, "type": "function",
+                                 "function": {"name": d.name, "arguments": ""}}]))
+    if d.arguments:
+        out.append(delta(None, [{"index": 0, "function": {"arguments": d.arguments}}]))
+    if d.content:
+        out.append(delta(d.content))
+    return out
+
+
 async def chat_events(ctx: ChatContext, permit, jobs):
     state, req = ctx.state, ctx.req
     head = ctx.header("chat.completion.chunk")
@@ -178,26 +198,22 @@ async def chat_events(ctx: ChatContext, permit, jobs):
         with counted(state.metrics):
             for i in range(len(jobs)):
                 yield event(chunk(i, delta("")))
-            texts = {i: [] for i in range(len(jobs))}
+            readers = [ToolCallReader() for _ in jobs] if ctx.tools else []
+            call_ids = [new_call_id() for _ in readers]
             generated, finished, last = 0, 0, None
             async with aclosing(merged_streams(state, permit, jobs)) as outputs:
                 async for i, out in outputs:
                     generated += len(out.tokens)
                     if ctx.tools:
-                        texts[i].append(out.text)
+                        for d in tool_deltas(readers[i].feed(out.text, final=out.finished), call_ids[i]):
+                            yield event(chunk(i, d))
                     elif out.text or (req.logprobs and out.tokens and not out.finished):
                         lp = chat_logprobs(state, out.tokens) if req.logprobs else None
                         yield event(chunk(i, delta(out.text), logprobs=lp))
                     if not out.finished:
                         continue
                     finished, last = finished + 1, out
-                    reason = finish_reason(out.finish_reason)
-                    if ctx.tools:
-                        content, calls = parse_tool_output("".join(texts[i]))
-                        if calls:
-                            reason = "tool_calls"
-                            calls = [{"index": 0, **c} for c in calls]
-                        yield event(chunk(i, delta(content, calls)))
+                    reason = chat_finish_reason(out.finish_reason, ctx.tools and readers[i].is_call)
                     yield event(chunk(i, {"role": "assistant", "content": None, "tool_calls": None}, reason))
             if finished < len(jobs):
                 raise errors.incomplete()
