@@ -9,6 +9,7 @@ Plain causal attention only: no window, ALiBi or softcap.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class CudnnFreshAttention:
 
 
 def _usable(spec: AttentionSpec) -> bool:
+    if os.environ.get("GENSERVE_CUDNN_PREFILL", "1") == "0":
+        return False
     if not (torch.cuda.is_available() and torch.version.cuda and torch.backends.cudnn.is_available()):
         return False
     if torch.cuda.get_device_capability()[0] < 9:  # its fast fused kernels are Hopper's
