@@ -68,6 +68,11 @@ def allocator_stats(when: str) -> None:
         st = torch.cuda.memory_stats()
         keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
         print(f"  allocator {when}: " + ", ".join(f"{k} {st.get(k, 0)}" for k in keys), flush=True)
+        host_stats = getattr(torch.cuda, "host_memory_stats", None)
+        if host_stats is not None:
+            hs = host_stats()
+            print(f"  pinned host allocator {when}: " + ", ".join(
+                f"{k} {hs.get(k, 0)}" for k in ("num_host_alloc", "num_host_free", "host_alloc_time.total")), flush=True)
     print(f"  triton variants {when}: {triton_variants()}", flush=True)
 
 

@@ -19,7 +19,7 @@ from genserve.attention.base import AttentionMetadata
 from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from genserve.engine.scheduler import ScheduledSeq
-from genserve.engine.transfer import download, upload
+from genserve.engine.transfer import download, release, upload
 from genserve.models.base import ForwardBatch
 
 
@@ -54,9 +54,12 @@ class LaunchedStep:
         self.sampling_index = sampling_index or []
         self.prompt_logprobs: dict[int, list[float]] = {}
         self._host: list[torch.Tensor | None] = []
+        self._handles: list = []  # pinned buffers to give back once read
         self._event = None
         if out is not None:
-            self._host = [download(t) for t in (out.tokens, out.logprobs, out.top_ids, out.top_logprobs)]
+            copies = [download(t) for t in (out.tokens, out.logprobs, out.top_ids, out.top_logprobs)]
+            self._host = [host for host, _ in copies]
+            self._handles = [handle for _, handle in copies]
             if device is not None and device.type != "cpu":
                 self._event = torch.Event(device=device)
                 self._event.record()
@@ -65,8 +68,12 @@ class LaunchedStep:
         if self._event is not None:
             self._event.synchronize()
         results = [StepResult() for _ in self.scheduled]
+        host = [t.tolist() if t is not None else None for t in self._host]
+        for handle in self._handles:  # read: the pinned buffers may be reused
+            release(handle)
+        self._handles = []
         if self.sampling_index:
-            tokens, logprobs, top_ids, top_lps = (t.tolist() if t is not None else None for t in self._host)
+            tokens, logprobs, top_ids, top_lps = host
             for row, i in enumerate(self.sampling_index):
                 r = results[i]
                 r.token, r.logprob = tokens[row], logprobs[row]
