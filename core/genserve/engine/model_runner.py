@@ -43,6 +43,19 @@ class PreparedBatch:
     prompt_rows: dict[int, tuple[int, int]]  # scheduled index -> (first row, n rows) for prompt logprobs
 
 
+def _pack_aligned(segments: list[list[int]], dtype: torch.dtype, device) -> list:
+    """Upload ``segments`` as one tensor, each starting on a 16-byte boundary; returns each
+    segment's offset, then the tensor. Kernels specialise on their pointers' alignment, so a
+    view whose alignment followed the batch's sizes compiled a new variant mid-serving."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    flat, offsets = [], []
+    for seg in segments:
+        offsets.append(len(flat))
+        flat += seg
+        flat += [0] * (-len(seg) % per)
+    return [*offsets, upload(torch.tensor(flat, dtype=dtype), device)]
+
+
 class LaunchedStep:
     """A step whose work is queued on the device. ``results()`` waits for its sampled tokens,
     which were copied to the host without blocking, so the host can schedule and launch the
@@ -162,35 +175,34 @@ class ModelRunner:
         every_row = S == T  # decode-only: the sampler takes all rows, no gather needed
 
         # Two uploads per step: the int64 inputs and the int32 attention metadata.
-        packed = ids + pos + slots + ([] if every_row else logit_rows) + ref_dst + ref_src
-        longs = upload(torch.tensor(packed, dtype=torch.long), self.device)
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
+        o_ids, o_pos, o_slots, o_rows, o_dst, o_src, longs = _pack_aligned(
+            [ids, pos, slots, [] if every_row else logit_rows, ref_dst, ref_src], torch.long, self.device)
         flat_tables = []
         for tb in tables:
             flat_tables += tb
             flat_tables += [0] * (width - len(tb))
-        ints = upload(torch.tensor(cu + seq_lens + flat_tables, dtype=torch.int32), self.device)
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        o_cu, o_lens, o_tables, ints = _pack_aligned([cu, seq_lens, flat_tables], torch.int32, self.device)
 
-        input_ids = longs[:T]
+        input_ids = longs[o_ids:o_ids + T]
         if R:
-            o = 3 * T + (0 if every_row else S)
-            dst, src = longs[o:o + R], longs[o + R:o + 2 * R]
+            dst, src = longs[o_dst:o_dst + R], longs[o_src:o_src + R]
             input_ids = input_ids.index_copy(0, dst, self.last_tokens.index_select(0, src))
         attn = AttentionMetadata(
-            cu_seqlens_q=ints[:B + 1],
-            seq_lens=ints[B + 1:2 * B + 1],
-            block_tables=ints[2 * B + 1:].view(B, width),
-            slot_mapping=longs[2 * T:3 * T],
+            cu_seqlens_q=ints[o_cu:o_cu + B + 1],
+            seq_lens=ints[o_lens:o_lens + B],
+            block_tables=ints[o_tables:o_tables + B * width].view(B, width),
+            slot_mapping=longs[o_slots:o_slots + T],
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(seq_lens),
             is_decode_only=all(n == 1 for n in q_lens),
             seq_lens_cpu=seq_lens,
             query_lens_cpu=q_lens,
         )
-        rows = None if every_row else longs[3 * T:3 * T + S]
-        return PreparedBatch(input_ids, longs[T:2 * T], attn, rows, sampling_index, prompt_rows)
+        rows = None if every_row else longs[o_rows:o_rows + S]
+        return PreparedBatch(input_ids, longs[o_pos:o_pos + T], attn, rows, sampling_index, prompt_rows)
 
     def sampling_batch(self, scheduled: list[ScheduledSeq], index: list[int]) -> SamplingBatch:
         seqs = [scheduled[i].seq for i in index]
