@@ -20,6 +20,7 @@ import gpu_llama8b as b  # noqa: E402
 
 
 HOST = Counter()  # seconds per phase of the engine's step, summed over a run
+STUCK = Counter()  # stacks of launches that took over 100 ms
 SLOW_LAUNCHES: list[tuple[float, int, int, int]] = []  # (seconds, sequences, tokens, device mallocs)
 
 
@@ -43,12 +44,25 @@ def time_phases(engine):
         import torch
         return torch.cuda.memory_stats().get("num_device_alloc", 0) if torch.cuda.is_available() else 0
 
+    import threading
+    import traceback
+
+    main = threading.get_ident()
+
+    def sample_stack():  # where a launch that takes > 100 ms is stuck
+        frame = sys._current_frames().get(main)
+        if frame is not None:
+            STUCK[" | ".join(line.strip().splitlines()[0] for line in traceback.format_stack(frame)[-7:])] += 1
+
     def timed_launch(scheduled):
         before = device_mallocs()
+        watchdog = threading.Timer(0.1, sample_stack)
+        watchdog.start()
         t0 = time.perf_counter()
         try:
             return launch(scheduled)
         finally:
+            watchdog.cancel()
             took = time.perf_counter() - t0
             HOST["launch (prepare + enqueue)"] += took
             SLOW_LAUNCHES.append((took, len(scheduled), sum(s.num_tokens for s in scheduled),
@@ -111,6 +125,9 @@ def offline(engine, vocab, n=1000):
         print(f"    {label:28s} {sec:6.2f} s  {sec / steps * 1e3:6.2f} ms/step", flush=True)
     print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
     allocator_stats("after offline")
+    for stack, n in STUCK.most_common(3):
+        print(f"  stuck launch x{n}: {stack}", flush=True)
+    STUCK.clear()
     slow = sorted(SLOW_LAUNCHES, reverse=True)[:8]
     print("  slowest launches (ms, seqs, tokens, device mallocs): "
           + ", ".join(f"({t * 1e3:.0f}, {n}, {k}, {m})" for t, n, k, m in slow))
