@@ -81,5 +81,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     """Store the new tokens' keys and values at their slots (pure PyTorch)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    k, v = k.to(flat.dtype), v.to(flat.dtype)
+    if flat.dtype.itemsize == 1 and flat.dtype.is_floating_point:
+        # fp8 caches: index_copy_ has no fp8 kernels, so copy the bytes.
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
