@@ -30,9 +30,8 @@ def _write_kv_kernel(
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + slot * stride_c_slot + h * stride_c_h + d
     out_ty = cache_ptr.dtype.element_ty
-    # Round to nearest even, as torch's cast does (Triton's fp8 default may truncate).
-    tl.store(dst, k.to(out_ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(dst + stride_c_kv, v.to(out_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(dst, k.to(out_ty), mask=mask)
+    tl.store(dst + stride_c_kv, v.to(out_ty), mask=mask)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
