@@ -1,12 +1,14 @@
 """CPU benchmark on the embedded SmolLM2-135M-Instruct: genserve vs transformers vs llama.cpp.
 
 All peers run in the same process, one after the other, on the same prompts:
-  - genserve: the engine directly (no HTTP), fp32, greedy, ignore_eos;
+  - genserve: the engine directly (no HTTP), greedy, ignore_eos, in each ``--variants``
+    configuration (dtype/quantizer; default fp32 unquantized);
   - transformers ``generate``: fp32 dequantized from the same GGUF, batch 1 and a padded batch;
   - llama.cpp through llama-cpp-python on the same Q4_1 GGUF (batch 1), when installed.
 Figures: output tokens/s at 1 request and at N concurrent requests, and time to first token.
 
     python bench/cpu_smollm2.py [--new-tokens 128] [--concurrency 16] [--json out.jsonl]
+        [--variants float32/none,bfloat16/none,float32/eetq]
 """
 
 from __future__ import annotations
@@ -77,37 +79,42 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=64, help="transformers is slow: fewer tokens")
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--dtype", default=None, help="genserve's --dtype (default: the CPU backend's, fp32)")
+    ap.add_argument("--variants", default="float32/none",
+                    help="genserve configurations to run, each dtype/quantizer: e.g. "
+                         "float32/none,bfloat16/none,float32/eetq")
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
     from genserve.args import defaults
     from genserve.engine.build import build_engine
 
-    loaded = build_engine(defaults(dtype=args.dtype))
-    tok, engine = loaded.tokenizer, loaded.engine
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                   tokenize=False)
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
-    # Distinct prompts per request, so the prefix cache does not flatter the batch figure.
-    prompts = [prompt[:-3] + [prompt[-3] + 0] + prompt[-2:] for _ in range(args.concurrency)]
-    prompts = [[(t + i) % 49000 if j == 3 else t for j, t in enumerate(p)] for i, p in enumerate(prompts)]
-    engine.blocks.enable_prefix_caching = False
-    genserve_run(engine, [prompt], 8)  # warm-up
     results = []
 
-    def record(metric, value, unit, eng):
+    def record(metric, value, unit, eng, **extra):
         results.append({"metric": metric, "value": round(value, 2), "unit": unit, "engine": eng,
-                        "dtype": args.dtype or "float32" if eng == "genserve" else None,
-                        "device": "cpu", "threads": threads})
-        print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}")
+                        "device": "cpu", "threads": threads, **extra})
+        print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}  {extra or ''}")
 
-    tps, ttft = genserve_run(engine, [prompt], args.new_tokens)
-    record("tok_s_b1", tps, "tok/s", "genserve")
-    record("ttft_b1_ms", ttft * 1e3, "ms", "genserve")
-    tps, ttft = genserve_run(engine, prompts, args.new_tokens)
-    record(f"tok_s_c{args.concurrency}", tps, "tok/s", "genserve")
-    record(f"ttft_c{args.concurrency}_ms", ttft * 1e3, "ms", "genserve")
+    for variant in args.variants.split(","):
+        dtype, quantize = variant.split("/")
+        loaded = build_engine(defaults(dtype=dtype, quantize=None if quantize == "none" else quantize))
+        tok, engine = loaded.tokenizer, loaded.engine
+        text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                       tokenize=False)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        # Distinct prompts per request, so the prefix cache does not flatter the batch figure.
+        prompts = [[(t + i) % 49000 if j == 3 else t for j, t in enumerate(prompt)]
+                   for i in range(args.concurrency)]
+        engine.blocks.enable_prefix_caching = False
+        genserve_run(engine, [prompt], 8)  # warm-up
+        tag = dict(dtype=dtype, quantize=quantize)
+        tps, ttft = genserve_run(engine, [prompt], args.new_tokens)
+        record("tok_s_b1", tps, "tok/s", "genserve", **tag)
+        record("ttft_b1_ms", ttft * 1e3, "ms", "genserve", **tag)
+        tps, ttft = genserve_run(engine, prompts, args.new_tokens)
+        record(f"tok_s_c{args.concurrency}", tps, "tok/s", "genserve", **tag)
+        record(f"ttft_c{args.concurrency}_ms", ttft * 1e3, "ms", "genserve", **tag)
+        del engine
 
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
