@@ -7,9 +7,13 @@ from genserve.engine.warmup import warm_up
 from genserve.testing import load_genserve, save_reference
 
 
+def tiny_config():
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
 def test_warm_up_covers_every_step_kind(tmp_path):
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = tiny_config()
     save_reference(config, tmp_path)
     engine = load_genserve(tmp_path, max_input_tokens=200, max_total_tokens=256)
     runner = engine.runner
@@ -37,8 +41,7 @@ def test_warm_up_covers_every_step_kind(tmp_path):
 
 
 def test_quick_warm_up_without_lazy_kernels(tmp_path):
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = tiny_config()
     save_reference(config, tmp_path)
     engine = load_genserve(tmp_path)
     steps = []
