@@ -16,8 +16,8 @@ from genserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Shorter than one KV block, so warm-up prompts never hit each other in the prefix cache and
-# every prefill of them is a fresh prompt.
+# Short prompt lengths. Every warm-up prompt starts with a different token (``_prompt``'s seed),
+# so none hits another in the prefix cache and each prefill is of a fresh prompt.
 SHORT = (5, 9, 12, 15)
 
 
