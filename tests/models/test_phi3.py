@@ -67,8 +67,9 @@ def random_prompt(n, seed):
     return [rng.randrange(3, 256) for _ in range(n)]
 
 
-def meta_for(seqs):
-    """AttentionMetadata for sequences given as (seq_len after the step, query rows)."""
+def meta_for(seqs, known=None):
+    """AttentionMetadata for sequences given as (seq_len after the step, query rows), and
+    optionally each one's known length (default: seq_len)."""
     cu = [0]
     for _, q in seqs:
         cu.append(cu[-1] + q)
@@ -79,7 +80,8 @@ def meta_for(seqs):
         block_tables=torch.zeros(len(seqs), 1, dtype=torch.int32),
         slot_mapping=torch.zeros(len(pos), dtype=torch.long),
         max_seqlen_q=max(q for _, q in seqs), max_seqlen_k=max(s for s, _ in seqs),
-        is_decode_only=all(q == 1 for _, q in seqs))
+        is_decode_only=all(q == 1 for _, q in seqs),
+        known_lens=None if known is None else torch.tensor(known, dtype=torch.int32))
     return torch.tensor(pos), meta
 
 
@@ -112,6 +114,19 @@ def test_longrope_rows_follow_each_sequence_and_match_transformers_tables():
     assert ref.attention_scaling > 1  # mscale from 256 / 32 is applied to both tables
     torch.testing.assert_close(rope.cos[0, 0].item(), ref.attention_scaling)
     torch.testing.assert_close(rope.cos[256, 0].item(), ref.attention_scaling)
+
+
+def test_longrope_rows_follow_the_known_length_not_the_chunk_end():
+    """Prefill chunks of a prompt longer than the threshold take the long table from the first
+    chunk on (transformers sees the whole prompt in one forward); a chunk of a short prompt and
+    a decode row in the same step keep their own choice."""
+    rope = RotaryEmbedding.from_config(longrope_phi3(), 16)
+    assert rope.recompute_at_length == THRESHOLD + 1
+    seqs, known = [(16, 16), (32, 16), (20, 5), (THRESHOLD, 1)], [45, 45, 30, THRESHOLD]
+    pos, meta = meta_for(seqs, known)
+    long = torch.cat([torch.full((q,), k > THRESHOLD) for (_, q), k in zip(seqs, known)])
+    assert long[:32].all() and not long[32:].any()
+    assert torch.equal(rope.cache_rows(pos, meta), pos + 256 * long)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"partial_rotary_factor": 0.75, "num_key_value_heads": 4}],
@@ -172,11 +187,10 @@ def test_phi3_longrope_batch_rows_match_single_sequence_runs(tmp_path):
 
 
 @torch.inference_mode()
-def test_phi3_longrope_crossing_while_decoding_keeps_cached_rotation(tmp_path):
-    """A sequence that crosses the threshold while decoding: its new tokens use the long
-    factors, keys already cached keep the short ones, as transformers' rotary layer does over a
-    plain cache, step by step. (transformers' Phi-3 ``generate`` instead recomputes the whole
-    cache at the crossing, which genserve does not: docs/models.md.)"""
+def test_longrope_decode_rows_past_the_threshold_use_the_long_factors(tmp_path):
+    """Without a recompute, decode rows past the threshold over keys cached with the short
+    factors equal transformers' rotary layer over a plain cache, step by step (the engine
+    recomputes at the crossing instead: the next test)."""
     cfg = longrope_phi3()
     ref = save_reference(cfg, tmp_path)
     engine = load_genserve(tmp_path, max_batch_prefill_tokens=256)
@@ -190,12 +204,15 @@ def test_phi3_longrope_crossing_while_decoding_keeps_cached_rotation(tmp_path):
         ids.append(int(want[-1].argmax()))
         inp = torch.tensor([[ids[-1]]])
     # genserve, the same steps through the paged cache (teacher-forced with those tokens).
-    seq = Sequence("probe", ids[:-1], SamplingParams(max_new_tokens=1))
+    seq = Sequence("probe", list(prompt), SamplingParams(max_new_tokens=n))
+    seq.output_ids = ids[len(prompt):-1]
     engine.blocks.allocate(seq)
-    seq.num_computed, runner = 0, engine.runner
+    seq.output_ids, seq.num_computed, runner = [], 0, engine.runner
     try:
         for step in range(n):
             count = len(prompt) if step == 0 else 1
+            if step:
+                seq.output_ids.append(ids[len(prompt) + step - 1])  # known up to this row
             prep = runner.prepare([ScheduledSeq(seq, count)])
             hidden = runner.execute(prep.input_ids, prep.positions, ForwardBatch(prep.attn, runner.kv_caches))
             got = runner.model.compute_logits(hidden[-1:]).float()[0]
@@ -204,4 +221,34 @@ def test_phi3_longrope_crossing_while_decoding_keeps_cached_rotation(tmp_path):
             seq.num_computed += count
     finally:
         engine.blocks.free_seq(seq)
-    assert generate_greedy(engine, [prompt], n) == [ids[len(prompt):]]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+@torch.inference_mode()
+def test_phi3_longrope_matches_generate_across_the_threshold(tmp_path, overlap):
+    """Greedy tokens equal transformers' Phi-3 ``generate`` where the factor set changes under
+    a sequence: a 45-token prompt prefilled in 16-token chunks (long factors from the first
+    chunk), and a 20-token prompt generating 30 tokens (recomputed from scratch when it reaches
+    33 tokens, as ``prepare_inputs_for_generation`` drops its cache there), alone and together,
+    with overlapped steps on and off; prefix caching is off for the model."""
+    cfg = longrope_phi3()
+    ref = save_reference(cfg, tmp_path)
+    engine = load_genserve(tmp_path, max_batch_prefill_tokens=16)
+    engine.overlap = overlap
+    assert not engine.blocks.enable_prefix_caching
+    chunked, crossing = random_prompt(THRESHOLD + 13, 11), random_prompt(20, 16)
+    expected = [reference_greedy(ref, chunked, 10), reference_greedy(ref, crossing, 30)]
+
+    assert generate_greedy(engine, [chunked], 10) == expected[:1]
+    assert engine.scheduler.num_preemptions == 0  # 45 tokens: long from the start, no crossing
+    assert generate_greedy(engine, [crossing], 30) == expected[1:]
+    assert engine.scheduler.num_preemptions == 1  # recomputed once, at 33 known tokens
+    together = generate_greedy(engine, [chunked, crossing], 30)
+    assert [together[0][:10], together[1]] == expected
+    joined = generate_greedy(engine, [crossing, chunked], 10, join_every=2)
+    assert joined == [expected[1][:10], expected[0]]
+    assert engine.blocks.num_used == 0
+
+    # Not vacuous: without the recompute, the crossing sequence drifts from generate.
+    engine.scheduler.recompute_at = None
+    assert generate_greedy(engine, [crossing], 30) != expected[1:]

@@ -28,6 +28,9 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     is_decode_only: bool  # every sequence has exactly one query token
+    # [B] int32 on device: every token of the sequence the engine knows at this step (prompt +
+    # generated so far), which a prefill chunk may not reach. None: same as ``seq_lens``.
+    known_lens: torch.Tensor | None = None
     # Host copies, for reference paths that loop in Python.
     seq_lens_cpu: list[int] = field(default_factory=list)
     query_lens_cpu: list[int] = field(default_factory=list)

@@ -49,9 +49,10 @@ class Channel:
         width = attn.block_tables.shape[1]
         self._header(FORWARD, tokens, seqs, width, attn.max_seqlen_q, attn.max_seqlen_k,
                      int(attn.is_decode_only))
-        parts = (input_ids, positions, attn.slot_mapping, attn.cu_seqlens_q, attn.seq_lens,
+        known = attn.seq_lens if attn.known_lens is None else attn.known_lens
+        parts = (input_ids, positions, attn.slot_mapping, attn.cu_seqlens_q, attn.seq_lens, known,
                  attn.block_tables.reshape(-1))
-        # One host copy for the whole batch (a no-op on CPU): one gloo message, not six.
+        # One host copy for the whole batch (a no-op on CPU): one gloo message, not seven.
         self._bcast(torch.cat([p.long() for p in parts]).cpu())
 
     def send_logits(self, hidden: torch.Tensor) -> None:
@@ -78,9 +79,9 @@ class Channel:
         raise RuntimeError(f"unknown message kind {kind} from rank 0")
 
     def _recv_forward(self, tokens, seqs, width, max_q, max_k, decode_only) -> Forward:
-        payload = self._bcast(torch.empty(3 * tokens + 2 * seqs + 1 + seqs * width, dtype=torch.int64))
-        ids, pos, slots, cu, seq_lens, tables = payload.split(
-            [tokens, tokens, tokens, seqs + 1, seqs, seqs * width])
+        payload = self._bcast(torch.empty(3 * tokens + 3 * seqs + 1 + seqs * width, dtype=torch.int64))
+        ids, pos, slots, cu, seq_lens, known, tables = payload.split(
+            [tokens, tokens, tokens, seqs + 1, seqs, seqs, seqs * width])
         dev = self.device
 
         def on_dev(t, dtype):
@@ -94,6 +95,7 @@ class Channel:
             max_seqlen_q=max_q,
             max_seqlen_k=max_k,
             is_decode_only=bool(decode_only),
+            known_lens=on_dev(known, torch.int32),
             seq_lens_cpu=seq_lens.tolist(),
             query_lens_cpu=(cu[1:] - cu[:-1]).tolist(),
         )

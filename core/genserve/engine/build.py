@@ -184,6 +184,9 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         # Adapted k/v projections make a block's KV depend on the adapter, which the prefix-cache
         # block hashes do not cover: a hit could hand one adapter's KV to another request.
         engine_config.enable_prefix_caching = False
+    if getattr(model, "recompute_at_length", None) is not None:
+        # Its KV depends on the sequence's length (longrope's factor set), which block hashes do not cover.
+        engine_config.enable_prefix_caching = False
     runner = backend.create_model_runner(model, engine_config)
     if args.disable_overlap_steps:
         runner.overlap_steps = False  # read by LLMEngine; an instance attribute beats the class's

@@ -42,7 +42,8 @@ class LLMEngine:
         # Set for encoder-decoder models: prompts feed the encoder, decoding starts from this token.
         self.decoder_start_token_id = decoder_start_token_id
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks,
+                                   getattr(getattr(runner, "model", None), "recompute_at_length", None))
         self.detok = Detokenizer(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.seqs: dict[str, Sequence] = {}

@@ -141,7 +141,7 @@ class ModelRunner:
 
     # -- inputs ---------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq]) -> PreparedBatch:
-        ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
+        ids, pos, slots, q_lens, seq_lens, known, tables = [], [], [], [], [], [], []
         logit_rows, sampling_index, prompt_rows = [], [], {}
         ref_dst, ref_src = [], []  # input rows whose token is still on the device
         bs = self.block_size
@@ -164,6 +164,7 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             q_lens.append(n)
             seq_lens.append(start + n)
+            known.append(len(seq))
             tables.append(table)
             if seq.params.prompt_logprobs and not seq.num_generated and start < len(seq.prompt_ids):
                 prompt_rows[i] = (row0, n)
@@ -184,7 +185,8 @@ class ModelRunner:
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
-        o_cu, o_lens, o_tables, ints = _pack_aligned([cu, seq_lens, flat_tables], torch.int32, self.device)
+        o_cu, o_lens, o_known, o_tables, ints = _pack_aligned([cu, seq_lens, known, flat_tables],
+                                                              torch.int32, self.device)
 
         input_ids = longs[o_ids:o_ids + T]
         if R:
@@ -198,6 +200,7 @@ class ModelRunner:
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(seq_lens),
             is_decode_only=all(n == 1 for n in q_lens),
+            known_lens=ints[o_known:o_known + B],
             seq_lens_cpu=seq_lens,
             query_lens_cpu=q_lens,
         )

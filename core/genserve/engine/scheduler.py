@@ -59,8 +59,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, recompute_at: int | None = None):
         self.config, self.blocks = config, blocks
+        # The model's ``recompute_at_length``: a decoding sequence that reaches this many known
+        # tokens is preempted, so its whole cache is recomputed (a prefill of every token).
+        self.recompute_at = recompute_at
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps_since_admission = 0
@@ -92,6 +95,12 @@ class Scheduler:
                 continue  # preempted below to make room for an older one; or prefilling
             if seq.num_pending and seq.num_generated >= seq.params.max_new_tokens:
                 continue  # its in-flight token is its last: nothing to compute for it
+            if self.recompute_at is not None and seq.admitted_len < self.recompute_at <= len(seq):
+                # Its cache, computed while it was shorter, went stale at this length: recompute
+                # it. Counting an in-flight token, the re-prefill waits for it (admission skips
+                # pending sequences), so overlapped steps recompute at the same length.
+                self._preempt(seq, out)
+                continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -134,7 +143,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.blocks.allocate(seq)
-                seq.status = Status.RUNNING
+                seq.status, seq.admitted_len = Status.RUNNING, len(seq)
                 if seq.first_scheduled is None:
                     seq.first_scheduled = time.monotonic()
                 self.running.append(seq)

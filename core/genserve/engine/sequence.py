@@ -50,6 +50,7 @@ class Sequence:
     first_scheduled: float | None = None
     first_token_time: float | None = None
     preemptions: int = 0
+    admitted_len: int = 0  # its length when last admitted: its cache was computed knowing that many
     error: str | None = None
     # Encoder-decoder models: the client's prompt goes to the encoder and ``prompt_ids`` holds
     # the decoder's start token, so scheduler and KV cache see decoder tokens only. The state

@@ -108,16 +108,19 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
     ``cos``/``sin`` stack both tables, ``[short; long]`` (``2 * max_position`` rows), so
     ``forward`` and the CUDA backend's fused kernel read them unchanged: ``cache_rows`` moves
     the tokens of each long sequence down by ``max_position`` rows. A sequence is long when its
-    length at this step (its last position in the step + 1, ``meta.seq_lens``) exceeds the
-    threshold, which is what transformers decides for one sequence per forward. The choice
-    costs a few device ops per step, no host sync, and is graph-safe (decode-only steps compare
-    positions; others find each token's sequence by ``searchsorted`` over ``cu_seqlens_q``).
+    known length (every token the engine has for it at this step, prompt + generated,
+    ``meta.known_lens``) exceeds the threshold: what transformers decides in the forward that
+    sees the whole sequence, so every prefill chunk of a long prompt uses the long factors. The
+    choice costs a few device ops per step, no host sync, and is graph-safe (decode-only steps
+    read one length per row, or compare positions where a backend leaves ``known_lens`` out: a
+    decode row's known length is its position + 1; others find each token's sequence by
+    ``searchsorted`` over ``cu_seqlens_q``).
 
-    Keys already in the KV cache keep the rotation they were written with. transformers'
-    Phi-3 ``generate`` instead recomputes the whole cache at the step a sequence crosses the
-    threshold, so sequences that cross during decoding (or between prefill chunks, or that hit
-    prefix-cache blocks written by a sequence on the other side) drift from it; see
-    docs/models.md.
+    Keys already in the KV cache keep the rotation they were written with, so a sequence that
+    crosses the threshold while decoding is recomputed from scratch, as transformers' Phi-3
+    ``generate`` does: ``recompute_at_length`` (threshold + 1) tells the engine when (the
+    scheduler preempts it; prefix caching is off for such models, as block hashes do not cover
+    the choice). See docs/models.md.
     """
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, short_inv_freq: torch.Tensor,
@@ -125,6 +128,7 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
                  interleaved: bool = False):
         super().__init__(head_dim, rotary_dim, max_position, short_inv_freq, scaling, interleaved)
         self.threshold, self.long_offset = threshold, max_position
+        self.recompute_at_length = threshold + 1  # the known length at which decoding turns long
         long_cos, long_sin = _tables(max_position, long_inv_freq, scaling)
         self.cos = torch.cat((self.cos, long_cos))  # [2P, rotary_dim/2]
         self.sin = torch.cat((self.sin, long_sin))
@@ -132,12 +136,16 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
     def cache_rows(self, positions: torch.Tensor, meta) -> torch.Tensor:
         if meta is None:
             return positions
-        if meta.is_decode_only:  # one row per sequence: its length is position + 1
-            long = positions >= self.threshold
+        if meta.is_decode_only:  # one row per sequence
+            if meta.known_lens is not None and meta.known_lens.shape[0] == positions.shape[0]:
+                long = meta.known_lens > self.threshold  # (1-token prefill chunks included)
+            else:  # a decode row's known length is its position + 1 (CUDA graphs, padded rows)
+                long = positions >= self.threshold
         else:
             rows = torch.arange(positions.shape[0], dtype=meta.cu_seqlens_q.dtype, device=positions.device)
             seq = torch.searchsorted(meta.cu_seqlens_q[1:].contiguous(), rows, right=True)
             # Rows past the last sequence (a backend's padding) borrow the last one's choice.
             seq = seq.clamp_(max=max(meta.seq_lens.shape[0] - 1, 0))
-            long = meta.seq_lens[seq] > self.threshold
+            lens = meta.seq_lens if meta.known_lens is None else meta.known_lens
+            long = lens[seq] > self.threshold
         return positions + long * self.long_offset

@@ -77,6 +77,11 @@ class CausalLM(nn.Module):
     is_encoder_decoder: bool = False
     decoder_start_token_id: int | None = None
 
+    # A known length (prompt + generated tokens) at which a decoding sequence's cache goes stale
+    # and the engine recomputes it from scratch (Phi-3 longrope turning to its long factors);
+    # models that set it also run without prefix caching. None: never.
+    recompute_at_length: int | None = None
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config, self.ctx = config, ctx
