@@ -95,3 +95,16 @@ def metric(client: httpx.Client, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(name)
+
+
+OVERLOADED = 'tgi_request_failure{err="overloaded"}'
+
+
+def overloaded_failures(client: httpx.Client) -> float:
+    """Requests refused as overloaded so far (the counter appears with the first one)."""
+    return metric(client, OVERLOADED) if 'err="overloaded"' in client.get("/metrics").text else 0
+
+
+def authed_async_client(server) -> httpx.AsyncClient:
+    """An async client for ``server`` sending the test API key (for concurrent bursts)."""
+    return httpx.AsyncClient(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"})

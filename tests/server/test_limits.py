@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from serverkit import ALLOWED_ORIGIN, API_KEY, metric
+from serverkit import ALLOWED_ORIGIN, API_KEY, OVERLOADED, authed_async_client, metric, overloaded_failures
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,10 @@ def test_payload_limit(limited):
 
 
 def test_overloaded(limited_server, limited):
-    before = metric(limited, 'tgi_request_failure{err="overloaded"}') if 'err="overloaded"' in \
-        limited.get("/metrics").text else 0
+    before = overloaded_failures(limited)
 
     async def burst():
-        async with httpx.AsyncClient(base_url=limited_server.url, timeout=60,
-                                     headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        async with authed_async_client(limited_server) as client:
             return await asyncio.gather(*[client.post("/generate", json={
                 "inputs": "Hello", "parameters": {"max_new_tokens": 40}}) for _ in range(8)])
 
@@ -65,7 +63,7 @@ def test_overloaded(limited_server, limited):
     assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     busy = next(r for r in responses if r.status_code == 429)
     assert busy.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
-    assert metric(limited, 'tgi_request_failure{err="overloaded"}') >= before + codes.count(429)
+    assert metric(limited, OVERLOADED) >= before + codes.count(429)
     # capacity comes back once the burst is over
     assert limited.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}).status_code == 200
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from serverkit import API_KEY, metric
+from serverkit import OVERLOADED, authed_async_client, metric, overloaded_failures
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "hi"}]
@@ -120,12 +120,10 @@ def test_validation_errors_release_permits(limited_server, limited):
 
 def test_overloaded_stream_is_one_event(limited_server, limited):
     """As TGI (the permit is taken inside the stream): 200 and one `overloaded` event."""
-    before = metric(limited, 'tgi_request_failure{err="overloaded"}') if 'err="overloaded"' in \
-        limited.get("/metrics").text else 0
+    before = overloaded_failures(limited)
 
     async def burst():
-        async with httpx.AsyncClient(base_url=limited_server.url, timeout=60,
-                                     headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        async with authed_async_client(limited_server) as client:
             async def one(i):
                 path, body = (("/generate_stream", GEN(max_new_tokens=40)) if i % 2 else
                               ("/v1/chat/completions", {"messages": HI, "max_tokens": 40, "stream": True}))
@@ -139,7 +137,7 @@ def test_overloaded_stream_is_one_event(limited_server, limited):
     busy = [data for _, data in results if data and data[0].startswith('{"error"')]
     assert len(busy) >= 1 and len(busy) <= 6
     assert all(data == ['{"error":"Model is overloaded","error_type":"overloaded"}'] for data in busy)
-    assert metric(limited, 'tgi_request_failure{err="overloaded"}') >= before + len(busy)
+    assert metric(limited, OVERLOADED) >= before + len(busy)
     deadline = time.monotonic() + 10  # a finished stream hands its permit back just after its last byte
     while metric(limited, "genserve_requests_in_flight") != 0:
         assert time.monotonic() < deadline
