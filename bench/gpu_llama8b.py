@@ -87,6 +87,16 @@ def build_genserve(model_dir, args):
 STEPS: dict[str, int] = {}  # what the last run_requests did: steps, steps with prefill, seqs summed
 
 
+def offline_workload(vocab: int, n: int = 1000) -> tuple[list[list[int]], list[int]]:
+    """ShareGPT-like mix: log-normal lengths (medians ~ 140 in, ~ 190 out), clipped. Its own
+    generator: the workload must not depend on which other figures ran first (the long-output
+    tail decides much of the wall time)."""
+    rng = random.Random(0)
+    lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(n)]
+    lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(n)]
+    return [random_prompt(rng, k, vocab) for k in lens_in], lens_out
+
+
 def run_requests(engine, prompts, out_lens):
     """Submit everything at once; return (wall seconds, output tokens, per-request token times)."""
     from genserve.engine.sampling_params import SamplingParams
@@ -139,13 +149,8 @@ def genserve_suite(engine, rec, vocab, only, rng):
         wall, produced, _, _ = run_requests(engine, prompts, [2048] * 128)
         rec("decode_tok_s_128x32x2048", produced / wall, "tok/s", "genserve")
     if "offline_tok_s_1000" in only:
-        # ShareGPT-like mix: log-normal lengths (medians ~ 140 in, ~ 190 out), clipped.
-        # Its own generator: the workload must not depend on which other figures ran first
-        # (the long-output tail decides much of the wall time).
-        rng = random.Random(0)
-        lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(1000)]
-        lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(1000)]
-        prompts = [random_prompt(rng, n, vocab) for n in lens_in]
+        prompts, lens_out = offline_workload(vocab)
+        lens_in = [len(p) for p in prompts]
         wall, produced, _, _ = run_requests(engine, prompts, lens_out)
         rec("offline_tok_s_1000", produced / wall, "tok/s", "genserve",
             mean_in=sum(lens_in) / 1000, mean_out=sum(lens_out) / 1000, steps=STEPS["steps"],

@@ -115,18 +115,15 @@ def triton_variants() -> dict[str, int]:
 def offline(engine, vocab, n=1000):
     HOST.clear()
     SLOW_LAUNCHES.clear()
-    rng = random.Random(0)
-    lens_in = [min(2000, max(4, int(rng.lognormvariate(4.95, 1.0)))) for _ in range(n)]
-    lens_out = [min(1500, max(4, int(rng.lognormvariate(5.25, 0.8)))) for _ in range(n)]
-    prompts = [b.random_prompt(rng, n, vocab) for n in lens_in]
+    prompts, lens_out = b.offline_workload(vocab, n)
     wall, produced, _, _ = b.run_requests(engine, prompts, lens_out)
     steps = b.STEPS["steps"]
     for label, sec in HOST.most_common():
         print(f"    {label:28s} {sec:6.2f} s  {sec / steps * 1e3:6.2f} ms/step", flush=True)
     print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
     allocator_stats("after offline")
-    for stack, n in STUCK.most_common(3):
-        print(f"  stuck launch x{n}: {stack}", flush=True)
+    for stack, count in STUCK.most_common(3):
+        print(f"  stuck launch x{count}: {stack}", flush=True)
     STUCK.clear()
     slow = sorted(SLOW_LAUNCHES, reverse=True)[:8]
     print("  slowest launches (ms, seqs, tokens, device mallocs): "
