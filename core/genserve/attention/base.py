@@ -12,6 +12,7 @@ are already in the cache (previous steps, prefix-cache hits, earlier prefill chu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -40,6 +41,12 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    @cached_property
+    def is_fresh(self) -> bool:
+        """Every sequence is a whole prompt with nothing cached before it (from the host
+        copies; worked out once per step, not once per layer)."""
+        return bool(self.seq_lens_cpu) and self.seq_lens_cpu == self.query_lens_cpu
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ PREFILL_FLOOR = 256  # prompt tokens a step may always take, however many sequen
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_prefill_tokens: int = 4096  # prompt tokens computed in one step
+    max_batch_prefill_tokens: int = 4096  # tokens in one step: decode rows, then prompt chunks
     max_batch_size: int = 256  # sequences in one step
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20

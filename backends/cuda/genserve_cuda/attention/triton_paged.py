@@ -63,7 +63,7 @@ class TritonPagedAttention(AttentionImpl):
             return paged_decode_attention(
                 q, kv_cache, meta.block_tables, meta.seq_lens, s.scale, meta.max_seqlen_k,
                 num_splits=meta.extra.get("decode_num_splits"), **common)
-        if is_fresh(meta):
+        if meta.is_fresh:
             if self._cudnn.wants(meta.query_lens_cpu, q.dtype):
                 out = self._cudnn(q, k, v, meta.query_lens_cpu)
                 if out is not None:
@@ -73,8 +73,3 @@ class TritonPagedAttention(AttentionImpl):
         return paged_prefill_attention(
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
             s.scale, causal=s.causal, **common)
-
-
-def is_fresh(meta: AttentionMetadata) -> bool:
-    """Every sequence of the batch is a whole prompt with nothing cached before it."""
-    return bool(meta.seq_lens_cpu) and meta.seq_lens_cpu == meta.query_lens_cpu
