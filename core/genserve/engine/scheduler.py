@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from genserve.engine.block_manager import BlockManager
 from genserve.engine.sequence import FinishReason, Sequence, Status
 
-
 PREFILL_FLOOR = 256  # prompt tokens a step may always take, however many sequences decode
 
 

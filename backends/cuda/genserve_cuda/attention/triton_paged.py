@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
+
 from genserve_cuda._triton import triton_unavailable_reason
 from genserve_cuda.attention.cudnn_fresh import CudnnFreshAttention
 
@@ -52,7 +52,10 @@ class TritonPagedAttention(AttentionImpl):
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         from genserve_cuda.kernels.decode_attention import paged_decode_attention
         from genserve_cuda.kernels.kv_cache import write_kv_cache
-        from genserve_cuda.kernels.prefill_attention import fresh_prefill_attention, paged_prefill_attention
+        from genserve_cuda.kernels.prefill_attention import (
+            fresh_prefill_attention,
+            paged_prefill_attention,
+        )
 
         s = self.spec
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
