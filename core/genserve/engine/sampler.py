@@ -66,23 +66,23 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
               histories: list[list[int]], outputs: list[list[int]], device,
               watermark_gamma=0.5, watermark_delta=2.0) -> "SamplingBatch":
-        def t(rows, dtype):
+        def rows_on_device(rows, dtype):
             # One asynchronous copy per dtype; the per-row fields are column views.
             return upload(torch.tensor(rows, dtype=dtype), device)
 
         def padded(rows):
             width = max(1, max(len(r) for r in rows))
-            return t([r + [-1] * (width - len(r)) for r in rows], torch.long)
+            return rows_on_device([r + [-1] * (width - len(r)) for r in rows], torch.long)
 
         need_rep = any(p.repetition_penalty != 1.0 for p in params)
         need_freq = any(p.frequency_penalty or p.presence_penalty for p in params)
         need_wm = any(p.watermark for p in params)
-        floats = t([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
-                          p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
-                          p.frequency_penalty, p.presence_penalty] for p in params], torch.float32)
-        longs = t([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
-                         int(p.watermark), h[-1] if h else 0]
-                        for p, seed, step, h in zip(params, seeds, steps, histories)], torch.long)
+        floats = rows_on_device([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
+                                  p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
+                                  p.frequency_penalty, p.presence_penalty] for p in params], torch.float32)
+        longs = rows_on_device([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
+                                 int(p.watermark), h[-1] if h else 0]
+                                for p, seed, step, h in zip(params, seeds, steps, histories)], torch.long)
         return cls(
             temperature=floats[:, 0], top_p=floats[:, 1], typical_p=floats[:, 2],
             repetition_penalty=floats[:, 3], frequency_penalty=floats[:, 4],
