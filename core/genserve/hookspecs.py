@@ -47,6 +47,16 @@ def genserve_register_quantizers(register):
 
 
 @hookspec
+def genserve_register_linear_kernels(register):
+    """Register mixed-precision linear kernels: ``register("triton_w4a16", TritonW4A16Kernel)``.
+
+    The class follows ``genserve.layers.quantization.kernels.MPLinearKernel``. Weight formats
+    (GPTQ, AWQ, ...) unpack into one canonical form and the backend's
+    ``linear_kernel_preference`` picks, per layer, the first kernel that can implement it.
+    """
+
+
+@hookspec
 def genserve_register_attention(register):
     """Register attention implementations: ``register("triton", TritonPagedAttention)``.
 

@@ -54,6 +54,7 @@ class Plugins:
     backends: Registry
     architectures: Registry
     quantizers: Registry
+    linear_kernels: Registry
     attention: Registry
     lora: Registry
     infos: list[PluginInfo]
@@ -66,6 +67,7 @@ _HOOKS = {
     "backends": "genserve_register_backends",
     "architectures": "genserve_register_architectures",
     "quantizers": "genserve_register_quantizers",
+    "linear_kernels": "genserve_register_linear_kernels",
     "attention": "genserve_register_attention",
     "lora": "genserve_register_lora",
 }
@@ -106,6 +108,7 @@ def load_plugins(extra_modules: tuple[str, ...] = ()) -> Plugins:
         backends=Registry("backend"),
         architectures=Registry("architecture"),
         quantizers=Registry("quantizer"),
+        linear_kernels=Registry("linear kernel"),
         attention=Registry("attention implementation"),
         lora=Registry("LoRA method"),
         infos=[],

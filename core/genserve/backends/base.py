@@ -17,6 +17,9 @@ class Backend:
     priority: ClassVar[int] = 0
     # Attention implementations in order of preference (registry names).
     attention_preference: ClassVar[tuple[str, ...]] = ("torch",)
+    # Mixed-precision linear kernels (registry names) in order of preference; the reference
+    # dequantizing kernel comes last everywhere, so every format runs on every backend.
+    linear_kernel_preference: ClassVar[tuple[str, ...]] = ("torch_wna16",)
     distributed_backend: ClassVar[str] = "gloo"
     # Quantizer names this backend runs; None means whatever the quantizer itself allows.
     supported_quantizers: ClassVar[tuple[str, ...] | None] = None
