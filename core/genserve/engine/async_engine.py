@@ -68,12 +68,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                try:
-                    out = await asyncio.wait_for(stream.get(), timeout=1.0)
-                except asyncio.TimeoutError:  # nothing yet: make sure someone is still computing
-                    if not self.is_alive:
-                        raise EngineDeadError(self.dead or "the engine stopped") from None
-                    continue
+                out = await self._next_output(stream)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -84,6 +79,29 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._inbox.put(("abort", request_id))
+
+    async def _next_output(self, stream: asyncio.Queue) -> RequestOutput | BaseException:
+        """The stream's next item, checking every second that the engine thread still runs.
+
+        Not ``asyncio.wait_for(stream.get(), 1.0)``: before Python 3.12, ``wait_for`` swallows a
+        cancellation that arrives in the same loop iteration as the item it waited for (it
+        returns the item instead, CPython gh-86296). Tokens arrive every few milliseconds, so a
+        client that went away was often not cancelled at all and its request ran to the end,
+        holding its KV blocks. ``asyncio.wait`` never swallows the caller's cancellation.
+        """
+        if not stream.empty():
+            return stream.get_nowait()
+        getter = asyncio.ensure_future(stream.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait((getter,), timeout=1.0)
+                if done:
+                    return getter.result()
+                if not self.is_alive:  # nothing yet: make sure someone is still computing
+                    raise EngineDeadError(self.dead or "the engine stopped")
+        finally:
+            if not getter.done():
+                getter.cancel()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
