@@ -29,8 +29,15 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
 TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-METRICS = ("tpot_b1_ms", "decode_tok_s_128x32x2048", "prefill_tok_s_32x4096", "ttft_1x1024_ms",
-           "offline_tok_s_1000")
+METRICS = ("tpot_b1_ms", "tpot_b16_ms", "decode_tok_s_128x32x2048", "prefill_tok_s_32x4096",
+           "ttft_1x1024_ms", "offline_tok_s_1000")
+# Weight variants of the same model shape: metric names take the suffix, e.g. tpot_b1_ms_w4a16.
+# w4a16: GPTQ-style 4-bit weights, group 128, symmetric, random packed values (dummy load).
+VARIANTS = {
+    "bf16": ("", None),
+    "w4a16": ("_w4a16", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                         "sym": True, "checkpoint_format": "gptq"}),
+}
 
 
 def commit() -> str:
@@ -63,7 +70,7 @@ def random_prompt(rng, n, vocab):
 
 
 # -- genserve -------------------------------------------------------------------------------
-def build_genserve(model_dir, args):
+def build_genserve(model_dir, args, quantize=None):
     from genserve.args import defaults
     from genserve.engine.build import build_engine
     from genserve.engine.warmup import warm_up
@@ -73,6 +80,8 @@ def build_genserve(model_dir, args):
                  cuda_memory_fraction=0.92)
     if args.cuda_graphs is not None:
         flags["cuda_graphs"] = args.cuda_graphs
+    if quantize:
+        flags["quantize"] = quantize
     loaded = build_engine(defaults(**flags))
     t0 = time.perf_counter()
     warm_up(loaded.engine, loaded.model_config.vocab_size)  # as the server does before serving
@@ -124,18 +133,23 @@ def run_requests(engine, prompts, out_lens):
     return time.perf_counter() - t0, produced, t0, times
 
 
-def genserve_suite(engine, rec, vocab, only, rng):
-    if "tpot_b1_ms" in only:
-        run_requests(engine, [random_prompt(rng, 128, vocab)], [16])  # warm-up
-        _, _, _, times = run_requests(engine, [random_prompt(rng, 128, vocab)], [257])
-        t = next(iter(times.values()))
-        rec("tpot_b1_ms", (t[-1] - t[0]) / (len(t) - 1) * 1e3, "ms", "genserve")
+def genserve_suite(engine, rec, vocab, only, rng, suffix=""):
+    def record(metric, *a, **kw):
+        rec(metric + suffix, *a, **kw)
+
+    for batch in (1, 16):
+        if f"tpot_b{batch}_ms" in only:
+            run_requests(engine, [random_prompt(rng, 128, vocab) for _ in range(batch)], [16] * batch)
+            _, _, _, times = run_requests(engine, [random_prompt(rng, 128, vocab) for _ in range(batch)],
+                                          [257] * batch)
+            per_token = sorted((t[-1] - t[0]) / (len(t) - 1) for t in times.values())
+            record(f"tpot_b{batch}_ms", per_token[len(per_token) // 2] * 1e3, "ms", "genserve")
     if "ttft_1x1024_ms" in only:
         samples = []
         for _ in range(9):
             _, _, t0, times = run_requests(engine, [random_prompt(rng, 1024, vocab)], [1])
             samples.append((next(iter(times.values()))[0] - t0) * 1e3)
-        rec("ttft_1x1024_ms", sorted(samples)[len(samples) // 2], "ms", "genserve",
+        record("ttft_1x1024_ms", sorted(samples)[len(samples) // 2], "ms", "genserve",
             samples_ms=[round(x, 2) for x in samples])
     if "prefill_tok_s_32x4096" in only:
         # Warm-up: one step of this shape first (cuBLAS heuristics, kernel specialisations), as
@@ -143,16 +157,16 @@ def genserve_suite(engine, rec, vocab, only, rng):
         run_requests(engine, [random_prompt(rng, 4096, vocab) for _ in range(2)], [1] * 2)
         prompts = [random_prompt(rng, 4096, vocab) for _ in range(32)]
         wall, _, _, _ = run_requests(engine, prompts, [1] * 32)
-        rec("prefill_tok_s_32x4096", 32 * 4096 / wall, "tok/s", "genserve")
+        record("prefill_tok_s_32x4096", 32 * 4096 / wall, "tok/s", "genserve")
     if "decode_tok_s_128x32x2048" in only:
         prompts = [random_prompt(rng, 32, vocab) for _ in range(128)]
         wall, produced, _, _ = run_requests(engine, prompts, [2048] * 128)
-        rec("decode_tok_s_128x32x2048", produced / wall, "tok/s", "genserve")
+        record("decode_tok_s_128x32x2048", produced / wall, "tok/s", "genserve")
     if "offline_tok_s_1000" in only:
         prompts, lens_out = offline_workload(vocab)
         lens_in = [len(p) for p in prompts]
         wall, produced, _, _ = run_requests(engine, prompts, lens_out)
-        rec("offline_tok_s_1000", produced / wall, "tok/s", "genserve",
+        record("offline_tok_s_1000", produced / wall, "tok/s", "genserve",
             mean_in=sum(lens_in) / 1000, mean_out=sum(lens_out) / 1000, steps=STEPS["steps"],
             steps_with_prefill=STEPS["mixed"], mean_batch=round(STEPS["seqs"] / max(1, STEPS["steps"]), 1))
 
@@ -212,15 +226,22 @@ def copy_bandwidth() -> float:
     return 2 * n / seconds  # bytes read + written
 
 
-def roofline(config, rec, only):
+def roofline(config, rec, only, variants):
+    """Batch-1 time per token if a decode step only read its weights once at copy bandwidth.
+
+    bf16: every weight at 2 bytes (the embedding counts as the LM head's twin). w4a16: the
+    linear layers' packed 4-bit weights plus one bf16 scale per group of 128, the LM head in
+    bf16 (it stays unquantized), the embedding row gather ignored."""
     bw = copy_bandwidth()
     h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    params = L * (h * (h + 2 * kv) + h * h + 3 * h * i) + 2 * V * h
-    weight_bytes = 2 * params
+    linear = L * (h * (h + 2 * kv) + h * h + 3 * h * i)
+    weight_bytes = {"bf16": 2 * (linear + 2 * V * h), "w4a16": linear // 2 + linear // 128 * 2 + 2 * V * h}
     rec("copy_bandwidth_gb_s", bw / 1e9, "GB/s", "roofline")
     if "tpot_b1_ms" in only:
-        rec("tpot_b1_ms", weight_bytes / bw * 1e3, "ms", "roofline", weight_gb=weight_bytes / 1e9)
+        for v in variants:
+            rec("tpot_b1_ms" + VARIANTS[v][0], weight_bytes[v] / bw * 1e3, "ms", "roofline",
+                weight_gb=weight_bytes[v] / 1e9)
 
 
 def main():
@@ -236,9 +257,14 @@ def main():
     ap.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,128,192,256,320,384,448,512",
                     help="decode graph batch sizes")
     ap.add_argument("--max-batch-size", type=int, default=512)
+    ap.add_argument("--variants", default="bf16", help=f"weight variants, in order: {','.join(VARIANTS)}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     only = set(args.only.split(","))
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
 
     from transformers import LlamaConfig
 
@@ -251,13 +277,24 @@ def main():
     print(f"device {gpu}, torch {torch.__version__}, commit {rec.meta['commit']}", flush=True)
 
     if torch.cuda.is_available():
-        roofline(config, rec, only)
-    engine = build_genserve(model_dir, args)
-    gc.collect()
-    gc.freeze()  # as the server does after loading
-    genserve_suite(engine, rec, config.vocab_size, only, rng)
-    del engine
-    gc.collect()
+        roofline(config, rec, only, variants)
+    for variant in variants:
+        suffix, quant = VARIANTS[variant]
+        vdir = model_dir
+        if quant:
+            vdir = tempfile.mkdtemp(prefix=f"genserve-bench-{variant}-")
+            qconfig = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+            qconfig.quantization_config = quant
+            qconfig.save_pretrained(vdir)
+        engine = build_genserve(vdir, args, quantize=quant and quant["quant_method"])
+        gc.collect()
+        gc.freeze()  # as the server does after loading
+        genserve_suite(engine, rec, config.vocab_size, only, rng, suffix)
+        del engine
+        gc.unfreeze()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         if not args.skip_hf:
