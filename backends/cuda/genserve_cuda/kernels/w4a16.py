@@ -1,0 +1,316 @@
+"""Mixed-precision GEMM for 4- and 8-bit integer weights with 16-bit activations (W4A16 / W8A16).
+
+``y[M, N] = x[M, K] @ dequant(W)[K, N] (+ bias)`` with the canonical dequantization rule of
+``genserve.layers.quantization.kernels``: ``W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]``.
+
+**Packed layout** (built once at load by ``pack_wna16``). ``PACK = 32 // bits`` values share one
+int32 word, and the words are grouped in blocks of ``R = 16`` rows: word ``[b*R + r, n]`` holds,
+in its bit field ``j`` (bits ``j*bits ..``), the weight of input row ``k = b*BK + j*R + r`` with
+``BK = PACK * R`` (128 rows for 4-bit, 64 for 8-bit). Shifting every word of a ``[R, BLOCK_N]``
+tile by ``j*bits`` so yields a *contiguous* run of 16 input rows (a "plane"), which meets the
+16 contiguous activation columns ``x[:, b*BK + j*R : +16]`` without any shuffle (the idea of
+Marlin's interleaved layout, Frantar et al. 2024, reduced to what Triton can express). Each
+plane lies inside one quantization group whenever ``group_size % 16 == 0``, so it needs one
+scale row and one zero-point row.
+
+**Dequantization in registers.** A field ``q`` becomes a float with one OR: the bits
+``0x4B000000 | q`` read as float32 are ``2**23 + q`` exactly, so ``q - z`` is one subtraction
+(no int-to-float conversion, which runs at a quarter of the FMA rate).
+
+**Paths**, picked per call by the number of rows ``M`` from a fixed table (``select_config``):
+
+- *GEMV* (``M <= 4``, decode): CUDA-core FMAs on a ``[BLOCK_M, R, BLOCK_N]`` tile, the scale
+  applied once per block when a group spans the whole block. Bytes read are the packed weights;
+  split-K over the grid's third axis keeps every SM busy at ``M = 1`` on 4096-wide layers.
+- *Tensor cores* (``M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``.
+- *Large M* (prefill): dequantize the whole weight into a 16-bit ``[K, N]`` scratch buffer with
+  ``wna16_dequantize`` and let cuBLAS multiply; the extra pass costs ``2.5 * K * N`` bytes, small
+  next to the matmul once ``M`` is in the thousands.
+
+Split-K partial sums go to an fp32 workspace; the last program to finish a tile (an atomic
+counter per tile) adds them up, writes the output and resets its counter to zero, so one
+launch does the whole product and the counters are ready for the next call (CUDA-graph safe:
+no host sync, no memset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_BLOCK = 16  # R: words per block along K; a plane is R contiguous input rows
+MAGIC = 0x4B000000   # float32 bits of 2**23
+MAGIC_F = 8388608.0
+
+
+def pack_factor(bits: int) -> int:
+    return 32 // bits
+
+
+def block_k(bits: int) -> int:
+    """Input rows per packed block: 128 for 4-bit, 64 for 8-bit."""
+    return pack_factor(bits) * ROWS_PER_BLOCK
+
+
+def pack_wna16(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical ``qweight`` uint8 ``[K, N]`` -> int32 ``[K // PACK, N]`` in the layout above.
+
+    Raises ValueError when ``K`` is not a multiple of ``block_k(bits)`` or a value is out of range.
+    """
+    K, N = qweight.shape
+    pack, bk = pack_factor(bits), block_k(bits)
+    if K % bk:
+        raise ValueError(f"in_features {K} is not a multiple of {bk} ({bits}-bit packing)")
+    q = qweight.to(torch.int64)
+    if int(q.max()) >= 2 ** bits or int(q.min()) < 0:
+        raise ValueError(f"qweight holds values outside [0, {2 ** bits})")
+    q = q.view(K // bk, pack, ROWS_PER_BLOCK, N)           # [b, j, r, n]
+    shifts = (torch.arange(pack, device=q.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
+    words = (q << shifts).sum(dim=1)                        # [b, r, n], < 2**32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.reshape(K // pack, N).to(torch.int32).contiguous()
+
+
+def unpack_wna16(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_wna16`` (for tests): int32 ``[K // PACK, N]`` -> uint8 ``[K, N]``."""
+    pack = pack_factor(bits)
+    kw, N = packed.shape
+    w = packed.to(torch.int64).view(kw // ROWS_PER_BLOCK, 1, ROWS_PER_BLOCK, N)
+    shifts = (torch.arange(pack, device=w.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
+    q = (w >> shifts) & (2 ** bits - 1)                     # [b, j, r, n]
+    return q.reshape(kw * pack, N).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch shape of ``_wna16_gemm_kernel`` (fixed per M bucket; no run-time tuning)."""
+
+    use_dot: bool
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit(do_not_specialize=["M"])
+def _wna16_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, group_size,
+    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    R: tl.constexpr = 16
+    BK: tl.constexpr = PACK * R
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    num_blocks = K // BK
+    per_split = tl.cdiv(num_blocks, SPLIT_K)
+    blk_lo = pid_k * per_split
+    blk_hi = tl.minimum(blk_lo + per_split, num_blocks)
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BM, 1]
+    w_cols = qw_ptr + offs_n[None, :]                                    # [1, BN]
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+
+    for blk in range(blk_lo, blk_hi):
+        words = tl.load(w_cols + (blk * R + offs_r).to(tl.int64)[:, None] * N,
+                        mask=n_mask[None, :], other=0, eviction_policy="evict_first")  # [R, BN]
+        k0 = blk * BK
+        if not SCALE_PER_PLANE:
+            # the whole block lies in one group: one scale/zero row for all planes
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZP:
+                zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+            else:
+                zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
+            if not USE_DOT:
+                part = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            if SCALE_PER_PLANE:
+                g = (k0 + j * R) // group_size
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+                else:
+                    zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
+            field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
+            qz = field.to(tl.float32, bitcast=True) - zm[None, :]             # q - z, exact
+            xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
+            if USE_DOT:
+                b = (qz * s[None, :]).to(x_ptr.dtype.element_ty)
+                acc = tl.dot(xj, b, acc)
+            elif SCALE_PER_PLANE:
+                acc += xj.to(tl.float32)[:, :, None] * (qz * s[None, :])[None, :, :]
+            else:
+                part += xj.to(tl.float32)[:, :, None] * qz[None, :, :]
+        if not SCALE_PER_PLANE:
+            if not USE_DOT:
+                acc += part * s[None, None, :]
+
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)                                           # [BM, BN]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        mn = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + mn, out, mask=out_mask)
+        # every thread's partial is stored before one thread bumps the tile's counter (release)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + p * M * N + mn, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+
+
+@triton.jit
+def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, group_size,
+                          BITS: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    R: tl.constexpr = 16
+    BK: tl.constexpr = PACK * R
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    blk = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    n_mask = offs_n < N
+    words = tl.load(qw_ptr + (blk * R + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=n_mask[None, :], other=0)
+    for j in tl.static_range(PACK):
+        k = blk * BK + j * R
+        g = k // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+        else:
+            zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
+        field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
+        w = (field.to(tl.float32, bitcast=True) - zm[None, :]) * s[None, :]
+        tl.store(w_ptr + (k + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
+                 w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, bias: torch.Tensor | None, counters: torch.Tensor,
+               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` (16-bit, row stride free, unit column stride) -> ``[M, N]`` in ``x``'s dtype.
+
+    ``qweight`` int32 ``[K // PACK, N]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
+    uint8 ``[G, N]`` or None (symmetric); ``counters`` int32 zeros with at least one entry per
+    output tile when ``cfg.split_k > 1`` (left zeroed again by the kernel). ``out`` (optional,
+    ``[M, N]``, unit column stride) receives the result.
+    """
+    M, K = x.shape
+    N = qweight.shape[1]
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    if cfg.split_k > 1:
+        assert counters.numel() >= grid[0] * grid[1], "split-K counters too small for this launch"
+        ws = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device)
+    else:
+        ws = y
+    _wna16_gemm_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
+        y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size,
+        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size < block_k(bits),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group_size: int, dtype: torch.dtype, block_n: int = 128) -> torch.Tensor:
+    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order)."""
+    kw, N = qweight.shape
+    K = kw * pack_factor(bits)
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    grid = (K // block_k(bits), triton.cdiv(N, block_n))
+    _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, group_size,
+                                BITS=bits, HAS_ZP=zeros is not None, BLOCK_N=block_n, num_warps=4)
+    return w
+
+
+# Fixed launch table, by the largest M of each bucket: (max_m, use_dot, block_m, block_n, warps, stages).
+# Decode sizes use the CUDA-core GEMV; the tensor-core tiles grow with M. Above the last bucket
+# the layer dequantizes into a scratch buffer and calls cuBLAS (``DOT_MAX_M``).
+BUCKETS = (
+    (1, False, 1, 128, 4, 3),
+    (2, False, 2, 128, 4, 3),
+    (4, False, 4, 64, 4, 3),
+    (16, True, 16, 64, 4, 3),
+    (32, True, 32, 64, 4, 3),
+    (64, True, 64, 128, 4, 3),
+    (128, True, 64, 128, 4, 3),
+    (256, True, 128, 128, 8, 3),
+)
+DOT_MAX_M = BUCKETS[-1][0]
+SPLIT_K_MAX = 16
+WAVES = 2  # aim for this many programs per SM before splitting K further
+
+
+@lru_cache(maxsize=None)
+def select_config(m: int, n: int, k: int, bits: int, num_sms: int) -> GemmConfig:
+    """The launch for ``m`` rows (``1 <= m <= DOT_MAX_M``) of an ``[k] -> [n]`` layer.
+
+    Depends on ``m`` only through its bucket, so the set of compiled variants per layer is fixed
+    (all compiled when the decode graphs are captured). Split-K is chosen so that about
+    ``WAVES * num_sms`` programs run, with the K blocks spread evenly.
+    """
+    for max_m, use_dot, bm, bn, warps, stages in BUCKETS:
+        if m <= max_m:
+            break
+    else:
+        raise ValueError(f"{m} rows is above the GEMM table ({DOT_MAX_M}); dequantize instead")
+    tiles = triton.cdiv(max_m, bm) * triton.cdiv(n, bn)
+    blocks = k // block_k(bits)
+    split = max(1, min(SPLIT_K_MAX, blocks, triton.cdiv(WAVES * num_sms, tiles)))
+    split = triton.cdiv(blocks, triton.cdiv(blocks, split))  # no empty splits
+    return GemmConfig(use_dot, bm, bn, split, warps, stages)
+
+
+def counters_needed(n: int, k: int, bits: int, num_sms: int) -> int:
+    """Split-K counters one layer needs for every bucket of ``select_config``."""
+    need = 1
+    for max_m, *_ in BUCKETS:
+        cfg = select_config(max_m, n, k, bits, num_sms)
+        if cfg.split_k > 1:
+            need = max(need, triton.cdiv(max_m, cfg.block_m) * triton.cdiv(n, cfg.block_n))
+    return need
