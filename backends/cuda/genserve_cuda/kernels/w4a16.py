@@ -97,13 +97,13 @@ class GemmConfig:
     num_stages: int
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "split_k"])
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, group_size,
+    M, N, K, stride_xm, stride_ym, group_size, split_k,
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
@@ -121,20 +121,33 @@ def _wna16_gemm_kernel(
     n_mask = offs_n < N
 
     num_blocks = K // BK
-    per_split = tl.cdiv(num_blocks, SPLIT_K)
+    per_split = tl.cdiv(num_blocks, split_k)
     blk_lo = pid_k * per_split
     blk_hi = tl.minimum(blk_lo + per_split, num_blocks)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BM, 1]
     w_cols = qw_ptr + offs_n[None, :]                                    # [1, BN]
+    # GEMV keeps a [R, BN] (one row) or [BM, R, BN] accumulator and reduces over R at the end
+    ONE_ROW: tl.constexpr = (not USE_DOT) and BLOCK_M == 1
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif ONE_ROW:
+        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
 
+    if not USE_DOT:
+        # CUDA-core path: the compiler does not pipeline these loads, so fetch one block ahead
+        w_next = tl.load(w_cols + (blk_lo * R + offs_r).to(tl.int64)[:, None] * N,
+                         mask=n_mask[None, :] & (blk_lo < blk_hi), other=0, eviction_policy="evict_first")
     for blk in range(blk_lo, blk_hi):
-        words = tl.load(w_cols + (blk * R + offs_r).to(tl.int64)[:, None] * N,
-                        mask=n_mask[None, :], other=0, eviction_policy="evict_first")  # [R, BN]
+        if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
+            words = tl.load(w_cols + (blk * R + offs_r).to(tl.int64)[:, None] * N,
+                            mask=n_mask[None, :], other=0, eviction_policy="evict_first")  # [R, BN]
+        else:
+            words = w_next
+            w_next = tl.load(w_cols + ((blk + 1) * R + offs_r).to(tl.int64)[:, None] * N,
+                             mask=n_mask[None, :] & (blk + 1 < blk_hi), other=0, eviction_policy="evict_first")
         k0 = blk * BK
         if not SCALE_PER_PLANE:
             # the whole block lies in one group: one scale/zero row for all planes
@@ -144,7 +157,9 @@ def _wna16_gemm_kernel(
                 zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
             else:
                 zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
-            if not USE_DOT:
+            if ONE_ROW:
+                part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+            elif not USE_DOT:
                 part = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(PACK):
             if SCALE_PER_PLANE:
@@ -156,25 +171,38 @@ def _wna16_gemm_kernel(
                     zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
             field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
             qz = field.to(tl.float32, bitcast=True) - zm[None, :]             # q - z, exact
-            xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
+            if ONE_ROW:
+                xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
+                if SCALE_PER_PLANE:
+                    acc += xj * (qz * s[None, :])
+                else:
+                    part += xj * qz
+            else:
+                xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
             if USE_DOT:
                 b = (qz * s[None, :]).to(x_ptr.dtype.element_ty)
                 acc = tl.dot(xj, b, acc)
+            elif ONE_ROW:
+                pass
             elif SCALE_PER_PLANE:
                 acc += xj.to(tl.float32)[:, :, None] * (qz * s[None, :])[None, :, :]
             else:
                 part += xj.to(tl.float32)[:, :, None] * qz[None, :, :]
         if not SCALE_PER_PLANE:
-            if not USE_DOT:
+            if ONE_ROW:
+                acc += part * s[None, :]
+            elif not USE_DOT:
                 acc += part * s[None, None, :]
 
     if USE_DOT:
         out = acc
+    elif ONE_ROW:
+        out = tl.sum(acc, axis=0)[None, :]                                  # [1, BN]
     else:
         out = tl.sum(acc, axis=1)                                           # [BM, BN]
     out_mask = m_mask[:, None] & n_mask[None, :]
     y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -185,9 +213,9 @@ def _wna16_gemm_kernel(
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(1) + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for p in tl.static_range(SPLIT_K):
+            for p in range(0, split_k):
                 total += tl.load(ws_ptr + p * M * N + mn, mask=out_mask, other=0.0,
                                  cache_modifier=".cg")
             if HAS_BIAS:
@@ -247,10 +275,10 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         ws = y
     _wna16_gemm_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
-        y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size,
+        y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
         BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size < block_k(bits),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
