@@ -223,24 +223,31 @@ def main():
 def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config):
     """Alternative launches for this (shape, M): printed, not recorded."""
     cands = []
-    if m <= 4:
-        for bn, warps, stages in ((64, 4, 3), (128, 4, 3), (256, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 1)):
-            base = select_config(m, n, k, 4, sms)
-            for split in sorted({base.split_k, max(1, base.split_k // 2), min(16, base.split_k * 2)}):
+    base = select_config(m, n, k, 4, sms) if m <= 256 else None
+    blocks = k // 128
+
+    def splits(tiles):
+        b = max(1, min(16, blocks, -(-4 * sms // tiles)))
+        return sorted({max(1, b // 2), b, min(16, blocks, 2 * b)})
+
+    if m == 1:
+        for bn, warps, stages in ((64, 4, 3), (64, 2, 3), (128, 4, 3), (64, 8, 3), (32, 2, 3)):
+            for split in splits(-(-n // bn)):
                 cands.append(GemmConfig(False, 1, bn, split, warps, stages))
         cands.append(GemmConfig(True, 16, 64, select_config(16, n, k, 4, sms).split_k, 4, 3))
     elif m <= 512:
-        for bm, bn, warps, stages in ((16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-                                      (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3)):
-            if bm > 2 * m and bm > 16:
+        for bm, bn, warps, stages in ((16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 4, 3), (16, 32, 2, 3),
+                                      (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                                      (128, 64, 4, 3)):
+            if (bm > 2 * m and bm > 16) or (m >= 128 and bm < 32) or (m <= 16 and bm > 16):
                 continue
             tiles = -(-m // bm) * -(-n // bn)
-            blocks = k // 128
-            split = max(1, min(16, blocks, -(-2 * sms // tiles)))
-            for s in sorted({1, split}):
+            for s in splits(tiles):
                 cands.append(GemmConfig(True, bm, bn, s, warps, stages))
     else:
         return
+    if base is not None and base not in cands:
+        cands.append(base)
     for cfg in cands:
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
         counters = [torch.zeros(tiles, dtype=torch.int32, device="cuda") for _ in sh.layers]

@@ -93,13 +93,15 @@ def reference(x, dense, b):
 def test_pack_roundtrip_and_layout():
     gen = torch.Generator().manual_seed(0)
     for bits in (4, 8):
-        q = torch.randint(0, 2 ** bits, (256, 24), generator=gen, dtype=torch.uint8)
+        q = torch.randint(0, 2 ** bits, (256, 100), generator=gen, dtype=torch.uint8)
         packed = pack_wna16(q, bits)
-        assert packed.dtype == torch.int32 and packed.shape == (256 * bits // 32, 24)
-        assert torch.equal(unpack_wna16(packed, bits), q)
-        # word [r, n], field j holds row j*16 + r of the first block (contiguous 16-row planes)
-        w = int(packed[3, 5]) & 0xFFFFFFFF
-        assert all((w >> (j * bits)) & (2 ** bits - 1) == int(q[j * 16 + 3, 5]) for j in range(32 // bits))
+        assert packed.dtype == torch.int32 and packed.shape == (2, 256 * bits // 32, 64)
+        assert torch.equal(unpack_wna16(packed, bits, 100), q)
+        # strip 1, word row 16 + 3 (block 1, r = 3), column 64 + 5: field j holds row 128*.. + j*16 + 3
+        bk = 32 // bits * 16
+        w = int(packed[1, 16 + 3, 5]) & 0xFFFFFFFF
+        assert all((w >> (j * bits)) & (2 ** bits - 1) == int(q[bk + j * 16 + 3, 69]) for j in range(32 // bits))
+        assert int(packed[1, :, 100 - 64:].abs().sum()) == 0  # padding columns
     with pytest.raises(ValueError, match="multiple of 128"):
         pack_wna16(torch.zeros(96, 8, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="outside"):

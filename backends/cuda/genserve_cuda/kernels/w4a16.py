@@ -43,8 +43,7 @@ import triton
 import triton.language as tl
 
 ROWS_PER_BLOCK = 16  # R: words per block along K; a plane is R contiguous input rows
-MAGIC = 0x4B000000   # float32 bits of 2**23
-MAGIC_F = 8388608.0
+PACK_N = 64          # NP: output columns per contiguous column strip of the packed weight
 
 
 def pack_factor(bits: int) -> int:
@@ -57,9 +56,11 @@ def block_k(bits: int) -> int:
 
 
 def pack_wna16(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Canonical ``qweight`` uint8 ``[K, N]`` -> int32 ``[K // PACK, N]`` in the layout above.
+    """Canonical ``qweight`` uint8 ``[K, N]`` -> int32 ``[ceil(N / 64), K // PACK, 64]``.
 
-    Raises ValueError when ``K`` is not a multiple of ``block_k(bits)`` or a value is out of range.
+    Word ``[c, b*R + r, i]`` holds, in bit field ``j``, ``q[b*BK + j*R + r, c*64 + i]`` (zero for
+    the padding columns past ``N``). Raises ValueError when ``K`` is not a multiple of
+    ``block_k(bits)`` or a value is out of range.
     """
     K, N = qweight.shape
     pack, bk = pack_factor(bits), block_k(bits)
@@ -70,19 +71,23 @@ def pack_wna16(qweight: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"qweight holds values outside [0, {2 ** bits})")
     q = q.view(K // bk, pack, ROWS_PER_BLOCK, N)           # [b, j, r, n]
     shifts = (torch.arange(pack, device=q.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
-    words = (q << shifts).sum(dim=1)                        # [b, r, n], < 2**32
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
-    return words.reshape(K // pack, N).to(torch.int32).contiguous()
+    words = (q << shifts).sum(dim=1).reshape(K // pack, N)  # [kw, n], < 2**32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    n_pad = -(-N // PACK_N) * PACK_N
+    if n_pad != N:
+        words = torch.nn.functional.pad(words, (0, n_pad - N))
+    return words.view(K // pack, n_pad // PACK_N, PACK_N).permute(1, 0, 2).contiguous()
 
 
-def unpack_wna16(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack_wna16`` (for tests): int32 ``[K // PACK, N]`` -> uint8 ``[K, N]``."""
+def unpack_wna16(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_wna16`` (for tests): -> uint8 ``[K, n]``."""
     pack = pack_factor(bits)
-    kw, N = packed.shape
-    w = packed.to(torch.int64).view(kw // ROWS_PER_BLOCK, 1, ROWS_PER_BLOCK, N)
+    chunks, kw, np_ = packed.shape
+    words = packed.permute(1, 0, 2).reshape(kw, chunks * np_)[:, :n]
+    w = words.to(torch.int64).view(kw // ROWS_PER_BLOCK, 1, ROWS_PER_BLOCK, n)
     shifts = (torch.arange(pack, device=w.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
     q = (w >> shifts) & (2 ** bits - 1)                     # [b, j, r, n]
-    return q.reshape(kw * pack, N).to(torch.uint8)
+    return q.reshape(kw * pack, n).to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -97,19 +102,37 @@ class GemmConfig:
     num_stages: int
 
 
+@triton.jit
+def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """Scale and zero point (both fp32, ``[BN]``) of group ``g``."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    else:
+        z = tl.full(offs_n.shape, 1 << (BITS - 1), tl.float32)
+    return s, z
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, group_size, split_k,
-    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, X_FP16: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
     BK: tl.constexpr = PACK * R
     FIELD: tl.constexpr = (1 << BITS) - 1
-    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    TOP: tl.constexpr = 23 - BITS                 # field at the top of a float32 mantissa
+    TWO_B: tl.constexpr = 1 << BITS
+    # Raw-integer tensor-core path: b = MAGIC16 | q read as fp16 (1024 + q) or bf16 (128 + q, 4-bit
+    # only) is exact, and scales/zeros are applied once per block after the dots.
+    RAW_DOT: tl.constexpr = USE_DOT and (not SCALE_PER_PLANE) and (X_FP16 or BITS == 4)
+    MAGIC16: tl.constexpr = 0x6400 if X_FP16 else 0x4300
+    MAGIC16_V: tl.constexpr = 1024.0 if X_FP16 else 128.0
+    ONE_ROW: tl.constexpr = not USE_DOT  # the CUDA-core GEMV takes one row (BLOCK_M == 1)
 
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,80 +149,76 @@ def _wna16_gemm_kernel(
     blk_hi = tl.minimum(blk_lo + per_split, num_blocks)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BM, 1]
-    w_cols = qw_ptr + offs_n[None, :]                                    # [1, BN]
-    # GEMV keeps a [R, BN] (one row) or [BM, R, BN] accumulator and reduces over R at the end
-    ONE_ROW: tl.constexpr = (not USE_DOT) and BLOCK_M == 1
+    # word (kw, n) sits at ((n // NP) * KW + kw) * NP + n % NP: a program streams whole strips
+    KW = K // PACK
+    w_cols = qw_ptr + ((offs_n // NP).to(tl.int64) * KW * NP + offs_n % NP)[None, :]  # [1, BN]
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    elif ONE_ROW:
-        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
 
     if not USE_DOT:
         # CUDA-core path: the compiler does not pipeline these loads, so fetch one block ahead
-        w_next = tl.load(w_cols + (blk_lo * R + offs_r).to(tl.int64)[:, None] * N,
+        w_next = tl.load(w_cols + (blk_lo * R + offs_r)[:, None] * NP,
                          mask=n_mask[None, :] & (blk_lo < blk_hi), other=0, eviction_policy="evict_first")
     for blk in range(blk_lo, blk_hi):
         if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
-            words = tl.load(w_cols + (blk * R + offs_r).to(tl.int64)[:, None] * N,
+            words = tl.load(w_cols + (blk * R + offs_r)[:, None] * NP,
                             mask=n_mask[None, :], other=0, eviction_policy="evict_first")  # [R, BN]
         else:
             words = w_next
-            w_next = tl.load(w_cols + ((blk + 1) * R + offs_r).to(tl.int64)[:, None] * N,
+            w_next = tl.load(w_cols + ((blk + 1) * R + offs_r)[:, None] * NP,
                              mask=n_mask[None, :] & (blk + 1 < blk_hi), other=0, eviction_policy="evict_first")
         k0 = blk * BK
         if not SCALE_PER_PLANE:
-            # the whole block lies in one group: one scale/zero row for all planes
-            g = k0 // group_size
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZP:
-                zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-            else:
-                zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
-            if ONE_ROW:
+            # the whole block lies in one group: scales and zeros once, after the planes
+            s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
+            if RAW_DOT:
+                blk_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            elif ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
-            elif not USE_DOT:
-                part = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+                xs = tl.zeros([R, 1], dtype=tl.float32)
         for j in tl.static_range(PACK):
             if SCALE_PER_PLANE:
-                g = (k0 + j * R) // group_size
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                if HAS_ZP:
-                    zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-                else:
-                    zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
-            field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-            qz = field.to(tl.float32, bitcast=True) - zm[None, :]             # q - z, exact
+                s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
             if ONE_ROW:
                 xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
-                if SCALE_PER_PLANE:
-                    acc += xj * (qz * s[None, :])
-                else:
-                    part += xj * qz
             else:
                 xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
-            if USE_DOT:
-                b = (qz * s[None, :]).to(x_ptr.dtype.element_ty)
-                acc = tl.dot(xj, b, acc)
-            elif ONE_ROW:
-                pass
-            elif SCALE_PER_PLANE:
-                acc += xj.to(tl.float32)[:, :, None] * (qz * s[None, :])[None, :, :]
+            if RAW_DOT:
+                b = (((words >> (j * BITS)) & FIELD) | MAGIC16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                blk_acc = tl.dot(xj, b, blk_acc)
+                xsum += tl.sum(xj.to(tl.float32), axis=1)
+            elif SCALE_PER_PLANE or USE_DOT:
+                # q - z through 2**23 + q (one OR, one subtraction; no int-to-float conversion)
+                field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
+                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]) * s[None, :]
+                if USE_DOT:
+                    acc = tl.dot(xj, w.to(x_ptr.dtype.element_ty), acc)
+                else:
+                    acc += xj * w
             else:
-                part += xj.to(tl.float32)[:, :, None] * qz[None, :, :]
+                # 1 + q / 2**BITS: the field moved to the top of the mantissa (shift + one LOP3),
+                # then one FMA per weight; the 1 and the zero point come off once per block.
+                if TOP >= BITS * j:
+                    t = words << (TOP - BITS * j)
+                else:
+                    t = words >> (BITS * j - TOP)
+                qf = ((t & (FIELD << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+                part += xj * qf
+                xs += xj
         if not SCALE_PER_PLANE:
-            if ONE_ROW:
-                acc += part * s[None, :]
-            elif not USE_DOT:
-                acc += part * s[None, None, :]
+            zc = z + TWO_B
+            if RAW_DOT:
+                acc += s[None, :] * (blk_acc - (z + MAGIC16_V)[None, :] * xsum[:, None])
+            elif ONE_ROW:
+                acc += s[None, :] * (part * TWO_B - zc[None, :] * xs)
 
     if USE_DOT:
         out = acc
-    elif ONE_ROW:
-        out = tl.sum(acc, axis=0)[None, :]                                  # [1, BN]
     else:
-        out = tl.sum(acc, axis=1)                                           # [BM, BN]
+        out = tl.sum(acc, axis=0)[None, :]                                  # [1, BN]
     out_mask = m_mask[:, None] & n_mask[None, :]
     y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if not SPLIT:
@@ -225,29 +244,26 @@ def _wna16_gemm_kernel(
 
 
 @triton.jit
-def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, group_size,
-                          BITS: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
+                          BITS: tl.constexpr, HAS_ZP: tl.constexpr, NP: tl.constexpr):
+    """One program: one packed block of one 64-column strip -> its rows of ``w[K, N]``."""
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
     BK: tl.constexpr = PACK * R
     FIELD: tl.constexpr = (1 << BITS) - 1
-    SYM_ZERO: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
     blk = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    strip = tl.program_id(1)
+    offs_i = tl.arange(0, NP)
+    offs_n = strip * NP + offs_i
     offs_r = tl.arange(0, R)
     n_mask = offs_n < N
-    words = tl.load(qw_ptr + (blk * R + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=n_mask[None, :], other=0)
+    KW = K // PACK
+    words = tl.load(qw_ptr + strip.to(tl.int64) * KW * NP + (blk * R + offs_r)[:, None] * NP + offs_i[None, :])
     for j in tl.static_range(PACK):
         k = blk * BK + j * R
-        g = k // group_size
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            zm = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-        else:
-            zm = tl.full([BLOCK_N], SYM_ZERO, tl.float32)
+        s, z = _load_scale_zero(s_ptr, z_ptr, k // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
         field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-        w = (field.to(tl.float32, bitcast=True) - zm[None, :]) * s[None, :]
+        w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]) * s[None, :]
         tl.store(w_ptr + (k + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
                  w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
@@ -257,16 +273,18 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` (16-bit, row stride free, unit column stride) -> ``[M, N]`` in ``x``'s dtype.
 
-    ``qweight`` int32 ``[K // PACK, N]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
+    ``qweight`` int32 ``[ceil(N / 64), K // PACK, 64]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
     uint8 ``[G, N]`` or None (symmetric); ``counters`` int32 zeros with at least one entry per
     output tile when ``cfg.split_k > 1`` (left zeroed again by the kernel). ``out`` (optional,
     ``[M, N]``, unit column stride) receives the result.
     """
     M, K = x.shape
-    N = qweight.shape[1]
+    N = scales.shape[1]
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
+    if not cfg.use_dot and cfg.block_m != 1:
+        raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:
         assert counters.numel() >= grid[0] * grid[1], "split-K counters too small for this launch"
@@ -276,23 +294,24 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _wna16_gemm_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
         y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
-        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, X_FP16=x.dtype == torch.float16,
         USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size < block_k(bits),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bits: int, group_size: int, dtype: torch.dtype, block_n: int = 128) -> torch.Tensor:
+                     bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order)."""
-    kw, N = qweight.shape
+    _, kw, _ = qweight.shape
+    N = scales.shape[1]
     K = kw * pack_factor(bits)
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
-    grid = (K // block_k(bits), triton.cdiv(N, block_n))
-    _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, group_size,
-                                BITS=bits, HAS_ZP=zeros is not None, BLOCK_N=block_n, num_warps=4)
+    grid = (K // block_k(bits), triton.cdiv(N, PACK_N))
+    _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, K, group_size,
+                                BITS=bits, HAS_ZP=zeros is not None, NP=PACK_N, num_warps=4)
     return w
 
 
@@ -300,9 +319,7 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # Decode sizes use the CUDA-core GEMV; the tensor-core tiles grow with M. Above the last bucket
 # the layer dequantizes into a scratch buffer and calls cuBLAS (``DOT_MAX_M``).
 BUCKETS = (
-    (1, False, 1, 128, 4, 3),
-    (2, False, 2, 128, 4, 3),
-    (4, False, 4, 64, 4, 3),
+    (1, False, 1, 64, 4, 3),
     (16, True, 16, 64, 4, 3),
     (32, True, 32, 64, 4, 3),
     (64, True, 64, 128, 4, 3),
@@ -311,7 +328,7 @@ BUCKETS = (
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16
-WAVES = 2  # aim for this many programs per SM before splitting K further
+WAVES = 4  # aim for this many programs per SM before splitting K further
 
 
 @lru_cache(maxsize=None)
