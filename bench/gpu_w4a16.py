@@ -193,7 +193,8 @@ def main():
                 tb_s=round(tbs, 3), copy_share=round(tbs * 1e12 / bw, 3), rel_err=err, path=path,
                 quant="gptq-sym-4bit-g128")
             if args.sweep:
-                sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config)
+                sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config,
+                      DOT_MAX_M)
         del sh
         torch.cuda.empty_cache()
 
@@ -220,10 +221,10 @@ def main():
         print(f"{name:8s} {m:5d} {t:10.2f} {tb:9.2f} {tb / t:8.2f} {tbs:5.2f}  {err:.1e}")
 
 
-def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config):
+def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config, DOT_MAX_M):
     """Alternative launches for this (shape, M): printed, not recorded."""
     cands = []
-    base = select_config(m, n, k, 4, sms) if m <= 256 else None
+    base = select_config(m, n, k, 4, sms) if m <= DOT_MAX_M else None
     blocks = k // 128
 
     def splits(tiles):
@@ -231,14 +232,14 @@ def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize
         return sorted({max(1, b // 2), b, min(16, blocks, 2 * b)})
 
     if m == 1:
-        for bn, warps, stages in ((64, 4, 3), (64, 2, 3), (128, 4, 3), (64, 8, 3), (32, 2, 3)):
+        for bn, warps, pf in ((64, 2, 1), (64, 2, 2), (64, 2, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2)):
             for split in splits(-(-n // bn)):
-                cands.append(GemmConfig(False, 1, bn, split, warps, stages))
-        cands.append(GemmConfig(True, 16, 64, select_config(16, n, k, 4, sms).split_k, 4, 3))
-    elif m <= 512:
-        for bm, bn, warps, stages in ((16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 4, 3), (16, 32, 2, 3),
-                                      (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
-                                      (128, 64, 4, 3)):
+                cands.append(GemmConfig(False, 1, bn, split, warps, 3, pf))
+        cands.append(select_config(16, n, k, 4, sms))
+    elif m <= 128:
+        for bm, bn, warps, stages in ((16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 4, 4), (16, 256, 8, 3),
+                                      (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                                      (128, 128, 8, 3)):
             if (bm > 2 * m and bm > 16) or (m >= 128 and bm < 32) or (m <= 16 and bm > 16):
                 continue
             tiles = -(-m // bm) * -(-n // bn)

@@ -153,7 +153,7 @@ def test_large_m_dequantizes_to_cublas(device, dtype, bits, group_size, sym, act
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_every_launch_config_with_poisoned_output(device, dtype, bucket, split_k):
     """Each bucket's tile shape, forced, with and without split-K, into a NaN-filled output."""
-    max_m, use_dot, bm, bn, warps, stages = bucket
+    max_m, use_dot, bm, bn, warps, stages, prefetch, _ = bucket
     if device == "cpu" and bm > 32:
         bm = 32  # the interpreter is slow on large tiles; the GPU runs the real ones
     n, k = 80, 384 if split_k == 3 else 128
@@ -161,7 +161,7 @@ def test_every_launch_config_with_poisoned_output(device, dtype, bucket, split_k
     m = max(1, max_m - 1)
     x = torch.randn(m, k, dtype=dtype, device=device)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    cfg = GemmConfig(use_dot, bm, bn, split_k, warps, stages)
+    cfg = GemmConfig(use_dot, bm, bn, split_k, warps, stages, prefetch)
     counters = torch.zeros(-(-m // bm) * -(-n // bn), dtype=torch.int32, device=device)
     for _ in range(2):  # the second launch relies on the first having reset the counters
         wna16_gemm(x, layer.w4a16_qweight, layer.w4a16_scales, layer.w4a16_zeros, b,
@@ -170,6 +170,27 @@ def test_every_launch_config_with_poisoned_output(device, dtype, bucket, split_k
         assert int(counters.abs().sum()) == 0
         out.fill_(float("nan"))
         x = torch.randn(m, k, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_prefetch_depths(device, dtype, prefetch, split_k):
+    """The register prefetch ring of the one-row GEMV, deeper than the blocks of a split too."""
+    layer, kernel, dense, b = make_layer(device, dtype, 72, 512, 4, 128, False, False)
+    x = torch.randn(1, 512, dtype=dtype, device=device)
+    out = torch.full((1, 72), float("nan"), dtype=dtype, device=device)
+    cfg = GemmConfig(False, 1, 64, split_k, 2, 3, prefetch)
+    wna16_gemm(x, layer.w4a16_qweight, layer.w4a16_scales, layer.w4a16_zeros, None,
+               layer.w4a16_counters, 4, 128, cfg, out=out)
+    assert rel_err(out, reference(x, dense, None)) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_group_not_a_multiple_of_the_block(device, dtype, m):
+    """group 192 >= the 128-row block but not a multiple of it: scales change inside a block."""
+    layer, kernel, dense, b = make_layer(device, dtype, 64, 384, 4, 192, False, True)
+    x = torch.randn(m, 384, dtype=dtype, device=device)
+    assert rel_err(kernel.apply(layer, x, None), reference(x, dense, None)) < tolerance(dtype)
 
 
 def test_select_config_buckets_and_split_k():

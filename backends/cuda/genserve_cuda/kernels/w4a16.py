@@ -100,11 +100,17 @@ class GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    prefetch: int = 2  # CUDA-core path: blocks loaded ahead in registers (1..3)
 
 
 @triton.jit
 def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
-    """Scale and zero point (both fp32, ``[BN]``) of group ``g``."""
+    """Scale and zero point (both fp32, shaped like ``offs_n``) of group ``g``.
+
+    Called with ``[R, BN]`` offsets (every row the same): the loads then get the weight tile's
+    register layout, where a ``[BN]`` load made Triton convert the whole accumulator through
+    shared memory (two barriers) on every block. The repeated rows are L1 hits.
+    """
     s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_ZP:
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -117,9 +123,10 @@ def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, group_size, split_k,
-    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, X_FP16: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
@@ -127,11 +134,6 @@ def _wna16_gemm_kernel(
     FIELD: tl.constexpr = (1 << BITS) - 1
     TOP: tl.constexpr = 23 - BITS                 # field at the top of a float32 mantissa
     TWO_B: tl.constexpr = 1 << BITS
-    # Raw-integer tensor-core path: b = MAGIC16 | q read as fp16 (1024 + q) or bf16 (128 + q, 4-bit
-    # only) is exact, and scales/zeros are applied once per block after the dots.
-    RAW_DOT: tl.constexpr = USE_DOT and (not SCALE_PER_PLANE) and (X_FP16 or BITS == 4)
-    MAGIC16: tl.constexpr = 0x6400 if X_FP16 else 0x4300
-    MAGIC16_V: tl.constexpr = 1024.0 if X_FP16 else 128.0
     ONE_ROW: tl.constexpr = not USE_DOT  # the CUDA-core GEMV takes one row (BLOCK_M == 1)
 
     pid_m = tl.program_id(0)
@@ -142,6 +144,10 @@ def _wna16_gemm_kernel(
     offs_r = tl.arange(0, R)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    cols = offs_n[None, :]
+    cmask = n_mask[None, :]
+    tile_cols = cols + 0 * offs_r[:, None]            # [R, BN]: scale/zero loads in the tile layout
+    tile_cmask = cmask & (offs_r[:, None] >= 0)
 
     num_blocks = K // BK
     per_split = tl.cdiv(num_blocks, split_k)
@@ -158,42 +164,53 @@ def _wna16_gemm_kernel(
         acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
 
     if not USE_DOT:
-        # CUDA-core path: the compiler does not pipeline these loads, so fetch one block ahead
-        w_next = tl.load(w_cols + (blk_lo * R + offs_r)[:, None] * NP,
-                         mask=n_mask[None, :] & (blk_lo < blk_hi), other=0, eviction_policy="evict_first")
+        # CUDA-core path: the compiler does not pipeline these loads, so keep PREFETCH blocks in
+        # flight in registers (wa is the next block, wb and wc the ones after)
+        wa = tl.load(w_cols + (blk_lo * R + offs_r)[:, None] * NP,
+                     mask=cmask & (blk_lo < blk_hi), other=0, eviction_policy="evict_first")
+        if PREFETCH >= 2:
+            wb = tl.load(w_cols + ((blk_lo + 1) * R + offs_r)[:, None] * NP,
+                         mask=cmask & (blk_lo + 1 < blk_hi), other=0, eviction_policy="evict_first")
+        if PREFETCH >= 3:
+            wc = tl.load(w_cols + ((blk_lo + 2) * R + offs_r)[:, None] * NP,
+                         mask=cmask & (blk_lo + 2 < blk_hi), other=0, eviction_policy="evict_first")
     for blk in range(blk_lo, blk_hi):
         if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
             words = tl.load(w_cols + (blk * R + offs_r)[:, None] * NP,
-                            mask=n_mask[None, :], other=0, eviction_policy="evict_first")  # [R, BN]
+                            mask=cmask, other=0, eviction_policy="evict_first")  # [R, BN]
         else:
-            words = w_next
-            w_next = tl.load(w_cols + ((blk + 1) * R + offs_r)[:, None] * NP,
-                             mask=n_mask[None, :] & (blk + 1 < blk_hi), other=0, eviction_policy="evict_first")
+            words = wa
+            ahead = blk + PREFETCH
+            w_new = tl.load(w_cols + (ahead * R + offs_r)[:, None] * NP,
+                            mask=cmask & (ahead < blk_hi), other=0, eviction_policy="evict_first")
+            if PREFETCH == 1:
+                wa = w_new
+            elif PREFETCH == 2:
+                wa = wb
+                wb = w_new
+            else:
+                wa = wb
+                wb = wc
+                wc = w_new
         k0 = blk * BK
         if not SCALE_PER_PLANE:
             # the whole block lies in one group: scales and zeros once, after the planes
-            s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
-            if RAW_DOT:
-                blk_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            elif ONE_ROW:
+            s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, tile_cols, tile_cmask, BITS, HAS_ZP)
+            if ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([R, 1], dtype=tl.float32)
         for j in tl.static_range(PACK):
             if SCALE_PER_PLANE:
-                s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
+                s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
+                                        BITS, HAS_ZP)
             if ONE_ROW:
                 xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
             else:
                 xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
-            if RAW_DOT:
-                b = (((words >> (j * BITS)) & FIELD) | MAGIC16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-                blk_acc = tl.dot(xj, b, blk_acc)
-                xsum += tl.sum(xj.to(tl.float32), axis=1)
-            elif SCALE_PER_PLANE or USE_DOT:
+            if SCALE_PER_PLANE or USE_DOT:
                 # q - z through 2**23 + q (one OR, one subtraction; no int-to-float conversion)
                 field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]) * s[None, :]
+                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
                 if USE_DOT:
                     acc = tl.dot(xj, w.to(x_ptr.dtype.element_ty), acc)
                 else:
@@ -209,11 +226,8 @@ def _wna16_gemm_kernel(
                 part += xj * qf
                 xs += xj
         if not SCALE_PER_PLANE:
-            zc = z + TWO_B
-            if RAW_DOT:
-                acc += s[None, :] * (blk_acc - (z + MAGIC16_V)[None, :] * xsum[:, None])
-            elif ONE_ROW:
-                acc += s[None, :] * (part * TWO_B - zc[None, :] * xs)
+            if ONE_ROW:
+                acc += s * (part * TWO_B - (z + TWO_B) * xs)
 
     if USE_DOT:
         out = acc
@@ -261,9 +275,10 @@ def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
     words = tl.load(qw_ptr + strip.to(tl.int64) * KW * NP + (blk * R + offs_r)[:, None] * NP + offs_i[None, :])
     for j in tl.static_range(PACK):
         k = blk * BK + j * R
-        s, z = _load_scale_zero(s_ptr, z_ptr, k // group_size, N, offs_n, n_mask, BITS, HAS_ZP)
+        s, z = _load_scale_zero(s_ptr, z_ptr, k // group_size, N, offs_n[None, :] + 0 * offs_r[:, None],
+                                n_mask[None, :] & (offs_r[:, None] >= 0), BITS, HAS_ZP)
         field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-        w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]) * s[None, :]
+        w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
         tl.store(w_ptr + (k + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
                  w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
@@ -294,9 +309,9 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _wna16_gemm_kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
         y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
-        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, X_FP16=x.dtype == torch.float16,
-        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size < block_k(bits),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N,
+        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size % block_k(bits) != 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -315,20 +330,18 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return w
 
 
-# Fixed launch table, by the largest M of each bucket: (max_m, use_dot, block_m, block_n, warps, stages).
-# Decode sizes use the CUDA-core GEMV; the tensor-core tiles grow with M. Above the last bucket
-# the layer dequantizes into a scratch buffer and calls cuBLAS (``DOT_MAX_M``).
+# Fixed launch table, by the largest M of each bucket:
+# (max_m, use_dot, block_m, block_n, warps, stages, prefetch, waves). One-row decode uses the
+# CUDA-core GEMV; up to DOT_MAX_M rows, tensor-core tiles; above it the layer dequantizes into a
+# scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
 BUCKETS = (
-    (1, False, 1, 64, 4, 3),
-    (16, True, 16, 64, 4, 3),
-    (32, True, 32, 64, 4, 3),
-    (64, True, 64, 128, 4, 3),
-    (128, True, 64, 128, 4, 3),
-    (256, True, 128, 128, 8, 3),
+    (1, False, 1, 64, 2, 3, 2, 8),
+    (16, True, 16, 128, 4, 3, 1, 4),
+    (32, True, 32, 64, 4, 3, 1, 4),
+    (64, True, 64, 128, 4, 3, 1, 2),
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16
-WAVES = 4  # aim for this many programs per SM before splitting K further
 
 
 @lru_cache(maxsize=None)
@@ -337,18 +350,18 @@ def select_config(m: int, n: int, k: int, bits: int, num_sms: int) -> GemmConfig
 
     Depends on ``m`` only through its bucket, so the set of compiled variants per layer is fixed
     (all compiled when the decode graphs are captured). Split-K is chosen so that about
-    ``WAVES * num_sms`` programs run, with the K blocks spread evenly.
+    ``waves * num_sms`` programs run, with the K blocks spread evenly.
     """
-    for max_m, use_dot, bm, bn, warps, stages in BUCKETS:
+    for max_m, use_dot, bm, bn, warps, stages, prefetch, waves in BUCKETS:
         if m <= max_m:
             break
     else:
         raise ValueError(f"{m} rows is above the GEMM table ({DOT_MAX_M}); dequantize instead")
     tiles = triton.cdiv(max_m, bm) * triton.cdiv(n, bn)
     blocks = k // block_k(bits)
-    split = max(1, min(SPLIT_K_MAX, blocks, triton.cdiv(WAVES * num_sms, tiles)))
+    split = max(1, min(SPLIT_K_MAX, blocks, triton.cdiv(waves * num_sms, tiles)))
     split = triton.cdiv(blocks, triton.cdiv(blocks, split))  # no empty splits
-    return GemmConfig(use_dot, bm, bn, split, warps, stages)
+    return GemmConfig(use_dot, bm, bn, split, warps, stages, prefetch)
 
 
 def counters_needed(n: int, k: int, bits: int, num_sms: int) -> int:
