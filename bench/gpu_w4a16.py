@@ -91,7 +91,6 @@ def copy_bandwidth() -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
     ms = median_ms(lambda: b.copy_(a), rep=100)
-    del a, b
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
@@ -157,8 +156,13 @@ def main():
     ap.add_argument("--no-record", action="store_true", help="print only, write no jsonl rows")
     args = ap.parse_args()
     sys.path[:0] = [os.path.join(ROOT, "core"), os.path.join(ROOT, "backends", "cuda")]
-    from genserve_cuda.kernels.w4a16 import (DOT_MAX_M, GemmConfig, select_config, wna16_dequantize,
-                                             wna16_gemm)
+    from genserve_cuda.kernels.w4a16 import (
+        DOT_MAX_M,
+        GemmConfig,
+        select_config,
+        wna16_dequantize,
+        wna16_gemm,
+    )
 
     gpu = torch.cuda.get_device_name()
     rec = Recorder(gpu, None if args.no_record else args.out)
@@ -179,8 +183,8 @@ def main():
             out = sh.kernel.apply(sh.layers[0], x, None)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2 and torch.isfinite(out).all(), (name, m, err)
-            t_ours = time_per_call(lambda: sh.ours(x), len(sh.layers), m) * 1e3
-            t_bf16 = time_per_call(lambda: sh.bf16(x), len(sh.denses), m) * 1e3
+            t_ours = time_per_call(lambda sh=sh, x=x: sh.ours(x), len(sh.layers), m) * 1e3
+            t_bf16 = time_per_call(lambda sh=sh, x=x: sh.bf16(x), len(sh.denses), m) * 1e3
             moved = sh.packed_bytes + 2 * m * (n + k)
             tbs = moved / (t_ours * 1e-6) / 1e12
             path = "dequant+cublas" if m > DOT_MAX_M else str(select_config(m, n, k, 4, sms))
@@ -195,7 +199,7 @@ def main():
             if args.sweep:
                 sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config,
                       DOT_MAX_M)
-        del sh
+        sh = None  # free this shape's weight copies before the next
         torch.cuda.empty_cache()
 
     # the bf16 LM head at M=1 and M=16, as the model runs it
@@ -204,7 +208,7 @@ def main():
     head_us = {}
     for m in (1, 16):
         x = torch.randn(m, LM_HEAD[1], device="cuda", dtype=torch.bfloat16)
-        head_us[m] = graph_ms(lambda: [F.linear(x, h) for h in heads]) / 2 * 1e3
+        head_us[m] = graph_ms(lambda x=x: [F.linear(x, h) for h in heads]) / 2 * 1e3
     head_bytes = head.numel() * 2
     roof_ms = (LAYERS * layer_bytes + head_bytes) / bw * 1e3
     for m in (1, 16):
@@ -262,7 +266,7 @@ def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize
                              counters[0], 4, 128, cfg)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             t = graph_ms(run, rep=60) / len(sh.layers) * 1e3
-        except Exception as e:  # a config that fails to compile is reported, not fatal
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             print(f"   sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         moved = sh.packed_bytes + 2 * m * (n + k)

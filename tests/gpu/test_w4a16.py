@@ -157,7 +157,7 @@ def test_every_launch_config_with_poisoned_output(device, dtype, bucket, split_k
     if device == "cpu" and bm > 32:
         bm = 32  # the interpreter is slow on large tiles; the GPU runs the real ones
     n, k = 80, 384 if split_k == 3 else 128
-    layer, kernel, dense, b = make_layer(device, dtype, n, k, 4, 128, False, False, bias=True)
+    layer, _, dense, b = make_layer(device, dtype, n, k, 4, 128, False, False, bias=True)
     m = max(1, max_m - 1)
     x = torch.randn(m, k, dtype=dtype, device=device)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
@@ -176,7 +176,7 @@ def test_every_launch_config_with_poisoned_output(device, dtype, bucket, split_k
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gemv_prefetch_depths(device, dtype, prefetch, split_k):
     """The register prefetch ring of the one-row GEMV, deeper than the blocks of a split too."""
-    layer, kernel, dense, b = make_layer(device, dtype, 72, 512, 4, 128, False, False)
+    layer, _, dense, _ = make_layer(device, dtype, 72, 512, 4, 128, False, False)
     x = torch.randn(1, 512, dtype=dtype, device=device)
     out = torch.full((1, 72), float("nan"), dtype=dtype, device=device)
     cfg = GemmConfig(False, 1, 64, split_k, 2, 3, prefetch)
@@ -188,7 +188,7 @@ def test_gemv_prefetch_depths(device, dtype, prefetch, split_k):
 @pytest.mark.parametrize("m", [1, 16])
 def test_group_not_a_multiple_of_the_block(device, dtype, m):
     """group 192 >= the 128-row block but not a multiple of it: scales change inside a block."""
-    layer, kernel, dense, b = make_layer(device, dtype, 64, 384, 4, 192, False, True)
+    layer, kernel, dense, _ = make_layer(device, dtype, 64, 384, 4, 192, False, True)
     x = torch.randn(m, 384, dtype=dtype, device=device)
     assert rel_err(kernel.apply(layer, x, None), reference(x, dense, None)) < tolerance(dtype)
 
