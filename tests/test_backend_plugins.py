@@ -19,6 +19,7 @@ from genserve.plugins import load_plugins  # noqa: E402
 from genserve_cuda.attention.flash_attn import FlashAttnPaged  # noqa: E402
 from genserve_cuda.attention.triton_paged import TritonPagedAttention  # noqa: E402
 from genserve_cuda.backend import CudaBackend  # noqa: E402
+from genserve_cuda.quant.triton_w4a16 import TritonW4A16Kernel  # noqa: E402
 from genserve_rocm.backend import RocmBackend  # noqa: E402
 
 SPEC = AttentionSpec(num_heads=8, head_dim=64, num_kv_heads=2, scale=0.125)
@@ -45,6 +46,9 @@ def test_plugins_register_backends_and_attention(plugins):
     assert plugins.backends.get("rocm") is RocmBackend
     assert plugins.attention.get("triton") is TritonPagedAttention
     assert plugins.attention.get("flash_attn") is FlashAttnPaged
+    assert plugins.linear_kernels.get("triton_w4a16") is TritonW4A16Kernel
+    assert CudaBackend.linear_kernel_preference == ("triton_w4a16", "torch_wna16")
+    assert CudaBackend({"disable_custom_kernels": True}).linear_kernel_preference == ("torch_wna16",)
     assert plugins.backends.owner("cuda") == "cuda" and plugins.backends.owner("rocm") == "rocm"
     assert not plugins.failed()
 
@@ -137,6 +141,9 @@ from genserve.attention.base import AttentionSpec
 reason = p.attention.get("triton").supports(AttentionSpec(8, 64, 2, 0.125), torch.bfloat16,
                                             torch.device("cuda"))
 assert reason == "triton is not installed", reason
+from genserve.layers.quantization.kernels import WNA16Config
+cfg = WNA16Config(4, 128, False, False, 4096, 4096, torch.bfloat16)
+assert p.linear_kernels.get("triton_w4a16").can_implement(cfg, torch.device("cuda")) == "triton is not installed"
 print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -25,6 +25,8 @@ class CudaBackend(Backend):
     name = "cuda"
     priority = 100
     attention_preference = ("flash_attn", "triton", "torch")
+    # The Triton W4A16 GEMM first; layers whose shape it can't take fall back to the reference.
+    linear_kernel_preference = ("triton_w4a16", "torch_wna16")
     distributed_backend = "nccl"
     supports_graphs = True
 
@@ -34,6 +36,7 @@ class CudaBackend(Backend):
         if self.options.get("disable_custom_kernels"):
             # An instance attribute, so the class keeps advertising its real preference.
             self.attention_preference = ("torch",)
+            self.linear_kernel_preference = ("torch_wna16",)
 
     @classmethod
     def is_available(cls) -> bool:

@@ -1,4 +1,4 @@
-"""Entry point of genserve-cuda: registers the backend and its attention kernels.
+"""Entry point of genserve-cuda: registers the backend, its attention and its linear kernels.
 
 Importing this module must stay cheap and work on machines with no GPU or triton.
 """
@@ -9,6 +9,7 @@ from genserve.hookspecs import hookimpl
 from genserve_cuda.attention.flash_attn import FlashAttnPaged
 from genserve_cuda.attention.triton_paged import TritonPagedAttention
 from genserve_cuda.backend import CudaBackend
+from genserve_cuda.quant.triton_w4a16 import TritonW4A16Kernel
 
 
 @hookimpl
@@ -20,3 +21,8 @@ def genserve_register_backends(register):
 def genserve_register_attention(register):
     register(TritonPagedAttention.name, TritonPagedAttention)
     register(FlashAttnPaged.name, FlashAttnPaged)
+
+
+@hookimpl
+def genserve_register_linear_kernels(register):
+    register(TritonW4A16Kernel.name, TritonW4A16Kernel)

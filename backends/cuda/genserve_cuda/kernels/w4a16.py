@@ -1,0 +1,383 @@
+"""Mixed-precision GEMM for 4- and 8-bit integer weights with 16-bit activations (W4A16 / W8A16).
+
+``y[M, N] = x[M, K] @ dequant(W)[K, N] (+ bias)`` with the canonical dequantization rule of
+``genserve.layers.quantization.kernels``: ``W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n]``.
+
+**Packed layout** (built once at load by ``pack_wna16``). ``PACK = 32 // bits`` values share one
+int32 word, and the words are grouped in blocks of ``R = 16`` rows: word row ``b*R + r`` holds, in
+its bit field ``j`` (bits ``j*bits ..``), input row ``k = b*BK + j*R + r`` with ``BK = PACK * R``
+(128 rows for 4-bit, 64 for 8-bit). Shifting every word of an ``[R, BLOCK_N]`` tile by
+``j*bits`` so yields a *contiguous* run of 16 input rows (a "plane") that meets the 16 contiguous
+activation columns ``x[:, b*BK + j*R : +16]`` without any shuffle (the idea of Marlin's
+interleaved layout, Frantar et al. 2024, reduced to what Triton can express). The words are
+stored in 64-column strips, ``[ceil(N / 64), K // PACK, 64]``, so a program reading one strip
+along K streams contiguous memory. Each plane lies inside one quantization group whenever
+``group_size % 16 == 0``.
+
+**Dequantization in registers.** No int-to-float conversion (a quarter of the FMA rate):
+- GEMV: the field moved to the top of a float32 mantissa, ``0x3F800000 | q << (23 - bits)``, reads
+  as ``1 + q / 2**bits``; one FMA per weight accumulates ``x * (1 + q / 2**bits)`` and the ``1``,
+  the zero point and the scale come off once per block (``s * (2**bits * part - (2**bits + z) * sum(x))``).
+- tensor cores and scratch dequantization: ``0x4B000000 | q`` reads as ``2**23 + q``, so
+  ``(q - z) * s`` is one subtraction and one multiply before the 16-bit operand is formed.
+
+**Paths**, picked per call by the number of rows ``M`` from a fixed table (``select_config``):
+
+- *GEMV* (``M == 1``, batch-1 decode): CUDA-core FMAs on an ``[R, BLOCK_N]`` tile, weights
+  prefetched ``prefetch`` blocks ahead in registers. Bytes read are the packed weights; split-K
+  over the grid's third axis keeps every SM busy on 4096-wide layers.
+- *Tensor cores* (``2 <= M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``.
+- *Large M* (prefill): dequantize the whole weight into a 16-bit ``[K, N]`` scratch buffer with
+  ``wna16_dequantize`` and let cuBLAS multiply; the extra pass moves ``2.5 * K * N`` bytes, small
+  next to the matmul once ``M`` is in the thousands.
+
+Split-K partial sums go to an fp32 workspace; the last program to finish a tile (an atomic
+counter per tile) adds them up, writes the output and resets its counter to zero, so one
+launch does the whole product and the counters are ready for the next call (CUDA-graph safe:
+no host sync, no memset).
+
+Measured on an H200 (``bench/gpu_w4a16.py``, backends/cuda/NOTES.md "W4A16"): faster than bf16
+cuBLAS at M = 1 (1.3-1.6x) and M = 16 on the MLP shapes, 0.93-0.95x at M = 4096, slower in
+between (M = 64-512); the GEMV reaches about a third of copy bandwidth, bound by the dequant
+instructions (about 34 per packed word), not by bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_BLOCK = 16  # R: words per block along K; a plane is R contiguous input rows
+PACK_N = 64          # NP: output columns per contiguous column strip of the packed weight
+
+
+def pack_factor(bits: int) -> int:
+    return 32 // bits
+
+
+def block_k(bits: int) -> int:
+    """Input rows per packed block: 128 for 4-bit, 64 for 8-bit."""
+    return pack_factor(bits) * ROWS_PER_BLOCK
+
+
+def pack_wna16(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical ``qweight`` uint8 ``[K, N]`` -> int32 ``[ceil(N / 64), K // PACK, 64]``.
+
+    Word ``[c, b*R + r, i]`` holds, in bit field ``j``, ``q[b*BK + j*R + r, c*64 + i]`` (zero for
+    the padding columns past ``N``). Raises ValueError when ``K`` is not a multiple of
+    ``block_k(bits)`` or a value is out of range.
+    """
+    K, N = qweight.shape
+    pack, bk = pack_factor(bits), block_k(bits)
+    if K % bk:
+        raise ValueError(f"in_features {K} is not a multiple of {bk} ({bits}-bit packing)")
+    q = qweight.to(torch.int64)
+    if int(q.max()) >= 2 ** bits or int(q.min()) < 0:
+        raise ValueError(f"qweight holds values outside [0, {2 ** bits})")
+    q = q.view(K // bk, pack, ROWS_PER_BLOCK, N)           # [b, j, r, n]
+    shifts = (torch.arange(pack, device=q.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
+    words = (q << shifts).sum(dim=1).reshape(K // pack, N)  # [kw, n], < 2**32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    n_pad = -(-N // PACK_N) * PACK_N
+    if n_pad != N:
+        words = torch.nn.functional.pad(words, (0, n_pad - N))
+    return words.view(K // pack, n_pad // PACK_N, PACK_N).permute(1, 0, 2).contiguous()
+
+
+def unpack_wna16(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_wna16`` (for tests): -> uint8 ``[K, n]``."""
+    pack = pack_factor(bits)
+    chunks, kw, np_ = packed.shape
+    words = packed.permute(1, 0, 2).reshape(kw, chunks * np_)[:, :n]
+    w = words.to(torch.int64).view(kw // ROWS_PER_BLOCK, 1, ROWS_PER_BLOCK, n)
+    shifts = (torch.arange(pack, device=w.device, dtype=torch.int64) * bits).view(1, pack, 1, 1)
+    q = (w >> shifts) & (2 ** bits - 1)                     # [b, j, r, n]
+    return q.reshape(kw * pack, n).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch shape of ``_wna16_gemm_kernel`` (fixed per M bucket; no run-time tuning)."""
+
+    use_dot: bool
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    prefetch: int = 2  # CUDA-core path: blocks loaded ahead in registers (1..3)
+
+
+@triton.jit
+def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """Scale and zero point (both fp32, shaped like ``offs_n``) of group ``g``.
+
+    Called with ``[R, BN]`` offsets (every row the same): the loads then get the weight tile's
+    register layout, where a ``[BN]`` load made Triton convert the whole accumulator through
+    shared memory (two barriers) on every block. The repeated rows are L1 hits.
+    """
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    else:
+        z = tl.full(offs_n.shape, 1 << (BITS - 1), tl.float32)
+    return s, z
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _wna16_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, group_size, split_k,
+    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    R: tl.constexpr = 16
+    BK: tl.constexpr = PACK * R
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    TOP: tl.constexpr = 23 - BITS                 # field at the top of a float32 mantissa
+    TWO_B: tl.constexpr = 1 << BITS
+    ONE_ROW: tl.constexpr = not USE_DOT  # the CUDA-core GEMV takes one row (BLOCK_M == 1)
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    cols = offs_n[None, :]
+    cmask = n_mask[None, :]
+    tile_cols = cols + 0 * offs_r[:, None]            # [R, BN]: scale/zero loads in the tile layout
+    tile_cmask = cmask & (offs_r[:, None] >= 0)
+
+    num_blocks = K // BK
+    per_split = tl.cdiv(num_blocks, split_k)
+    blk_lo = pid_k * per_split
+    blk_hi = tl.minimum(blk_lo + per_split, num_blocks)
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm          # [BM, 1]
+    # word (kw, n) sits at ((n // NP) * KW + kw) * NP + n % NP: a program streams whole strips
+    KW = K // PACK
+    w_cols = qw_ptr + ((offs_n // NP).to(tl.int64) * KW * NP + offs_n % NP)[None, :]  # [1, BN]
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+
+    if not USE_DOT:
+        # CUDA-core path: the compiler does not pipeline these loads, so keep PREFETCH blocks in
+        # flight in registers (wa is the next block, wb and wc the ones after)
+        wa = tl.load(w_cols + (blk_lo * R + offs_r)[:, None] * NP,
+                     mask=cmask & (blk_lo < blk_hi), other=0, eviction_policy="evict_first")
+        if PREFETCH >= 2:
+            wb = tl.load(w_cols + ((blk_lo + 1) * R + offs_r)[:, None] * NP,
+                         mask=cmask & (blk_lo + 1 < blk_hi), other=0, eviction_policy="evict_first")
+        if PREFETCH >= 3:
+            wc = tl.load(w_cols + ((blk_lo + 2) * R + offs_r)[:, None] * NP,
+                         mask=cmask & (blk_lo + 2 < blk_hi), other=0, eviction_policy="evict_first")
+    for blk in range(blk_lo, blk_hi):
+        if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
+            words = tl.load(w_cols + (blk * R + offs_r)[:, None] * NP,
+                            mask=cmask, other=0, eviction_policy="evict_first")  # [R, BN]
+        else:
+            words = wa
+            ahead = blk + PREFETCH
+            w_new = tl.load(w_cols + (ahead * R + offs_r)[:, None] * NP,
+                            mask=cmask & (ahead < blk_hi), other=0, eviction_policy="evict_first")
+            if PREFETCH == 1:
+                wa = w_new
+            elif PREFETCH == 2:
+                wa = wb
+                wb = w_new
+            else:
+                wa = wb
+                wb = wc
+                wc = w_new
+        k0 = blk * BK
+        if not SCALE_PER_PLANE:
+            # the whole block lies in one group: scales and zeros once, after the planes
+            s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, tile_cols, tile_cmask, BITS, HAS_ZP)
+            if ONE_ROW:
+                part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+                xs = tl.zeros([R, 1], dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            if SCALE_PER_PLANE:
+                s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
+                                        BITS, HAS_ZP)
+            if ONE_ROW:
+                xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
+            else:
+                xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
+            if SCALE_PER_PLANE or USE_DOT:
+                # q - z through 2**23 + q (one OR, one subtraction; no int-to-float conversion)
+                field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
+                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
+                if USE_DOT:
+                    acc = tl.dot(xj, w.to(x_ptr.dtype.element_ty), acc)
+                else:
+                    acc += xj * w
+            else:
+                # 1 + q / 2**BITS: the field moved to the top of the mantissa (shift + one LOP3),
+                # then one FMA per weight; the 1 and the zero point come off once per block.
+                if TOP >= BITS * j:
+                    t = words << (TOP - BITS * j)
+                else:
+                    t = words >> (BITS * j - TOP)
+                qf = ((t & (FIELD << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+                part += xj * qf
+                xs += xj
+        if not SCALE_PER_PLANE:
+            if ONE_ROW:
+                acc += s * (part * TWO_B - (z + TWO_B) * xs)
+
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=0)[None, :]                                  # [1, BN]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if not SPLIT:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        mn = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + mn, out, mask=out_mask)
+        # every thread's partial is stored before one thread bumps the tile's counter (release)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for p in range(0, split_k):
+                total += tl.load(ws_ptr + p * M * N + mn, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+
+
+@triton.jit
+def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
+                          BITS: tl.constexpr, HAS_ZP: tl.constexpr, NP: tl.constexpr):
+    """One program: one packed block of one 64-column strip -> its rows of ``w[K, N]``."""
+    PACK: tl.constexpr = 32 // BITS
+    R: tl.constexpr = 16
+    BK: tl.constexpr = PACK * R
+    FIELD: tl.constexpr = (1 << BITS) - 1
+    blk = tl.program_id(0)
+    strip = tl.program_id(1)
+    offs_i = tl.arange(0, NP)
+    offs_n = strip * NP + offs_i
+    offs_r = tl.arange(0, R)
+    n_mask = offs_n < N
+    KW = K // PACK
+    words = tl.load(qw_ptr + strip.to(tl.int64) * KW * NP + (blk * R + offs_r)[:, None] * NP + offs_i[None, :])
+    for j in tl.static_range(PACK):
+        k = blk * BK + j * R
+        s, z = _load_scale_zero(s_ptr, z_ptr, k // group_size, N, offs_n[None, :] + 0 * offs_r[:, None],
+                                n_mask[None, :] & (offs_r[:, None] >= 0), BITS, HAS_ZP)
+        field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
+        w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
+        tl.store(w_ptr + (k + offs_r).to(tl.int64)[:, None] * N + offs_n[None, :],
+                 w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, bias: torch.Tensor | None, counters: torch.Tensor,
+               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` (16-bit, row stride free, unit column stride) -> ``[M, N]`` in ``x``'s dtype.
+
+    ``qweight`` int32 ``[ceil(N / 64), K // PACK, 64]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
+    uint8 ``[G, N]`` or None (symmetric); ``counters`` int32 zeros with at least one entry per
+    output tile when ``cfg.split_k > 1`` (left zeroed again by the kernel). ``out`` (optional,
+    ``[M, N]``, unit column stride) receives the result.
+    """
+    M, K = x.shape
+    N = scales.shape[1]
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    if not cfg.use_dot and cfg.block_m != 1:
+        raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    if cfg.split_k > 1:
+        assert counters.numel() >= grid[0] * grid[1], "split-K counters too small for this launch"
+        ws = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device)
+    else:
+        ws = y
+    _wna16_gemm_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
+        y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
+        BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size % block_k(bits) != 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N, PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order)."""
+    _, kw, _ = qweight.shape
+    N = scales.shape[1]
+    K = kw * pack_factor(bits)
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    grid = (K // block_k(bits), triton.cdiv(N, PACK_N))
+    _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, K, group_size,
+                                BITS=bits, HAS_ZP=zeros is not None, NP=PACK_N, num_warps=4)
+    return w
+
+
+# Fixed launch table, by the largest M of each bucket:
+# (max_m, use_dot, block_m, block_n, warps, stages, prefetch, waves). One-row decode uses the
+# CUDA-core GEMV; up to DOT_MAX_M rows, tensor-core tiles; above it the layer dequantizes into a
+# scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
+BUCKETS = (
+    (1, False, 1, 64, 2, 3, 2, 8),
+    (16, True, 16, 64, 4, 3, 1, 4),  # sweep of 124eeea: 109 us per layer's 4 GEMMs vs 120 with block_n 128
+    (32, True, 32, 64, 4, 3, 1, 4),
+    (64, True, 64, 128, 4, 3, 1, 2),
+)
+DOT_MAX_M = BUCKETS[-1][0]
+SPLIT_K_MAX = 16
+
+
+@lru_cache(maxsize=None)
+def select_config(m: int, n: int, k: int, bits: int, num_sms: int) -> GemmConfig:
+    """The launch for ``m`` rows (``1 <= m <= DOT_MAX_M``) of an ``[k] -> [n]`` layer.
+
+    Depends on ``m`` only through its bucket, so the set of compiled variants per layer is fixed
+    (all compiled when the decode graphs are captured). Split-K is chosen so that about
+    ``waves * num_sms`` programs run, with the K blocks spread evenly.
+    """
+    for max_m, use_dot, bm, bn, warps, stages, prefetch, waves in BUCKETS:
+        if m <= max_m:
+            break
+    else:
+        raise ValueError(f"{m} rows is above the GEMM table ({DOT_MAX_M}); dequantize instead")
+    tiles = triton.cdiv(max_m, bm) * triton.cdiv(n, bn)
+    blocks = k // block_k(bits)
+    split = max(1, min(SPLIT_K_MAX, blocks, triton.cdiv(waves * num_sms, tiles)))
+    split = triton.cdiv(blocks, triton.cdiv(blocks, split))  # no empty splits
+    return GemmConfig(use_dot, bm, bn, split, warps, stages, prefetch)
+
+
+def counters_needed(n: int, k: int, bits: int, num_sms: int) -> int:
+    """Split-K counters one layer needs for every bucket of ``select_config``."""
+    need = 1
+    for max_m, *_ in BUCKETS:
+        cfg = select_config(max_m, n, k, bits, num_sms)
+        if cfg.split_k > 1:
+            need = max(need, triton.cdiv(max_m, cfg.block_m) * triton.cdiv(n, cfg.block_n))
+    return need

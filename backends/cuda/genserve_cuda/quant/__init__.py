@@ -1,0 +1,1 @@
+"""Mixed-precision linear kernels of genserve-cuda (``MPLinearKernel`` implementations)."""
