@@ -42,6 +42,9 @@ FLAGS: list[Flag] = [
          choices=("float32", "float16", "bfloat16")),
     Flag("--quantize", str, None, "Weight quantization method (see `genserve plugins`)"),
     Flag("--kv-cache-dtype", str, None, "fp8_e4m3fn or fp8_e5m2", choices=("fp8_e4m3fn", "fp8_e5m2", "fp8")),
+    Flag("--model-impl", str, "auto", "auto: genserve's module for the model type, else the transformers "
+         "fallback; genserve or transformers to insist on one", env="GENSERVE_MODEL_IMPL",
+         choices=("auto", "genserve", "transformers")),
     Flag("--trust-remote-code", bool, False, "Allow custom configuration code from the hub"),
     Flag("--tokenizer-config-path", str, None, "tokenizer_config.json with a chat_template"),
     Flag("--rope-scaling", str, None, "linear or dynamic", choices=("linear", "dynamic")),

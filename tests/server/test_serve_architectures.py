@@ -1,4 +1,5 @@
-"""`genserve serve --model-id <dir>` serves a saved tiny checkpoint of every architecture family.
+"""`genserve serve --model-id <dir>` serves a saved tiny checkpoint of every architecture family
+(and, through the transformers fallback, of types no genserve module registers).
 
 Each checkpoint (random weights, a real byte-level BPE tokenizer) is served by a real server
 process; the greedy token ids that /generate returns must equal transformers' on the same
@@ -43,6 +44,12 @@ CONFIGS = {
                               feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
 }
+# Types no genserve module registers: served through the transformers fallback.
+FALLBACK = {
+    "qwen3": lambda: tf.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16),
+    "starcoder2": lambda: tf.Starcoder2Config(**SMALL, num_key_value_heads=2, sliding_window=8),
+}
+CONFIGS.update(FALLBACK)
 PROMPT = "The quick brown fox jumps over the lazy dog"
 NEW = 8
 
@@ -77,3 +84,10 @@ def test_architecture_is_served_over_http(servers, name):
     ids = [t["id"] for t in r.json()["details"]["tokens"]]
     # The reference never stops early; the server may stop at a random EOS: compare the prefix.
     assert ids == expected[: len(ids)] and ids, (ids, expected)
+
+
+@pytest.mark.parametrize("name", list(FALLBACK))
+def test_fallback_says_so_in_the_log(servers, name):
+    proc, _ = servers[name]
+    proc.wait_ready()
+    assert "through the transformers fallback" in proc.log_tail(200)

@@ -19,6 +19,7 @@ from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.scheduler import SchedulerConfig
 from genserve.loader import source as sources
 from genserve.models.base import ModelContext
+from genserve.models.select import ArchitectureError, select_architecture
 from genserve.plugins import Plugins, get_plugins
 
 logger = logging.getLogger(__name__)
@@ -132,11 +133,10 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         backend.set_device(tp.rank)
     src = sources.resolve(args.model_id, args.revision, args.gguf_file)
     config = load_config(src, args)
-    if config.model_type not in plugins.architectures:
-        known = ", ".join(plugins.architectures) or "none"
-        raise ConfigError(f"model type {config.model_type!r} is not supported by any installed "
-                          f"plugin; supported: {known}")
-    model_cls = plugins.architectures.get(config.model_type)
+    try:
+        model_cls = select_architecture(plugins.architectures, config, args.model_impl)
+    except ArchitectureError as exc:
+        raise ConfigError(str(exc)) from None
     dtype = DTYPES[args.dtype] if args.dtype else backend.default_dtype
 
     quant_name = args.quantize or (getattr(config, "quantization_config", None) or {}).get("quant_method")
@@ -165,7 +165,10 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
                        attention_fallbacks=fallbacks)
     with torch.device(backend.device):
-        model = model_cls(config, ctx)
+        try:
+            model = model_cls(config, ctx)
+        except ValueError as exc:  # a model that refuses this configuration says why
+            raise ConfigError(f"{model_cls.__name__}: {exc}") from None
     _load_weights(model, src, config, args, dtype)
     model.process_weights_after_loading()
     model.eval()
