@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -30,6 +31,14 @@ class Flag:
     @property
     def env_names(self) -> tuple[str, ...]:
         return (self.env or self.dest.upper(),) + self.extra_env
+
+    def env_default(self):
+        """The value when the flag is not on the command line: its environment variable's, else
+        the declared default."""
+        value = next((os.environ[e] for e in self.env_names if e in os.environ), None)
+        if value is None:
+            return self.default
+        return _bool_env(value) if self.type is bool else self.type(value)
 
 
 FLAGS: list[Flag] = [
@@ -95,24 +104,25 @@ FLAGS: list[Flag] = [
 ]
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    for flag in FLAGS:
+def add_flags(parser, flags: Iterable[Flag] = FLAGS) -> None:
+    """Add ``flags`` (TGI's and genserve's by default) to ``parser`` (or an argument group),
+    each defaulting to its environment variable."""
+    for flag in flags:
         names = (flag.name,) + flag.aliases
-        env_value = next((os.environ[e] for e in flag.env_names if e in os.environ), None)
         help_text = f"{flag.help} [env: {flag.env_names[0]}]"
         if flag.type is bool:
-            default = _bool_env(env_value) if env_value is not None else flag.default
-            parser.add_argument(*names, dest=flag.dest, action="store_true", default=default, help=help_text)
+            parser.add_argument(*names, dest=flag.dest, action="store_true", default=flag.env_default(),
+                                help=help_text)
         else:
-            default = flag.type(env_value) if env_value is not None else flag.default
-            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=default,
+            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=flag.env_default(),
                                 choices=flag.choices, help=help_text)
 
 
-def defaults(**overrides) -> argparse.Namespace:
-    """All flags at their defaults (env vars applied), with ``overrides``: for tests and scripts."""
+def defaults(*, extra_flags: Iterable[Flag] = (), **overrides) -> argparse.Namespace:
+    """All flags (and ``extra_flags``, e.g. a backend's own) at their defaults (env vars
+    applied), with ``overrides``: for tests and scripts. An unknown name raises AttributeError."""
     parser = argparse.ArgumentParser()
-    add_flags(parser)
+    add_flags(parser, [*FLAGS, *extra_flags])
     ns = parser.parse_args([])
     for key, value in overrides.items():
         if not hasattr(ns, key):
