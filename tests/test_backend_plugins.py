@@ -14,6 +14,7 @@ pytest.importorskip("genserve_cuda")
 pytest.importorskip("genserve_rocm")
 
 from genserve.attention.base import AttentionSpec  # noqa: E402
+from genserve.backends.options import BackendOptions  # noqa: E402
 from genserve.backends.select import BackendError, select_backend  # noqa: E402
 from genserve.plugins import load_plugins  # noqa: E402
 from genserve_cuda.attention.flash_attn import FlashAttnPaged  # noqa: E402
@@ -84,12 +85,12 @@ def test_cuda_backend_options(monkeypatch):
     assert b.attention_preference == ("flash_attn", "triton", "torch")
     assert b.device == torch.device("cuda", 0)
     assert b.graph_sizes() == (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert CudaBackend({"cuda_graphs": None}).graph_sizes() == b.graph_sizes()  # flag not given
-    assert CudaBackend({"cuda_graphs": "0"}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": 0}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": []}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": "4,1,4"}).graph_sizes() == (1, 4)
-    off = CudaBackend({"disable_custom_kernels": True})
+    assert CudaBackend(BackendOptions(graph_sizes=None)).graph_sizes() == b.graph_sizes()  # flag not given
+    assert CudaBackend(BackendOptions(graph_sizes="0")).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes=0)).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes=[])).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes="4,1,4")).graph_sizes() == (1, 4)
+    off = CudaBackend(BackendOptions(custom_kernels=False))
     assert off.attention_preference == ("torch",)
     assert CudaBackend.attention_preference[0] == "flash_attn"  # the class is untouched
     lin = torch.nn.Linear(2, 2)
@@ -101,7 +102,7 @@ def test_cuda_memory_budget(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
     # 5% of 80 GiB = 4 GiB reserved for activations.
     assert CudaBackend().memory_budget() == 56 * gib
-    assert CudaBackend({"cuda_memory_fraction": 0.5}).memory_budget() == 26 * gib
+    assert CudaBackend(BackendOptions(memory_fraction=0.5)).memory_budget() == 26 * gib
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib // 2, 8 * gib))
     assert CudaBackend().memory_budget() == 0
 
@@ -110,8 +111,8 @@ def test_rocm_backend_defaults():
     b = RocmBackend()
     assert b.attention_preference == ("triton", "torch")
     assert b.graph_sizes() == ()  # untested on HIP: opt-in only
-    assert RocmBackend({"cuda_graphs": None}).graph_sizes() == ()
-    assert RocmBackend({"cuda_graphs": [1, 2]}).graph_sizes() == (1, 2)
+    assert RocmBackend(BackendOptions(graph_sizes=None)).graph_sizes() == ()
+    assert RocmBackend(BackendOptions(graph_sizes=[1, 2])).graph_sizes() == (1, 2)
 
 
 def test_kernels_say_why_they_cannot_run_here():
