@@ -29,6 +29,9 @@ def assert_sharded_matches(config, folder, build_sharded, new_tokens=20):
     plain = load_genserve(folder)
     sharded = build_sharded(folder)
     assert isinstance(sharded.runner.peers, ShardWorkers)
+    # Composed, not patched: the backend's own runner class, the model's own LM head.
+    assert type(sharded.runner) is type(plain.runner) and "compute_logits" not in vars(sharded.runner.model)
+    assert not sharded.runner.overlap_steps  # the supervisor vouches for each step
 
     for p in prompts:
         diff = (prompt_logits(sharded, p) - prompt_logits(plain, p)).abs().max().item()
