@@ -13,6 +13,24 @@ def _bool_env(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_sizes(raw) -> tuple[int, ...] | None:
+    """A list of sizes as flags give it ("1,2,4", 4, [1, 2]) -> sorted unique positive ints;
+    None stays None (not given); 0, "0", "" and [] give () (none)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = [x for x in raw.split(",") if x.strip()]
+    elif isinstance(raw, int):
+        raw = [raw]
+    return tuple(sorted({int(x) for x in raw if int(x) > 0}))
+
+
+def size_list(text: str) -> str:
+    """A flag's comma-separated list of sizes, checked when parsed ("4,1" -> "1,4"); a bad
+    one is argparse's error ("invalid size_list value"), not a traceback at start-up."""
+    return ",".join(map(str, parse_sizes(text)))
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str  # --like-this
@@ -59,7 +77,7 @@ FLAGS: list[Flag] = [
     Flag("--backend", str, "auto", "auto, cpu, cuda, rocm, ipex, neuron or gaudi", env="GENSERVE_BACKEND"),
     Flag("--num-shard", int, None, "Tensor-parallel degree"),
     Flag("--sharded", bool, False, "Shard over all visible devices"),
-    Flag("--cuda-graphs", str, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
+    Flag("--cuda-graphs", size_list, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
     Flag("--cuda-memory-fraction", float, 1.0, "Fraction of GPU memory genserve may use"),
     Flag("--disable-custom-kernels", bool, False, "Use the reference PyTorch kernels"),
     Flag("--attention", str, None, "Force an attention implementation by name", env="GENSERVE_ATTENTION"),

@@ -20,6 +20,10 @@ def test_shared_options_come_from_tgis_flags():
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.memory_fraction = 1.0
     assert [parse_sizes(x) for x in (None, "", 0, "4,2", [2, 0, 2], 3)] == [None, (), (), (2, 4), (2,), (3,)]
+    # --cuda-graphs is checked as it is parsed; 0 disables graphs.
+    assert BackendOptions.from_args(build_parser().parse_args(["serve", "--cuda-graphs", "0"])).graph_sizes == ()
+    with pytest.raises(SystemExit):  # argparse's error: "invalid size_list value: '1,x'"
+        build_parser().parse_args(["serve", "--cuda-graphs", "1,x"])
 
 
 def test_disable_custom_kernels_is_handled_by_the_base_class():
@@ -50,8 +54,10 @@ def test_backend_flags_are_real_flags_with_env_vars(monkeypatch):
     assert NeuronOptions.from_args(defaults()).decode_batch == ()  # empty: derived from the limits
     # Shard workers rebuild their flags from plain values: the backend's own go with them.
     flags = plain_flags(args, NeuronBackend)
-    assert flags["neuron_hbm_bytes"] == 1024 and flags["neuron_decode_batch"] == "4,1"
+    assert flags["neuron_hbm_bytes"] == 1024 and flags["neuron_decode_batch"] == "1,4"
     assert plain_flags(defaults(), NeuronBackend)["neuron_prefill_len"] == "8,32"
     assert "ipex_device" not in plain_flags(args, NeuronBackend)
     with pytest.raises(TypeError, match="backend 'ipex' takes IpexOptions, not BackendOptions"):
         IpexBackend(BackendOptions())
+    with pytest.raises(SystemExit):  # argparse's error: "invalid size_list value: '4,x'"
+        build_parser().parse_args(["serve", "--neuron-decode-batch", "4,x"])

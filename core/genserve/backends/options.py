@@ -14,25 +14,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from genserve.args import Flag
+from genserve.args import Flag, parse_sizes, size_list
+
+__all__ = ["BackendOptions", "Flag", "all_backend_flags", "backend_flag", "parse_sizes", "size_list"]
 
 
 def backend_flag(flag: Flag, sizes: bool = False) -> Any:
     """A field of a ``BackendOptions`` subclass set by ``flag`` (its default is the flag's).
     ``sizes``: the value is a list of sizes (``parse_sizes``; a None default reads as ())."""
     return field(default=flag.default, metadata={"flag": flag, "sizes": sizes})
-
-
-def parse_sizes(raw) -> tuple[int, ...] | None:
-    """A list of sizes as flags give it ("1,2,4", 4, [1, 2]) -> sorted unique positive ints;
-    None stays None (not given); 0, "0", "" and [] give () (none)."""
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        raw = [x for x in raw.split(",") if x.strip()]
-    elif isinstance(raw, int):
-        raw = [raw]
-    return tuple(sorted({int(x) for x in raw if int(x) > 0}))
 
 
 @dataclass(frozen=True)
