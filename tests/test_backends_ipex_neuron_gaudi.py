@@ -139,7 +139,7 @@ for name in ("ipex", "neuron", "gaudi"):
     cls = plugins.backends.get(name)
     assert cls.is_available() is False
     cls.unavailable_reason()
-    cls({{}})
+    cls(cls.options_cls())
 assert not [p.error for p in plugins.failed()], plugins.failed()
 print("ok")
 """
