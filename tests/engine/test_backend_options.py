@@ -61,3 +61,15 @@ def test_backend_flags_are_real_flags_with_env_vars(monkeypatch):
         IpexBackend(BackendOptions())
     with pytest.raises(SystemExit):  # argparse's error: "invalid size_list value: '4,x'"
         build_parser().parse_args(["serve", "--neuron-decode-batch", "4,x"])
+
+
+def test_backend_flags_are_documented():
+    from pathlib import Path
+
+    from genserve.backends.options import all_backend_flags
+    from genserve.plugins import load_plugins
+
+    backends = load_plugins().backends
+    text = (Path(__file__).parents[2] / "docs" / "flags.md").read_text()
+    missing = [f.name for f in all_backend_flags(backends.get(n) for n in backends) if f"`{f.name}`" not in text]
+    assert not missing, f"docs/flags.md lacks {missing}"
