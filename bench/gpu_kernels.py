@@ -216,6 +216,7 @@ def elementwise_cases():
 def graph_cases():
     from transformers import LlamaConfig
 
+    from genserve.backends.options import BackendOptions
     from genserve.engine.config import EngineConfig
     from genserve.engine.model_runner import ModelRunner
     from genserve.models.base import ForwardBatch, ModelContext
@@ -232,7 +233,7 @@ def graph_cases():
         model = LlamaForCausalLM(cfg, ctx)
     for name, p in model.named_parameters():
         p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.02)
-    backend = CudaBackend({"cuda_graphs": "1,16,64"})
+    backend = CudaBackend(BackendOptions(graph_sizes="1,16,64"))
     model = backend.optimize_model(model)
     runner = backend.create_model_runner(model, EngineConfig(dtype=torch.bfloat16, block_size=16,
                                                              max_total_tokens=1024))

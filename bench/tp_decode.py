@@ -62,7 +62,7 @@ def child(opts) -> dict:
     import os
 
     from genserve.args import defaults
-    from genserve.engine.build import build_engine
+    from genserve.executor import create_engine
 
     if os.environ.get("GENSERVE_HANG_DUMP_S"):  # debugging a hang: every thread's stack, later
         faulthandler.dump_traceback_later(float(os.environ["GENSERVE_HANG_DUMP_S"]), repeat=True)
@@ -75,7 +75,7 @@ def child(opts) -> dict:
         if opts.dtype:
             flags["dtype"] = opts.dtype
         t0 = time.perf_counter()
-        loaded = build_engine(defaults(**flags))
+        loaded = create_engine(defaults(**flags))
         load_s = time.perf_counter() - t0
     print(f"[rank 0] engine built in {load_s:.1f}s", file=sys.stderr, flush=True)
     engine = loaded.engine
@@ -99,9 +99,7 @@ def child(opts) -> dict:
         "kv_blocks": engine.blocks.num_blocks,
     }
     print("RESULT " + json.dumps(result), flush=True)  # before teardown, which may be slow
-    shutdown = getattr(engine.runner, "shutdown", None)
-    if shutdown:
-        shutdown()
+    engine.runner.peers.shutdown()
     return result
 
 

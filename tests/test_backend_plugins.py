@@ -14,6 +14,7 @@ pytest.importorskip("genserve_cuda")
 pytest.importorskip("genserve_rocm")
 
 from genserve.attention.base import AttentionSpec  # noqa: E402
+from genserve.backends.options import BackendOptions  # noqa: E402
 from genserve.backends.select import BackendError, select_backend  # noqa: E402
 from genserve.plugins import load_plugins  # noqa: E402
 from genserve_cuda.attention.flash_attn import FlashAttnPaged  # noqa: E402
@@ -48,7 +49,7 @@ def test_plugins_register_backends_and_attention(plugins):
     assert plugins.attention.get("flash_attn") is FlashAttnPaged
     assert plugins.linear_kernels.get("triton_w4a16") is TritonW4A16Kernel
     assert CudaBackend.linear_kernel_preference == ("triton_w4a16", "torch_wna16")
-    assert CudaBackend({"disable_custom_kernels": True}).linear_kernel_preference == ("torch_wna16",)
+    assert CudaBackend(BackendOptions(custom_kernels=False)).linear_kernel_preference == ("torch_wna16",)
     assert plugins.backends.owner("cuda") == "cuda" and plugins.backends.owner("rocm") == "rocm"
     assert not plugins.failed()
 
@@ -88,12 +89,12 @@ def test_cuda_backend_options(monkeypatch):
     assert b.attention_preference == ("flash_attn", "triton", "torch")
     assert b.device == torch.device("cuda", 0)
     assert b.graph_sizes() == (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert CudaBackend({"cuda_graphs": None}).graph_sizes() == b.graph_sizes()  # flag not given
-    assert CudaBackend({"cuda_graphs": "0"}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": 0}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": []}).graph_sizes() == ()
-    assert CudaBackend({"cuda_graphs": "4,1,4"}).graph_sizes() == (1, 4)
-    off = CudaBackend({"disable_custom_kernels": True})
+    assert CudaBackend(BackendOptions(graph_sizes=None)).graph_sizes() == b.graph_sizes()  # flag not given
+    assert CudaBackend(BackendOptions(graph_sizes="0")).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes=0)).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes=[])).graph_sizes() == ()
+    assert CudaBackend(BackendOptions(graph_sizes="4,1,4")).graph_sizes() == (1, 4)
+    off = CudaBackend(BackendOptions(custom_kernels=False))
     assert off.attention_preference == ("torch",)
     assert CudaBackend.attention_preference[0] == "flash_attn"  # the class is untouched
     lin = torch.nn.Linear(2, 2)
@@ -105,7 +106,7 @@ def test_cuda_memory_budget(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
     # 5% of 80 GiB = 4 GiB reserved for activations.
     assert CudaBackend().memory_budget() == 56 * gib
-    assert CudaBackend({"cuda_memory_fraction": 0.5}).memory_budget() == 26 * gib
+    assert CudaBackend(BackendOptions(memory_fraction=0.5)).memory_budget() == 26 * gib
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib // 2, 8 * gib))
     assert CudaBackend().memory_budget() == 0
 
@@ -114,8 +115,8 @@ def test_rocm_backend_defaults():
     b = RocmBackend()
     assert b.attention_preference == ("triton", "torch")
     assert b.graph_sizes() == ()  # untested on HIP: opt-in only
-    assert RocmBackend({"cuda_graphs": None}).graph_sizes() == ()
-    assert RocmBackend({"cuda_graphs": [1, 2]}).graph_sizes() == (1, 2)
+    assert RocmBackend(BackendOptions(graph_sizes=None)).graph_sizes() == ()
+    assert RocmBackend(BackendOptions(graph_sizes=[1, 2])).graph_sizes() == (1, 2)
 
 
 def test_kernels_say_why_they_cannot_run_here():

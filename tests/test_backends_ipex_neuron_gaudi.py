@@ -24,6 +24,7 @@ Needs the three distributions installed:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from transformers import LlamaConfig
 from genserve.args import defaults
 from genserve.attention.base import AttentionMetadata, AttentionSpec, write_kv
 from genserve.attention.torch_ref import TorchReferenceAttention
+from genserve.backends.options import BackendOptions
 from genserve.backends.select import BackendError, select_backend
 from genserve.engine.build import build_engine
 from genserve.engine.sampling_params import SamplingParams
@@ -53,12 +55,13 @@ from genserve_gaudi.backend import GaudiBackend  # noqa: E402
 from genserve_gaudi.hpu import HpuApi  # noqa: E402
 from genserve_gaudi.padding import padded_decode_batch, powers_of_two_upto  # noqa: E402
 from genserve_ipex.attention import IpexPagedAttention, load_paged_attention_ops  # noqa: E402
-from genserve_ipex.backend import IpexBackend  # noqa: E402
+from genserve_ipex.backend import IpexBackend, IpexOptions  # noqa: E402
 from genserve_ipex.layout import HND, NHD, allocate_kv_cache, ipex_views  # noqa: E402
 from genserve_ipex.reference_ops import TorchPagedAttentionOps  # noqa: E402
 from genserve_neuron.attention import StaticPagedAttention  # noqa: E402
 from genserve_neuron.backend import NeuronBackend  # noqa: E402
 from genserve_neuron.buckets import Bucket, Buckets, make_buckets  # noqa: E402
+from genserve_neuron.options import NeuronOptions  # noqa: E402
 from genserve_neuron.padding import SeqChunk, pad_batch  # noqa: E402
 from genserve_neuron.xla import XlaApi  # noqa: E402
 
@@ -136,7 +139,7 @@ for name in ("ipex", "neuron", "gaudi"):
     cls = plugins.backends.get(name)
     assert cls.is_available() is False
     cls.unavailable_reason()
-    cls({{}})
+    cls(cls.options_cls())
 assert not [p.error for p in plugins.failed()], plugins.failed()
 print("ok")
 """
@@ -291,10 +294,10 @@ def test_buckets_pick_smallest_fit_and_cover_engine_limits():
     from genserve.engine.scheduler import SchedulerConfig
     ec = EngineConfig(block_size=16, max_total_tokens=3000,
                       scheduler=SchedulerConfig(max_batch_prefill_tokens=700, max_batch_size=16))
-    auto = make_buckets({}, ec)
+    auto = make_buckets(NeuronOptions(), ec)
     assert auto.decode_batch == (1, 2, 4, 8, 16)
     assert auto.prefill_len[-1] >= 700 and auto.context_blocks[-1] * 16 >= 3000
-    assert make_buckets({"cuda_graphs": "1,8"}, ec).decode_batch == (1, 8)
+    assert make_buckets(NeuronOptions(graph_sizes="1,8"), ec).decode_batch == (1, 8)
 
 
 def test_neuron_core_for_rank():
@@ -414,9 +417,9 @@ def test_padded_decode_batch_layout():
 
 
 def test_gaudi_graph_sizes_follow_cuda_graphs_flag():
-    assert GaudiBackend({}).graph_sizes(256) == (1, 2, 4, 8, 16, 32, 64)
-    assert GaudiBackend({"cuda_graphs": "4,1"}).graph_sizes(256) == (1, 4)
-    assert GaudiBackend({"cuda_graphs": "0"}).graph_sizes(256) == ()
+    assert GaudiBackend().graph_sizes(256) == (1, 2, 4, 8, 16, 32, 64)
+    assert GaudiBackend(BackendOptions(graph_sizes="4,1")).graph_sizes(256) == (1, 4)
+    assert GaudiBackend(BackendOptions(graph_sizes="0")).graph_sizes(256) == ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,15 +499,15 @@ class FakeHpu:
 
 class NeuronOnCpu(NeuronBackend):
     name = "neuron-on-cpu"
-    BUCKETS = {"neuron_decode_batch": [1, 2, 4], "neuron_prefill_batch": [1, 2],
-               "neuron_prefill_len": [8, 32], "neuron_context_len": [32, 64, 128]}
+    BUCKETS = {"decode_batch": [1, 2, 4], "prefill_batch": [1, 2],
+               "prefill_len": [8, 32], "context_len": [32, 64, 128]}
 
     @classmethod
     def is_available(cls):
         return True
 
     def __init__(self, options=None):
-        super().__init__({**(options or {}), **self.BUCKETS})
+        super().__init__(dataclasses.replace(options or NeuronOptions(), **self.BUCKETS))
         self._api = FakeXla()
 
 
@@ -516,7 +519,7 @@ class GaudiOnCpu(GaudiBackend):
         return True
 
     def __init__(self, options=None):
-        super().__init__({**(options or {}), "cuda_graphs": "1,2,4"})
+        super().__init__(dataclasses.replace(options or BackendOptions(), graph_sizes="1,2,4"))
         self._api = FakeHpu()
 
     @property
@@ -532,7 +535,7 @@ class IpexOnCpu(IpexBackend):
         return True
 
     def __init__(self, options=None):
-        super().__init__({**(options or {}), "ipex_device": "cpu"})
+        super().__init__(dataclasses.replace(options or IpexOptions(), device="cpu"))
 
 
 ENGINE = dict(dtype="float32", block_size=4, max_batch_total_tokens=1024, max_batch_prefill_tokens=32,

@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
 def _bool_env(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_sizes(raw) -> tuple[int, ...] | None:
+    """A list of sizes as flags give it ("1,2,4", 4, [1, 2]) -> sorted unique positive ints;
+    None stays None (not given); 0, "0", "" and [] give () (none)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = [x for x in raw.split(",") if x.strip()]
+    elif isinstance(raw, int):
+        raw = [raw]
+    return tuple(sorted({int(x) for x in raw if int(x) > 0}))
+
+
+def size_list(text: str) -> str:
+    """A flag's comma-separated list of sizes, checked when parsed ("4,1" -> "1,4"); a bad
+    one is argparse's error ("invalid size_list value"), not a traceback at start-up."""
+    return ",".join(map(str, parse_sizes(text)))
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,14 @@ class Flag:
     @property
     def env_names(self) -> tuple[str, ...]:
         return (self.env or self.dest.upper(),) + self.extra_env
+
+    def env_default(self):
+        """The value when the flag is not on the command line: its environment variable's, else
+        the declared default."""
+        value = next((os.environ[e] for e in self.env_names if e in os.environ), None)
+        if value is None:
+            return self.default
+        return _bool_env(value) if self.type is bool else self.type(value)
 
 
 FLAGS: list[Flag] = [
@@ -53,7 +80,7 @@ FLAGS: list[Flag] = [
     Flag("--backend", str, "auto", "auto, cpu, cuda, rocm, ipex, neuron or gaudi", env="GENSERVE_BACKEND"),
     Flag("--num-shard", int, None, "Tensor-parallel degree"),
     Flag("--sharded", bool, False, "Shard over all visible devices"),
-    Flag("--cuda-graphs", str, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
+    Flag("--cuda-graphs", size_list, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
     Flag("--cuda-memory-fraction", float, 1.0, "Fraction of GPU memory genserve may use"),
     Flag("--disable-custom-kernels", bool, False, "Use the reference PyTorch kernels"),
     Flag("--attention", str, None, "Force an attention implementation by name", env="GENSERVE_ATTENTION"),
@@ -98,24 +125,25 @@ FLAGS: list[Flag] = [
 ]
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    for flag in FLAGS:
+def add_flags(parser, flags: Iterable[Flag] = FLAGS) -> None:
+    """Add ``flags`` (TGI's and genserve's by default) to ``parser`` (or an argument group),
+    each defaulting to its environment variable."""
+    for flag in flags:
         names = (flag.name,) + flag.aliases
-        env_value = next((os.environ[e] for e in flag.env_names if e in os.environ), None)
         help_text = f"{flag.help} [env: {flag.env_names[0]}]"
         if flag.type is bool:
-            default = _bool_env(env_value) if env_value is not None else flag.default
-            parser.add_argument(*names, dest=flag.dest, action="store_true", default=default, help=help_text)
+            parser.add_argument(*names, dest=flag.dest, action="store_true", default=flag.env_default(),
+                                help=help_text)
         else:
-            default = flag.type(env_value) if env_value is not None else flag.default
-            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=default,
+            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=flag.env_default(),
                                 choices=flag.choices, help=help_text)
 
 
-def defaults(**overrides) -> argparse.Namespace:
-    """All flags at their defaults (env vars applied), with ``overrides``: for tests and scripts."""
+def defaults(*, extra_flags: Iterable[Flag] = (), **overrides) -> argparse.Namespace:
+    """All flags (and ``extra_flags``, e.g. a backend's own) at their defaults (env vars
+    applied), with ``overrides``: for tests and scripts. An unknown name raises AttributeError."""
     parser = argparse.ArgumentParser()
-    add_flags(parser)
+    add_flags(parser, [*FLAGS, *extra_flags])
     ns = parser.parse_args([])
     for key, value in overrides.items():
         if not hasattr(ns, key):

@@ -21,7 +21,7 @@ GRACE_ENV = "GENSERVE_GRACEFUL_SHUTDOWN_TIMEOUT"  # seconds in-flight requests g
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's configuration, reported as one line without a traceback."""
     from genserve.backends.select import BackendError
-    from genserve.engine.build import ConfigError
+    from genserve.errors import ConfigError
     from genserve.loader.source import ModelNotFoundError
     from genserve.plugins import PluginLoadError
     from genserve.registry import UnknownEntryError
@@ -174,6 +174,24 @@ def plugins(args) -> int:
     return 0
 
 
+def add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    """Each installed backend's own flags (``Backend.options_cls``), in a group per backend."""
+    from genserve.args import add_flags
+    from genserve.backends.options import all_backend_flags
+    from genserve.plugins import PluginLoadError, get_plugins
+
+    try:
+        backends = get_plugins().backends
+    except PluginLoadError:  # `serve` reports it as one line (and --help still works)
+        return
+    added: set[str] = set()
+    for name in sorted(backends):
+        flags = [f for f in all_backend_flags([backends.get(name)]) if f.dest not in added]
+        if flags:
+            add_flags(parser.add_argument_group(f"backend {name}"), flags)
+            added.update(f.dest for f in flags)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genserve.args import add_flags
 
@@ -183,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p_serve = sub.add_parser("serve", help="load a model and serve TGI's and OpenAI's HTTP API")
     add_flags(p_serve)
+    add_backend_flags(p_serve)
     p_serve.set_defaults(func=serve)
     p_plugins = sub.add_parser("plugins", help="list installed plugins and what they registered")
     p_plugins.add_argument("--json", action="store_true", help="machine-readable output")

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from genserve.args import defaults
-from genserve.engine.build import build_engine
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import Sequence
 from genserve.engine.scheduler import ScheduledSeq
+from genserve.executor import create_engine
 from genserve.models.base import ForwardBatch
 
 
@@ -57,10 +57,11 @@ def save_reference(config, folder: Path, seed: int = 0, model_cls=None):
 
 
 def load_genserve(folder: Path, **flags):
-    """A genserve engine for the checkpoint in ``folder`` (CPU, fp32, small paged cache)."""
+    """A genserve engine for the checkpoint in ``folder`` (CPU, fp32, small paged cache);
+    ``num_shard=2`` gives a sharded one (stop its workers with ``engine.runner.peers.shutdown()``)."""
     args = defaults(model_id=str(folder), backend="cpu", dtype="float32", **{
         "block_size": 4, "max_batch_total_tokens": 4096, "max_batch_prefill_tokens": 64, **flags})
-    return build_engine(args).engine
+    return create_engine(args).engine
 
 
 @torch.inference_mode()
@@ -72,8 +73,8 @@ def prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
     try:
         runner = engine.runner
         prep = runner.prepare([ScheduledSeq(seq, len(prompt))])
-        hidden = runner.execute(prep.input_ids, prep.positions, ForwardBatch(prep.attn, runner.kv_caches))
-        return runner.model.compute_logits(hidden).float()
+        hidden = runner.forward(prep.input_ids, prep.positions, ForwardBatch(prep.attn, runner.kv_caches))
+        return runner.compute_logits(hidden).float()
     finally:
         engine.blocks.free_seq(seq)
 
@@ -156,8 +157,8 @@ def seq2seq_logits(engine, prompt: list[int], decoder_ids: list[int]) -> torch.T
         scheduled = [ScheduledSeq(seq, len(decoder_ids))]
         prep = runner.prepare(scheduled)
         batch = ForwardBatch(prep.attn, runner.kv_caches, runner.encoder_states(scheduled))
-        hidden = runner.execute(prep.input_ids, prep.positions, batch)
-        return runner.model.compute_logits(hidden).float()
+        hidden = runner.forward(prep.input_ids, prep.positions, batch)
+        return runner.compute_logits(hidden).float()
     finally:
         engine.blocks.free_seq(seq)
 

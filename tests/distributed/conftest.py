@@ -32,4 +32,4 @@ def build_sharded():
 
     yield build
     for engine in engines:
-        engine.runner.shutdown()
+        engine.runner.peers.shutdown()

@@ -10,12 +10,13 @@ import pytest
 
 from genserve.args import defaults
 from genserve.backends.cpu import CpuBackend
-from genserve.distributed import launch
 from genserve.distributed.state import get_tp_group
-from genserve.engine.async_engine import AsyncEngine, EngineDeadError
-from genserve.engine.build import ConfigError
+from genserve.engine.async_engine import AsyncEngine
+from genserve.errors import EngineDeadError
+from genserve.errors import ConfigError
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
+from genserve.executor import sharded as launch
 from genserve.testing import load_genserve, save_reference
 
 from .conftest import tiny_llama
@@ -45,7 +46,7 @@ def generate_until_done(engine: AsyncEngine, request_id: str, on_first_token=Non
 
 @pytest.fixture
 def serving(tmp_path, build_sharded):
-    """``serving()``: (runner, started AsyncEngine) of a 2-rank tiny Llama."""
+    """``serving()``: (rank 0's shard workers, started AsyncEngine) of a 2-rank tiny Llama."""
     servers = []
 
     def start():
@@ -53,7 +54,7 @@ def serving(tmp_path, build_sharded):
         engine = build_sharded(tmp_path)
         servers.append(AsyncEngine(engine))
         servers[-1].start()
-        return engine.runner, servers[-1]
+        return engine.runner.peers, servers[-1]
 
     yield start
     for server in servers:  # before build_sharded stops the workers: no step may be running
@@ -61,12 +62,12 @@ def serving(tmp_path, build_sharded):
 
 
 def test_killed_worker_fails_requests(serving):
-    runner, server = serving()
-    worker = runner.supervisor.procs[1]
+    workers, server = serving()
+    worker = workers.supervisor.procs[1]
     tokens, error = generate_until_done(server, "a", lambda: os.kill(worker.pid, signal.SIGKILL))
     assert 0 < tokens < 400
     assert "shard 1 exited (killed by SIGKILL)" in error
-    assert runner.dead == "shard 1 exited (killed by SIGKILL)"  # what /health reads
+    assert workers.dead == "shard 1 exited (killed by SIGKILL)"  # what /health reads
 
     t0 = time.monotonic()
     tokens, error = generate_until_done(server, "b")  # a request after the loss fails at once
@@ -76,8 +77,8 @@ def test_killed_worker_fails_requests(serving):
 
 def test_stuck_worker_times_out(serving, monkeypatch):
     monkeypatch.setenv("GENSERVE_SHARD_TIMEOUT", "3")
-    runner, server = serving()
-    worker = runner.supervisor.procs[1]
+    workers, server = serving()
+    worker = workers.supervisor.procs[1]
     t0 = time.monotonic()
     tokens, error = generate_until_done(server, "a", lambda: os.kill(worker.pid, signal.SIGSTOP))
     assert "took longer than 3s: a shard hangs" in error

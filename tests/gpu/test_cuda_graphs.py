@@ -11,6 +11,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from genserve.attention.base import AttentionMetadata  # noqa: E402
 from genserve.attention.torch_ref import TorchReferenceAttention  # noqa: E402
+from genserve.backends.options import BackendOptions  # noqa: E402
 from genserve.engine.config import EngineConfig  # noqa: E402
 from genserve.engine.model_runner import ModelRunner  # noqa: E402
 from genserve.models.base import ForwardBatch, ModelContext  # noqa: E402
@@ -65,8 +66,8 @@ def rel_err(a, b):
 def make_runner(sizes=(1, 2, 4, 8)):
     model = tiny_llama(TritonPagedAttention)
     config = EngineConfig(dtype=torch.bfloat16, block_size=BLOCK, max_total_tokens=BLOCKS_PER_SEQ * BLOCK)
-    backend = CudaBackend({"cuda_graphs": ",".join(map(str, sizes)) or "0"})
-    model = backend.optimize_model(model)  # as engine/build.py does, before the runner
+    backend = CudaBackend(BackendOptions(graph_sizes=",".join(map(str, sizes)) or "0"))
+    model = backend.optimize_model(model)  # as engine/model_builder.py does, before the runner
     runner = backend.create_model_runner(model, config)
     runner.allocate_kv_cache(num_blocks=8 * BLOCKS_PER_SEQ)
     return runner

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genserve.engine import transfer
+from genserve import device as transfer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and events need CUDA")
 

@@ -101,9 +101,9 @@ def batch_logits(engine, items: list[tuple[list[int], str | None]]) -> list[torc
         prep = runner.prepare(scheduled)
         lora = runner.lora.batch_for([a for _, a in items], [len(p) for p, _ in items]) \
             if getattr(runner, "lora", None) is not None else None
-        hidden = runner.execute(prep.input_ids, prep.positions,
+        hidden = runner.forward(prep.input_ids, prep.positions,
                                 ForwardBatch(prep.attn, runner.kv_caches, lora=lora))
-        logits = runner.model.compute_logits(hidden).float()
+        logits = runner.compute_logits(hidden).float()
         return list(logits.split([len(p) for p, _ in items]))
     finally:
         for s in seqs:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from genserve.engine.build import ConfigError
+from genserve.errors import ConfigError
 from genserve.lora import spec
 
 from .lorakit import load_with_adapters, make_adapter, save_base, tiny_llama

@@ -46,4 +46,4 @@ def test_sharded_adapters_match_peft(tmp_path, overrides):
         # A step with no adapter rows on rank 0 must also be one on the workers.
         assert generate(engine, [(ps[2], None)], 8) == [reference_greedy(refs["base"], ps[2], 8)]
     finally:
-        engine.runner.shutdown()
+        engine.runner.peers.shutdown()

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from genserve.backends.base import Backend
+from genserve.backends.options import BackendOptions
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,9 @@ class CudaBackend(Backend):
     distributed_backend = "nccl"
     supports_graphs = True
 
-    def __init__(self, options: dict | None = None):
+    def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)
-        self._index = int(self.options.get("device_index", 0))
-        if self.options.get("disable_custom_kernels"):
-            # An instance attribute, so the class keeps advertising its real preference.
-            self.attention_preference = ("torch",)
-            self.linear_kernel_preference = ("torch_wna16",)
+        self._index = 0  # tensor-parallel ranks move to their own device in set_device
 
     @classmethod
     def is_available(cls) -> bool:
@@ -59,10 +56,6 @@ class CudaBackend(Backend):
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16
 
-    @property
-    def custom_kernels(self) -> bool:
-        return not self.options.get("disable_custom_kernels", False)
-
     def set_device(self, rank: int) -> None:
         self._index = rank
         torch.cuda.set_device(rank)
@@ -73,7 +66,7 @@ class CudaBackend(Backend):
     def memory_budget(self) -> int:
         """Free memory now (weights already loaded) times the fraction, minus a reserve."""
         free, total = torch.cuda.mem_get_info(self.device)
-        fraction = float(self.options.get("cuda_memory_fraction", 1.0))
+        fraction = self.options.memory_fraction
         reserve = max(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
         budget = max(0, int(free * fraction) - reserve)
         logger.info("cuda memory: %.1f GiB free of %.1f GiB, fraction %.2f, KV-cache budget %.1f GiB",
@@ -81,20 +74,14 @@ class CudaBackend(Backend):
         return budget
 
     def graph_sizes(self) -> tuple[int, ...]:
-        """Decode batch sizes to capture: option ``cuda_graphs`` ("1,2,4", a list, or 0/"" to
-        disable); unset (None) means the default sizes."""
-        raw = self.options.get("cuda_graphs")
-        if raw is None:
-            return DEFAULT_GRAPH_SIZES
-        if isinstance(raw, str):
-            raw = [int(x) for x in raw.split(",") if x.strip()]
-        elif isinstance(raw, int):
-            raw = [raw]
-        return tuple(sorted({int(x) for x in raw if int(x) > 0}))
+        """Decode batch sizes to capture (--cuda-graphs; () disables); not given means the
+        default sizes."""
+        sizes = self.options.graph_sizes
+        return DEFAULT_GRAPH_SIZES if sizes is None else sizes
 
     def optimize_model(self, model):
         """Swap fused Triton forwards into the model's layers (in place); returns the model."""
-        if not self.custom_kernels:
+        if not self.options.custom_kernels:
             return model
         from genserve_cuda.optimize import optimize_model
 
@@ -102,10 +89,10 @@ class CudaBackend(Backend):
         logger.info("cuda: fused kernels swapped in: %s", counts)
         return model
 
-    def create_model_runner(self, model, config):
+    def create_model_runner(self, model, config, *, lora=None, peers=None):
         from genserve_cuda.graphs import CudaModelRunner
 
-        return CudaModelRunner(model, config, self)
+        return CudaModelRunner(model, config, self, lora=lora, peers=peers)
 
     def describe(self) -> dict:
         info = super().describe()

@@ -136,18 +136,18 @@ class DecodeGraphs:
 class CudaModelRunner(ModelRunner):
     """The engine's runner, replaying CUDA graphs for decode-only batches.
 
-    The graphs are sized when first needed (``warmup`` or the first decode step), after the
-    engine has settled ``config.max_total_tokens`` against the KV cache.
+    The graphs are sized when first needed (``warmup`` or the first decode step) for
+    ``config.max_total_tokens``.
     """
 
     overlap_steps = True  # kernel launches are asynchronous: build step N+1 while N runs
     lazy_kernels = True  # Triton compiles on first use: warm every step kind up (engine/warmup.py)
 
-    def __init__(self, model, config, backend):
-        super().__init__(model, config, backend)
+    def __init__(self, model, config, backend, *, lora=None, peers=None):
+        super().__init__(model, config, backend, lora=lora, peers=peers)
         self.graphs: DecodeGraphs | None = None
         self.graph_sizes = backend.graph_sizes()
-        self.graphs_off = graph_blocker(model) if self.graph_sizes else "disabled by the cuda_graphs option"
+        self.graphs_off = graph_blocker(model) if self.graph_sizes else "disabled by --cuda-graphs"
         if self.graphs_off:
             logger.info("cuda graphs off: %s", self.graphs_off)
 

@@ -8,6 +8,7 @@ import os
 import torch
 
 from genserve.backends.base import Backend
+from genserve.backends.options import BackendOptions
 from genserve_gaudi.hpu import INSTALL_GAUDI, HpuApi, habana_installed
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,9 @@ class GaudiBackend(Backend):
     distributed_backend = "hccl"
     supports_graphs = True
 
-    def __init__(self, options: dict | None = None):
+    def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)
         self._api = None
-        if self.options.get("disable_custom_kernels"):
-            self.attention_preference = ("torch",)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -76,31 +75,25 @@ class GaudiBackend(Backend):
 
     def graph_sizes(self, max_batch_size: int) -> tuple[int, ...]:
         """Decode batch sizes to capture as HPU graphs; TGI's --cuda-graphs sets them (0: none)."""
-        raw = self.options.get("cuda_graphs")
-        if raw in (0, "0", "", [], ()):
-            return ()
-        if raw is None:
-            sizes, v = [], 1
-            while v <= min(max_batch_size, MAX_DEFAULT_GRAPH_BATCH):
-                sizes.append(v)
-                v *= 2
-            return tuple(sizes)
-        if isinstance(raw, str):
-            raw = [x for x in raw.split(",") if x.strip()]
-        if isinstance(raw, int):
-            raw = [raw]
-        return tuple(sorted({int(x) for x in raw if int(x) > 0}))
+        sizes = self.options.graph_sizes
+        if sizes is not None:
+            return sizes
+        default, v = [], 1
+        while v <= min(max_batch_size, MAX_DEFAULT_GRAPH_BATCH):
+            default.append(v)
+            v *= 2
+        return tuple(default)
 
     def memory_budget(self) -> int:
         free, total = self.api.mem_get_info()
-        fraction = float(self.options.get("cuda_memory_fraction", 1.0) or 1.0)
+        fraction = self.options.memory_fraction or 1.0
         graphs = GRAPH_RESERVE_SHARE * free if self.graph_sizes(1) else 0
         budget = max(0, int(free * fraction - graphs) - ACTIVATION_RESERVE_BYTES)
         logger.info("hpu memory: %.1f GiB free of %.1f GiB, fraction %.2f, KV-cache budget %.1f GiB",
                     free / 2**30, total / 2**30, fraction, budget / 2**30)
         return budget
 
-    def create_model_runner(self, model, config):
+    def create_model_runner(self, model, config, *, lora=None, peers=None):
         from genserve_gaudi.runner import GaudiModelRunner
 
-        return GaudiModelRunner(model, config, self)
+        return GaudiModelRunner(model, config, self, lora=lora, peers=peers)

@@ -52,8 +52,8 @@ class DecodeStep(nn.Module):
 
 
 class GaudiModelRunner(ModelRunner):
-    def __init__(self, model, config, backend):
-        super().__init__(model, config, backend)
+    def __init__(self, model, config, backend, *, lora=None, peers=None):
+        super().__init__(model, config, backend, lora=lora, peers=peers)
         self.api = backend.api
         self.pad_block = -1
         self.graph_batch_sizes = backend.graph_sizes(config.scheduler.max_batch_size)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from genserve.args import Flag
 from genserve.backends.base import Backend
+from genserve.backends.options import BackendOptions, backend_flag
 from genserve_ipex.vendor import INSTALL_IPEX, import_ccl, ipex_installed, x86_cpu, xpu_present
 
 logger = logging.getLogger(__name__)
@@ -14,6 +17,15 @@ logger = logging.getLogger(__name__)
 # Kept out of the XPU KV-cache budget for activations, logits and allocator slack.
 ACTIVATION_RESERVE_BYTES = 1 << 30
 ACTIVATION_RESERVE_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class IpexOptions(BackendOptions):
+    """IPEX's own flag on top of the shared options."""
+
+    device: str | None = backend_flag(Flag(
+        "--ipex-device", str, None, "Device of the ipex backend: xpu or cpu (default: xpu when an "
+        "Intel GPU is present, else cpu)", choices=("xpu", "cpu")))
 
 
 class IpexBackend(Backend):
@@ -25,13 +37,13 @@ class IpexBackend(Backend):
     distributed_backend = "ccl"
     supports_graphs = False
 
-    def __init__(self, options: dict | None = None):
+    options_cls = IpexOptions
+
+    def __init__(self, options: IpexOptions | None = None):
         super().__init__(options)
-        self._index = int(self.options.get("device_index", 0))
-        # XPU when there is one; option ipex_device="cpu" forces the CPU path.
-        self._device_type = self.options.get("ipex_device") or ("xpu" if xpu_present() else "cpu")
-        if self.options.get("disable_custom_kernels"):
-            self.attention_preference = ("torch",)
+        self._index = 0  # tensor-parallel ranks move to their own XPU in set_device
+        # XPU when there is one; --ipex-device cpu forces the CPU path.
+        self._device_type = self.options.device or ("xpu" if xpu_present() else "cpu")
 
     @classmethod
     def is_available(cls) -> bool:
@@ -77,7 +89,7 @@ class IpexBackend(Backend):
 
             return CpuBackend().memory_budget()
         free, total = self._xpu_memory()
-        fraction = float(self.options.get("cuda_memory_fraction", 1.0) or 1.0)
+        fraction = self.options.memory_fraction or 1.0
         reserve = max(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
         budget = max(0, int(free * fraction) - reserve)
         logger.info("xpu memory: %.1f GiB free of %.1f GiB, fraction %.2f, KV-cache budget %.1f GiB",
@@ -91,10 +103,10 @@ class IpexBackend(Backend):
         total = torch.xpu.get_device_properties(self._index).total_memory
         return total - torch.xpu.memory_reserved(self._index), total
 
-    def create_model_runner(self, model, config):
+    def create_model_runner(self, model, config, *, lora=None, peers=None):
         from genserve_ipex.runner import IpexModelRunner
 
-        return IpexModelRunner(model, config, self)
+        return IpexModelRunner(model, config, self, lora=lora, peers=peers)
 
     def describe(self) -> dict:
         info = super().describe()

@@ -9,12 +9,13 @@ import torch
 
 from genserve.backends.base import Backend
 from genserve_neuron.buckets import Buckets, make_buckets
+from genserve_neuron.options import NeuronOptions
 from genserve_neuron.xla import INSTALL_NEURON, XlaApi, neuron_devices, neuronx_installed
 
 logger = logging.getLogger(__name__)
 
 # HBM of one NeuronCore-v2 (Inf2, Trn1: 32 GiB per device, 2 cores), used when the runtime
-# does not report memory. Option neuron_hbm_bytes overrides it (e.g. Trn2 logical cores).
+# does not report memory. --neuron-hbm-bytes overrides it (e.g. Trn2 logical cores).
 DEFAULT_CORE_HBM = 16 << 30
 RESERVE_SHARE = 0.10  # compiled graphs, activations, runtime scratch
 
@@ -39,7 +40,9 @@ class NeuronBackend(Backend):
     distributed_backend = "xla"
     supports_graphs = True  # every step runs a graph compiled for its bucket
 
-    def __init__(self, options: dict | None = None):
+    options_cls = NeuronOptions
+
+    def __init__(self, options: NeuronOptions | None = None):
         super().__init__(options)
         self._api = None
         self._device = None
@@ -98,9 +101,9 @@ class NeuronBackend(Backend):
         if info is not None:
             free, total = info
         else:
-            total = int(self.options.get("neuron_hbm_bytes") or DEFAULT_CORE_HBM)
+            total = int(self.options.hbm_bytes or DEFAULT_CORE_HBM)
             free = total - self.weight_bytes
-        fraction = float(self.options.get("cuda_memory_fraction", 1.0) or 1.0)
+        fraction = self.options.memory_fraction or 1.0
         budget = max(0, int(free * fraction) - int(total * RESERVE_SHARE))
         logger.info("neuron memory: %.1f GiB free of %.1f GiB%s, KV-cache budget %.1f GiB",
                     free / 2**30, total / 2**30, "" if info else " (assumed)", budget / 2**30)
@@ -109,7 +112,7 @@ class NeuronBackend(Backend):
     def buckets(self, config) -> Buckets:
         return make_buckets(self.options, config)
 
-    def create_model_runner(self, model, config):
+    def create_model_runner(self, model, config, *, lora=None, peers=None):
         from genserve_neuron.runner import NeuronModelRunner
 
-        return NeuronModelRunner(model, config, self)
+        return NeuronModelRunner(model, config, self, lora=lora, peers=peers)

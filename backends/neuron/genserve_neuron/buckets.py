@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from genserve_neuron.options import NeuronOptions
+
 
 @dataclass(frozen=True, order=True)
 class Bucket:
@@ -77,12 +79,12 @@ class Buckets:
         return sorted(set(out))
 
 
-def make_buckets(options: dict, config) -> Buckets:
-    """Buckets from backend options, defaulting to what the engine limits can produce.
+def make_buckets(options: NeuronOptions, config) -> Buckets:
+    """Buckets from the backend's options, defaulting to what the engine limits can produce.
 
-    Options (lists of ints): ``neuron_decode_batch``, ``neuron_prefill_batch``,
-    ``neuron_prefill_len`` (tokens), ``neuron_context_len`` (tokens; rounded up to blocks).
-    ``cuda_graphs`` (TGI's --cuda-graphs, "batch sizes to capture") sets the decode batch sizes.
+    ``options.decode_batch``, ``prefill_batch``, ``prefill_len`` (tokens) and ``context_len``
+    (tokens; rounded up to blocks): --neuron-* flags. ``graph_sizes`` (TGI's --cuda-graphs,
+    "batch sizes to capture") sets the decode batch sizes when --neuron-decode-batch does not.
     The largest bucket of each kind is raised to cover the engine's limits, so every
     schedulable step fits some bucket.
     """
@@ -91,22 +93,12 @@ def make_buckets(options: dict, config) -> Buckets:
     max_chunk = min(sched.max_batch_prefill_tokens, config.max_total_tokens)
     max_blocks = -(-config.max_total_tokens // bs)
 
-    def ints(key, default):
-        raw = options.get(key)
-        if raw in (None, "", 0, "0", [], ()):
-            return tuple(default)
-        if isinstance(raw, str):
-            raw = raw.split(",")
-        if isinstance(raw, int):
-            raw = [raw]
-        return tuple(sorted({int(x) for x in raw if int(x) > 0}))
-
-    decode_batch = ints("neuron_decode_batch",
-                        ints("cuda_graphs", powers_of_two(1, min(sched.max_batch_size, 32))))
-    prefill_batch = ints("neuron_prefill_batch", (1,))
-    prefill_len = ints("neuron_prefill_len", powers_of_two(min(128, max_chunk), max_chunk))
-    context_tokens = ints("neuron_context_len", powers_of_two(min(512, config.max_total_tokens),
-                                                              config.max_total_tokens))
+    decode_batch = (options.decode_batch or options.graph_sizes
+                    or powers_of_two(1, min(sched.max_batch_size, 32)))
+    prefill_batch = options.prefill_batch or (1,)
+    prefill_len = options.prefill_len or powers_of_two(min(128, max_chunk), max_chunk)
+    context_tokens = options.context_len or powers_of_two(min(512, config.max_total_tokens),
+                                                          config.max_total_tokens)
     context_blocks = tuple(sorted({-(-t // bs) for t in context_tokens}))
 
     # Never leave a schedulable step without a bucket: extend the top of each list.

@@ -28,28 +28,19 @@ logger = logging.getLogger(__name__)
 
 
 class NeuronModelRunner(ModelRunner):
-    def __init__(self, model, config, backend):
+    def __init__(self, model, config, backend, *, lora=None, peers=None):
         if getattr(model, "is_encoder_decoder", False):
             raise NotImplementedError("backend 'neuron' serves decoder-only models; "
                                       f"{type(model).__name__} is encoder-decoder")
-        super().__init__(model, config, backend)
+        if lora is not None:  # its padded forwards carry no per-row adapters
+            raise NotImplementedError("backend 'neuron' does not apply LoRA adapters (--lora-adapters)")
+        super().__init__(model, config, backend, lora=lora, peers=peers)
         self.compute_device = backend.device
         # Batches are built and sampled on the host; only the forward runs on the device.
         self.device = torch.device("cpu")
         self.buckets = backend.buckets(config)
         self.pad_block = -1
         self.buckets_run: set[Bucket] = set()  # one compiled graph each
-        # Run the LM head as soon as it is traced. Under tensor parallelism it all-gathers,
-        # and a worker (which only mirrors execute and compute_logits) never reads the result
-        # that would otherwise make XLA run it.
-        lm_head = model.compute_logits
-
-        def compute_logits_now(hidden: torch.Tensor) -> torch.Tensor:
-            logits = lm_head(hidden)
-            backend.mark_step()
-            return logits
-
-        model.compute_logits = compute_logits_now
         logger.info("neuron buckets: decode batch %s, prefill batch %s, prefill len %s, "
                     "context blocks %s: %d graphs", self.buckets.decode_batch,
                     self.buckets.prefill_batch, self.buckets.prefill_len,
@@ -85,6 +76,14 @@ class NeuronModelRunner(ModelRunner):
         return pad_batch(chunks, bucket, self.block_size, self.pad_block)
 
     # -- execution ------------------------------------------------------------------------
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head, run as soon as it is traced. Under tensor parallelism it all-gathers,
+        and a worker (which only mirrors forward and compute_logits) never reads the result
+        that would otherwise make XLA run it."""
+        logits = super().compute_logits(hidden)
+        self.backend.mark_step()
+        return logits
+
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         """The forward, then cut the graph: compiled once per bucket, then cached."""
         hidden = self.model(input_ids, positions, batch)
@@ -95,10 +94,10 @@ class NeuronModelRunner(ModelRunner):
         """Forward at the bucket's shape: (hidden [B*Q, hidden], last-row logits [B, V]) on device."""
         b = padded.to(self.compute_device)
         self.buckets_run.add(padded.bucket)
-        hidden = self.execute(b.input_ids, b.positions, ForwardBatch(b.attn, self.kv_caches))
+        hidden = self.forward(b.input_ids, b.positions, ForwardBatch(b.attn, self.kv_caches))
         Q = padded.bucket.q_len
         last = hidden.view(padded.bucket.batch, Q, -1)[:, Q - 1]  # right-aligned: each last token
-        return hidden, self.model.compute_logits(last)
+        return hidden, self.compute_logits(last)
 
     def warmup(self) -> None:
         """Compile every bucket before serving: an all-padding batch per bucket (writes only
@@ -128,7 +127,7 @@ class NeuronModelRunner(ModelRunner):
             index = sorted(sampled)
             out = sample(torch.stack([sampled[i] for i in index]), self.sampling_batch(scheduled, index))
             fill_sampled(results, scheduled, index, out)
-        return FinishedStep(scheduled, results)
+        return self.peers.finish(FinishedStep(scheduled, results))
 
 
 def fill_sampled(results, scheduled, index, out) -> None:

@@ -27,6 +27,6 @@ class RocmBackend(CudaBackend):
 
     def graph_sizes(self) -> tuple[int, ...]:
         # HIP graph capture of these kernels is untested: only when asked for.
-        if self.options.get("cuda_graphs") is None:
+        if self.options.graph_sizes is None:
             return ()
         return super().graph_sizes()

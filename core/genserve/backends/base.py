@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from genserve.backends.options import BackendOptions
+
 
 class Backend:
     name: ClassVar[str] = "?"
@@ -25,8 +27,24 @@ class Backend:
     supported_quantizers: ClassVar[tuple[str, ...] | None] = None
     supports_graphs: ClassVar[bool] = False
 
-    def __init__(self, options: dict | None = None):
-        self.options = options or {}
+    # The options this backend reads; a subclass of BackendOptions declares the backend's own
+    # flags (``backends/options.py``), which ``genserve serve --help`` lists under its name.
+    options_cls: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def __init__(self, options: BackendOptions | None = None):
+        """``options``: from the flags (``options_cls.from_args(args)``); None: the defaults.
+        Raises TypeError for options of another backend's kind."""
+        if options is None:
+            options = self.options_cls()
+        if not isinstance(options, self.options_cls):
+            raise TypeError(f"backend {self.name!r} takes {self.options_cls.__name__}, "
+                            f"not {type(options).__name__}")
+        self.options = options
+        if not options.custom_kernels:
+            # --disable-custom-kernels, for every backend: the reference attention and linear
+            # kernels only. Instance attributes, so the class keeps advertising its preference.
+            self.attention_preference = ("torch",)
+            self.linear_kernel_preference = ("torch_wna16",)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -55,11 +73,12 @@ class Backend:
     def synchronize(self) -> None:
         pass
 
-    def create_model_runner(self, model, config):
-        """The object that turns scheduled batches into sampled tokens on this device."""
+    def create_model_runner(self, model, config, *, lora=None, peers=None):
+        """The object that turns scheduled batches into sampled tokens on this device, for the
+        engine's frozen ``config``; ``lora`` and ``peers`` go to ``ModelRunner.__init__``."""
         from genserve.engine.model_runner import ModelRunner
 
-        return ModelRunner(model, config, self)
+        return ModelRunner(model, config, self, lora=lora, peers=peers)
 
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "dtype": str(self.default_dtype)}

@@ -18,13 +18,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 
-from genserve.engine.async_engine import EngineDeadError
+from genserve.errors import ShardFailure
 
 logger = logging.getLogger(__name__)
-
-
-class ShardFailure(EngineDeadError):
-    """A tensor-parallel rank died or hangs: the engine cannot compute any more."""
 
 
 def describe_exit(code: int | None) -> str:

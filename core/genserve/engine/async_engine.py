@@ -19,12 +19,9 @@ from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.outputs import RequestOutput
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
+from genserve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
 
 
 class AsyncEngine:

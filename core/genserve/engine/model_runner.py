@@ -19,7 +19,10 @@ from genserve.attention.base import AttentionMetadata
 from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from genserve.engine.scheduler import ScheduledSeq
-from genserve.engine.transfer import download, release, upload
+from genserve.device import download, release, upload
+from genserve.engine.config import EngineConfig
+from genserve.engine.kv_sizing import kv_bytes_per_block
+from genserve.engine.peers import Peers
 from genserve.models.base import ForwardBatch
 
 
@@ -111,23 +114,29 @@ class FinishedStep(LaunchedStep):
 
 class ModelRunner:
     # Whether the engine should launch the next step before reading this one's tokens. Worth
-    # it where launches are asynchronous (GPUs); on CPU a launch already runs the step.
+    # it where launches are asynchronous (GPUs); on CPU a launch already runs the step. The
+    # class says what its launches allow; the instance attribute set in ``__init__`` is what
+    # this engine does (also off under --disable-overlap-steps and for sharded engines).
     overlap_steps: bool = False
 
-    def __init__(self, model, config, backend):
+    def __init__(self, model, config: EngineConfig, backend, *, lora=None, peers: Peers | None = None):
+        """``config`` is the engine's resolved, frozen configuration; ``lora`` the
+        ``genserve.lora.LoRAManager`` when --lora-adapters loaded adapters (its
+        ``batch_for(...)`` goes into each step's ``ForwardBatch``); ``peers`` the other
+        tensor-parallel ranks, told of each forward and LM-head call (none by default)."""
         self.model, self.config, self.backend = model, config, backend
         self.device = backend.device
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.vocab_size = model.config.vocab_size
         self.last_tokens: torch.Tensor | None = None  # the latest step's sampled ids, on device
-        self.lora = None  # a genserve.lora.LoRAManager when --lora-adapters loaded some
+        self.lora = lora
+        self.peers = peers if peers is not None else Peers()
+        self.overlap_steps = type(self).overlap_steps and config.overlap_steps and self.peers.allows_overlap
 
     # -- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        spec = self.model.kv_cache_spec()
-        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
-        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        return kv_bytes_per_block(self.model.kv_cache_spec(), self.block_size, self.kv_dtype)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -238,8 +247,21 @@ class ModelRunner:
 
     # -- execution ------------------------------------------------------------------------
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
-        """The forward pass; backends override this (e.g. to replay CUDA graphs)."""
+        """The forward pass; backends override this (e.g. to replay CUDA graphs). Callers use
+        ``forward``, which tells the other tensor-parallel ranks first."""
         return self.model(input_ids, positions, batch)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states [tokens, hidden_size] for ``input_ids``/``positions`` [tokens]:
+        ``execute``, announced to ``peers`` first (every rank runs it together)."""
+        with self.peers.forward(input_ids, positions, batch):
+            return self.execute(input_ids, positions, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] for ``hidden`` [rows, hidden_size]: the model's LM head,
+        announced to ``peers`` first (a vocab-parallel LM head all-gathers over the ranks)."""
+        with self.peers.logits(hidden):
+            return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledSeq]) -> LaunchedStep:
@@ -249,17 +271,17 @@ class ModelRunner:
         if self.lora is not None:
             batch.lora = self.lora.batch_for([s.seq.params.adapter_id for s in scheduled],
                                              [s.num_tokens for s in scheduled])
-        hidden = self.execute(prep.input_ids, prep.positions, batch)
+        hidden = self.forward(prep.input_ids, prep.positions, batch)
         step = LaunchedStep(scheduled)
         if prep.sampling_index:
             rows = hidden if prep.logit_rows is None else hidden[prep.logit_rows]
-            out: SamplerOutput = sample(self.model.compute_logits(rows),
+            out: SamplerOutput = sample(self.compute_logits(rows),
                                         self.sampling_batch(scheduled, prep.sampling_index))
             self.last_tokens = out.tokens  # the next step's inputs may be gathered from these
             step = LaunchedStep(scheduled, prep.sampling_index, out, self.device)
         for i, (row0, n) in prep.prompt_rows.items():
             step.prompt_logprobs[i] = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
-        return step
+        return self.peers.finish(step)
 
     def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
         """Run one step and wait for it."""
@@ -269,7 +291,7 @@ class ModelRunner:
         """Log-probability of each prompt token given the ones before it (rows of this chunk)."""
         seq, start = s.seq, s.seq.num_computed
         prompt = seq.prompt_ids
-        logprobs = self.model.compute_logits(hidden).float().log_softmax(-1)
+        logprobs = self.compute_logits(hidden).float().log_softmax(-1)
         # Row j predicts token start + j + 1, which is a prompt token while < len(prompt).
         targets = [prompt[p + 1] for p in range(start, start + s.num_tokens) if p + 1 < len(prompt)]
         if not targets:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.transfer import upload
+from genserve.device import upload
 
 _MASK62 = (1 << 62) - 1
 

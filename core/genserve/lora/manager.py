@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from genserve.engine.transfer import upload
+from genserve.device import upload
 from genserve.distributed.state import get_tp_group
 from genserve.lora.errors import LoRAError
 from genserve.lora.mapping import check_model, resolve

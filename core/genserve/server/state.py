@@ -86,11 +86,11 @@ class ServerState:
     def load(self) -> None:
         """Build the engine, run a warmup generation, start the engine thread (blocking)."""
         from genserve.engine.async_engine import AsyncEngine
-        from genserve.engine.build import build_engine
         from genserve.engine.warmup import warm_up
+        from genserve.executor import create_engine
         from genserve.server.grammar import GrammarCompiler
 
-        loaded = (self._build or build_engine)(self.args)
+        loaded = (self._build or create_engine)(self.args)
         engine = loaded.engine
         vocab = model_vocab_size(loaded)
         warm_up(engine, vocab)

@@ -1,7 +1,7 @@
 """A tensor-parallel worker: ranks 1..N-1, one process each.
 
-It builds its shard exactly as rank 0 does (``build_engine`` with the TP group already set),
-then mirrors rank 0's collectives until told to stop. It sends nothing back: rank 0 samples
+It builds its shard exactly as rank 0 does (the single-rank ``build_engine`` with the TP group
+already set), then mirrors rank 0's collectives until told to stop. It sends nothing back: rank 0 samples
 from the logits it all-gathers. Any error ends the process, which rank 0's supervisor sees.
 """
 
@@ -53,13 +53,13 @@ def _exit_with_parent() -> None:
 
 @torch.inference_mode()
 def serve(runner, channel: Channel) -> None:
-    logits = runner.model.compute_logits
+    """Make each call rank 0 announces, in its order, until told to stop."""
     while True:
         kind, item = channel.recv()
         if kind == FORWARD:
-            runner.execute(item.input_ids, item.positions, ForwardBatch(item.attn, runner.kv_caches))
+            runner.forward(item.input_ids, item.positions, ForwardBatch(item.attn, runner.kv_caches))
         elif kind == LOGITS:
-            logits(item)  # this rank's part of the all-gather; rank 0 keeps the result
+            runner.compute_logits(item)  # this rank's part of the all-gather; rank 0 keeps the result
         else:
             return
 
@@ -84,7 +84,7 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
         store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=START_TIMEOUT)
         store.set(READY_KEY.format(rank), "1")
         tp = init_groups(rank, world_size, store, backend_cls.distributed_backend)
-        args = defaults(**{**flags, "backend": backend_name})
+        args = defaults(extra_flags=backend_cls.options_cls.flags(), **{**flags, "backend": backend_name})
         loaded = build_engine(args, plugins)
         serve(loaded.engine.runner, Channel(tp.cpu_group, loaded.backend.device))
         destroy_groups()

@@ -1,4 +1,5 @@
-"""Host <-> device copies that don't wait for the device.
+"""Host <-> device copies that don't wait for the device (a leaf module: the engine's runner
+and sampler and the LoRA manager all upload through it).
 
 A copy from pageable host memory waits for the work already queued on the device, which
 would undo overlapped steps; staging through pinned memory keeps both directions asynchronous.

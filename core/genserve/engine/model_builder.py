@@ -1,0 +1,110 @@
+"""One rank's model: the architecture, quantizer and attention the registries choose for it,
+constructed on the backend's device, its weights loaded, optimized by the backend, and its
+LoRA adapters attached."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from genserve.attention.base import AttentionSpec
+from genserve.errors import ConfigError
+from genserve.loader.model_weights import load_weights
+from genserve.loader.source import ModelSource
+from genserve.models.base import ModelContext
+from genserve.models.select import ArchitectureError, select_architecture
+from genserve.plugins import Plugins
+
+logger = logging.getLogger(__name__)
+
+
+def choose_attention(plugins: Plugins, backend, forced: str | None, spec_probe: AttentionSpec,
+                     dtype: torch.dtype) -> type:
+    """The first attention implementation (``forced``, else the backend's preference order)
+    that serves ``spec_probe`` in ``dtype`` on the backend's device. Raises ``ConfigError``
+    listing why each candidate cannot."""
+    names = (forced,) if forced else backend.attention_preference
+    reasons = []
+    for name in names:
+        if name not in plugins.attention:
+            reasons.append(f"{name}: not installed")
+            continue
+        cls = plugins.attention.get(name)
+        why = cls.supports(spec_probe, dtype, backend.device)
+        if why is None:
+            return cls
+        reasons.append(f"{name}: {why}")
+    raise ConfigError("no usable attention implementation (" + "; ".join(reasons) + ")")
+
+
+def attention_probe(config) -> AttentionSpec:
+    """The attention shape of a typical layer of ``config`` (the whole model's heads)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return AttentionSpec(config.num_attention_heads, head_dim,
+                         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                         head_dim ** -0.5)
+
+
+def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type:
+    """The model class for ``config``: the registered one, or the transformers fallback
+    (``genserve.models.select``, ``--model-impl``). Raises ConfigError."""
+    try:
+        return select_architecture(plugins.architectures, config, model_impl)
+    except ArchitectureError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def quantizer(plugins: Plugins, backend, args, config):
+    """(name, factory) of the weight quantizer: --quantize, else the checkpoint's
+    ``quantization_config.quant_method``; (None, a factory of None) for none."""
+    quant_name = args.quantize or (getattr(config, "quantization_config", None) or {}).get("quant_method")
+    quant_factory = lambda: None  # noqa: E731
+    if quant_name:
+        qcls = plugins.quantizers.get(quant_name)
+        if qcls.backends is not None and backend.name not in qcls.backends:
+            raise ConfigError(f"quantizer {quant_name!r} does not run on backend {backend.name!r}")
+        qconf = getattr(config, "quantization_config", None)
+        quant_factory = lambda: qcls(qconf)  # noqa: E731
+    return quant_name, quant_factory
+
+
+def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype: torch.dtype):
+    """(model, attention class, quantizer name): the model constructed on ``backend.device``,
+    its weights loaded and processed, in eval mode, optimized by the backend."""
+    model_cls = architecture(plugins, config, args.model_impl)
+    quant_name, quant_factory = quantizer(plugins, backend, args, config)
+    forced = "torch" if not backend.options.custom_kernels else getattr(args, "attention", None)
+    attn_cls = choose_attention(plugins, backend, forced, attention_probe(config), dtype)
+    logger.info("backend %s, attention %s, dtype %s", backend.name, attn_cls.name, dtype)
+    # Without a forced choice, layers the chosen kernel cannot serve fall back in backend order.
+    fallbacks = () if forced else tuple(
+        plugins.attention.get(n) for n in backend.attention_preference
+        if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
+    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
+                       attention_fallbacks=fallbacks)
+    with torch.device(backend.device):
+        try:
+            model = model_cls(config, ctx)
+        except ValueError as exc:  # a model that refuses this configuration says why
+            raise ConfigError(f"{model_cls.__name__}: {exc}") from None
+    load_weights(model, src, config, args.load_format, dtype)
+    model.process_weights_after_loading()
+    model.eval()
+    if hasattr(backend, "optimize_model"):
+        model = backend.optimize_model(model) or model
+    return model, attn_cls, quant_name
+
+
+def load_lora(spec: str, plugins: Plugins, model, backend, dtype: torch.dtype):
+    """The LoRAManager for ``--lora-adapters``, its layers attached to ``model``. The method
+    (``plugins.lora``) is "torch" unless GENSERVE_LORA_METHOD names another. Raises
+    ``ConfigError`` for an adapter that cannot be applied."""
+    from genserve.lora import LoRAError, load_lora_manager
+
+    method = plugins.lora.get(os.environ.get("GENSERVE_LORA_METHOD") or "torch")()
+    try:
+        return load_lora_manager(spec, model, method, backend.device, dtype)
+    except LoRAError as exc:
+        raise ConfigError(str(exc)) from exc
