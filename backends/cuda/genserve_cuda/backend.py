@@ -7,6 +7,7 @@ import logging
 import torch
 
 from genserve.backends.base import Backend
+from genserve.layers.custom_op import LayerOps
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ class CudaBackend(Backend):
     priority = 100
     attention_preference = ("flash_attn", "triton", "torch")
     distributed_backend = "nccl"
-    supports_graphs = True
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)
@@ -38,6 +38,10 @@ class CudaBackend(Backend):
     @classmethod
     def is_available(cls) -> bool:
         return not is_rocm_build() and torch.cuda.is_available()
+
+    @classmethod
+    def device_count(cls) -> int | None:
+        return torch.cuda.device_count() if torch.cuda.is_available() else None
 
     @classmethod
     def unavailable_reason(cls) -> str:
@@ -89,15 +93,14 @@ class CudaBackend(Backend):
             raw = [raw]
         return tuple(sorted({int(x) for x in raw if int(x) > 0}))
 
-    def optimize_model(self, model):
-        """Swap fused Triton forwards into the model's layers (in place); returns the model."""
+    def layer_ops(self) -> LayerOps:
+        """Fused Triton layers and the one-row GEMV dispatch (``layer_ops.py``), unless
+        --disable-custom-kernels: then the PyTorch reference."""
         if not self.custom_kernels:
-            return model
-        from genserve_cuda.optimize import optimize_model
+            return LayerOps()
+        from genserve_cuda.layer_ops import CudaLayerOps
 
-        counts = optimize_model(model)
-        logger.info("cuda: fused kernels swapped in: %s", counts)
-        return model
+        return CudaLayerOps()
 
     def create_model_runner(self, model, config):
         from genserve_cuda.graphs import CudaModelRunner

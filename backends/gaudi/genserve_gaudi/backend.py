@@ -23,7 +23,6 @@ class GaudiBackend(Backend):
     priority = 80
     attention_preference = ("hpu_paged", "torch")
     distributed_backend = "hccl"
-    supports_graphs = True
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)

@@ -23,7 +23,6 @@ class IpexBackend(Backend):
     priority = 50
     attention_preference = ("ipex_paged", "torch")
     distributed_backend = "ccl"
-    supports_graphs = False
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)

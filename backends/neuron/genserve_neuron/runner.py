@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 class NeuronModelRunner(ModelRunner):
     def __init__(self, model, config, backend):
-        if getattr(model, "is_encoder_decoder", False):
+        if model.is_encoder_decoder:
             raise NotImplementedError("backend 'neuron' serves decoder-only models; "
                                       f"{type(model).__name__} is encoder-decoder")
         super().__init__(model, config, backend)
@@ -87,7 +87,7 @@ class NeuronModelRunner(ModelRunner):
     # -- execution ------------------------------------------------------------------------
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         """The forward, then cut the graph: compiled once per bucket, then cached."""
-        hidden = self.model(input_ids, positions, batch)
+        hidden = super().execute(input_ids, positions, batch)
         self.backend.mark_step()
         return hidden
 

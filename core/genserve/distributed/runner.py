@@ -43,7 +43,7 @@ class ShardedModelRunner(ModelRunner):
 
     def execute(self, input_ids, positions, batch):
         with self._collective("forward"):
-            self.channel.send_forward(input_ids, positions, batch.attn)
+            self.channel.send_forward(input_ids, positions, batch.attn, batch.lora)
             return super().execute(input_ids, positions, batch)
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

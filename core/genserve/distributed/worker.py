@@ -57,7 +57,8 @@ def serve(runner, channel: Channel) -> None:
     while True:
         kind, item = channel.recv()
         if kind == FORWARD:
-            runner.execute(item.input_ids, item.positions, ForwardBatch(item.attn, runner.kv_caches))
+            batch = ForwardBatch(item.attn, runner.kv_caches, lora=item.lora)
+            runner.execute(item.input_ids, item.positions, batch)
         elif kind == LOGITS:
             logits(item)  # this rank's part of the all-gather; rank 0 keeps the result
         else:

@@ -18,7 +18,7 @@ from genserve.engine.config import EngineConfig
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.scheduler import SchedulerConfig
 from genserve.loader import source as sources
-from genserve.models.base import ModelContext
+from genserve.models.base import ModelContext, build_model
 from genserve.plugins import Plugins, get_plugins
 
 logger = logging.getLogger(__name__)
@@ -163,20 +163,18 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         plugins.attention.get(n) for n in backend.attention_preference
         if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
     ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
-                       attention_fallbacks=fallbacks)
-    with torch.device(backend.device):
-        model = model_cls(config, ctx)
+                       attention_fallbacks=fallbacks, layer_ops=backend.layer_ops())
+    model = build_model(model_cls, config, ctx)
     _load_weights(model, src, config, args, dtype)
     model.process_weights_after_loading()
     model.eval()
-    if hasattr(backend, "optimize_model"):
-        model = backend.optimize_model(model) or model
+    backend.after_weights_loaded(model)
     lora = _load_lora(lora_spec, plugins, model, backend, dtype) if lora_spec else None
     tokenizer = load_tokenizer(src, args)
 
     engine_config = _engine_config(args, config, dtype)
     decoder_start = None
-    if getattr(model, "is_encoder_decoder", False):
+    if model.is_encoder_decoder:
         # Decoder K/V depend on the encoder input, which the prefix-cache block hashes do not cover.
         engine_config.enable_prefix_caching = False
         decoder_start = model.decoder_start_token_id
@@ -184,7 +182,7 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
         # Adapted k/v projections make a block's KV depend on the adapter, which the prefix-cache
         # block hashes do not cover: a hit could hand one adapter's KV to another request.
         engine_config.enable_prefix_caching = False
-    if getattr(model, "recompute_at_length", None) is not None:
+    if model.recompute_at_length is not None:
         # Its KV depends on the sequence's length (longrope's factor set), which block hashes do not cover.
         engine_config.enable_prefix_caching = False
     runner = backend.create_model_runner(model, engine_config)
@@ -197,8 +195,7 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     runner.allocate_kv_cache(num_blocks)
     cache_tokens = num_blocks * engine_config.block_size
     _fit_limits(args, engine_config, config, cache_tokens)
-    if hasattr(runner, "warmup"):
-        runner.warmup()
+    runner.warmup()
     engine = LLMEngine(runner, tokenizer, engine_config, num_blocks, eos_ids(tokenizer, config),
                        decoder_start)
     return LoadedEngine(engine, tokenizer, config, src, backend, attn_cls.name, quant_name,

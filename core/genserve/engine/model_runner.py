@@ -12,6 +12,7 @@ pinned copies marked by an event, so an engine may launch step N+1 before readin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +21,12 @@ from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.transfer import download, release, upload
-from genserve.models.base import ForwardBatch
+from genserve.models.base import CausalLM, ForwardBatch
+
+if TYPE_CHECKING:
+    from genserve.backends.base import Backend
+    from genserve.engine.config import EngineConfig
+    from genserve.lora.manager import LoRAManager
 
 
 @dataclass
@@ -110,9 +116,20 @@ class FinishedStep(LaunchedStep):
 
 
 class ModelRunner:
+    """Runs one model on one device for the engine: ``allocate_kv_cache`` once, ``warmup``
+    once, then ``launch`` (or ``step``) per scheduled batch. Backends subclass it."""
+
     # Whether the engine should launch the next step before reading this one's tokens. Worth
     # it where launches are asynchronous (GPUs); on CPU a launch already runs the step.
     overlap_steps: bool = False
+    # Whether kernels compile on first use of each variant (Triton): the server's warm-up then
+    # runs every kind of step before the first request (engine/warmup.py), not just one.
+    lazy_kernels: bool = False
+
+    model: CausalLM
+    config: EngineConfig
+    backend: Backend
+    lora: LoRAManager | None
 
     def __init__(self, model, config, backend):
         self.model, self.config, self.backend = model, config, backend
@@ -228,7 +245,7 @@ class ModelRunner:
     def encoder_states(self, scheduled: list[ScheduledSeq]) -> list | None:
         """Encoder-decoder models: encode the prompts of requests at their first step (one
         batched call), then every scheduled request's state in batch order. None otherwise."""
-        if not getattr(self.model, "is_encoder_decoder", False):
+        if not self.model.is_encoder_decoder:
             return None
         new = [s.seq for s in scheduled if s.seq.encoder_state is None]
         if new:
@@ -236,10 +253,19 @@ class ModelRunner:
                 seq.encoder_state = state
         return [s.seq.encoder_state for s in scheduled]
 
+    def warmup(self) -> None:
+        """Prepare for serving once the KV cache is allocated, before the first step (e.g.
+        tune kernels, capture graphs). Default: nothing to prepare."""
+
     # -- execution ------------------------------------------------------------------------
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
-        """The forward pass; backends override this (e.g. to replay CUDA graphs)."""
-        return self.model(input_ids, positions, batch)
+        """The forward pass: hidden states [T, hidden] for the flat rows. Backends override
+        this (e.g. to replay CUDA graphs) and call it for the steps they run eagerly. The
+        batch's LoRA rows are current for the adapted layers for the forward's duration."""
+        if self.lora is None:
+            return self.model(input_ids, positions, batch)
+        with self.lora.active(batch.lora):
+            return self.model(input_ids, positions, batch)
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledSeq]) -> LaunchedStep:

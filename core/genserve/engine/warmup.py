@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import TYPE_CHECKING
+
 from genserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from genserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +26,9 @@ logger = logging.getLogger(__name__)
 SHORT = (5, 9, 12, 15)
 
 
-def warm_up(engine, vocab_size: int) -> None:
+def warm_up(engine: LLMEngine, vocab_size: int) -> None:
     t0 = time.perf_counter()
-    if not getattr(getattr(engine, "runner", None), "lazy_kernels", False):
+    if not engine.runner.lazy_kernels:
         engine.add_request("genserve-warmup", _prompt(0, SHORT[0], vocab_size), SamplingParams(max_new_tokens=2))
         while engine.has_work:
             engine.step()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.distributed.state import get_tp_group
+from genserve.layers.custom_op import CustomOp
 from genserve.layers.weights import copy_into, narrow, shape_of
 
 
@@ -38,8 +39,16 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection to the vocabulary; each rank computes its slice of the logits."""
+class ParallelLMHead(VocabParallelEmbedding, CustomOp):
+    """Output projection to the vocabulary; each rank computes its slice of the logits.
+
+    ``forward(hidden [T, hidden_size])`` -> logits ``[T, vocab_size]`` (all-gathered over the
+    tensor-parallel ranks). A backend may bind its own matmul at construction (op ``lm_head``;
+    it reads ``weight`` at call time, so ``tie_to`` after construction is fine).
+    """
+
+    op_name = "lm_head"
+    forward = CustomOp.forward  # VocabParallelEmbedding's comes first in the MRO
 
     def __init__(self, vocab_size, hidden_size, bias=False, dtype=torch.float32):
         super().__init__(vocab_size, hidden_size, dtype)
@@ -48,11 +57,12 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.bind_forward()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight, self.bias)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
