@@ -104,8 +104,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             default = _bool_env(env_value) if env_value is not None else flag.default
             parser.add_argument(*names, dest=flag.dest, action="store_true", default=default, help=help_text)
         else:
-            default = flag.type(env_value) if env_value is not None else flag.default
-            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=default,
+            convert = flag.type or str  # argparse's own default conversion
+            default = convert(env_value) if env_value is not None else flag.default
+            parser.add_argument(*names, dest=flag.dest, type=convert, default=default,
                                 choices=flag.choices, help=help_text)
 
 

@@ -54,7 +54,8 @@ def _pack_aligned(segments: list[list[int]], dtype: torch.dtype, device) -> list
     segment's offset, then the tensor. Kernels specialise on their pointers' alignment, so a
     view whose alignment followed the batch's sizes compiled a new variant mid-serving."""
     per = 16 // torch.empty((), dtype=dtype).element_size()
-    flat, offsets = [], []
+    flat: list[int] = []
+    offsets: list[int] = []
     for seg in segments:
         offsets.append(len(flat))
         flat += seg
@@ -87,7 +88,7 @@ class LaunchedStep:
         if self._event is not None:
             self._event.synchronize()
         results = [StepResult() for _ in self.scheduled]
-        host = [t.tolist() if t is not None else None for t in self._host]
+        host: list = [t.tolist() if t is not None else None for t in self._host]
         for handle in self._handles:  # read: the pinned buffers may be reused
             release(handle)
         self._handles = []
@@ -158,9 +159,18 @@ class ModelRunner:
 
     # -- inputs ---------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq]) -> PreparedBatch:
-        ids, pos, slots, q_lens, seq_lens, known, tables = [], [], [], [], [], [], []
-        logit_rows, sampling_index, prompt_rows = [], [], {}
-        ref_dst, ref_src = [], []  # input rows whose token is still on the device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        known: list[int] = []
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []
+        sampling_index: list[int] = []
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        ref_dst: list[int] = []  # input rows whose token is still on the device
+        ref_src: list[int] = []
         bs = self.block_size
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
@@ -207,6 +217,7 @@ class ModelRunner:
 
         input_ids = longs[o_ids:o_ids + T]
         if R:
+            assert self.last_tokens is not None  # pending rows exist only after a sampled step
             dst, src = longs[o_dst:o_dst + R], longs[o_src:o_src + R]
             input_ids = input_ids.index_copy(0, dst, self.last_tokens.index_select(0, src))
         attn = AttentionMetadata(
@@ -249,7 +260,10 @@ class ModelRunner:
             return None
         new = [s.seq for s in scheduled if s.seq.encoder_state is None]
         if new:
-            for seq, state in zip(new, self.model.encode([seq.encoder_ids for seq in new])):
+            prompts = [seq.encoder_ids for seq in new if seq.encoder_ids is not None]
+            if len(prompts) != len(new):
+                raise RuntimeError("an encoder-decoder request has no encoder prompt")
+            for seq, state in zip(new, self.model.encode(prompts)):
                 seq.encoder_state = state
         return [s.seq.encoder_state for s in scheduled]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from genserve.engine.sampling_params import SamplingParams
@@ -56,7 +57,8 @@ def _prompt(seed: int, n: int, vocab_size: int) -> list[int]:
     return [(seed * 1_000_003 + i * 7919) % vocab_size for i in range(n)]
 
 
-def _run(engine, prompts: list[list[int]], max_new_tokens: int, joining: list[list[int]] = ()) -> None:
+def _run(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int,
+         joining: Sequence[list[int]] = ()) -> None:
     def add(ids: list[int]) -> None:
         cfg = engine.config
         ids = ids[:cfg.max_input_tokens]

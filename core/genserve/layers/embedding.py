@@ -8,7 +8,7 @@ from torch import nn
 
 from genserve.distributed.state import get_tp_group
 from genserve.layers.custom_op import CustomOp
-from genserve.layers.weights import copy_into, narrow, shape_of
+from genserve.layers.weights import copy_into, narrow, set_weight_loader, shape_of
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -21,7 +21,7 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = -(-vocab_size // self.tp.size)
         self.start = self.tp.rank * per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param, loaded, shard_id=None):
         rows = min(param.shape[0], shape_of(loaded)[0] - self.start)
@@ -54,7 +54,7 @@ class ParallelLMHead(VocabParallelEmbedding, CustomOp):
         super().__init__(vocab_size, hidden_size, dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.weight.shape[0], dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
         else:
             self.register_parameter("bias", None)
         self.bind_forward()

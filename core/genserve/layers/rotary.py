@@ -62,6 +62,8 @@ class RotaryEmbedding(CustomOp):
     # The known sequence length at which this embedding's rotation of earlier keys goes stale
     # (longrope); None: never. Models copy it to ``CausalLM.recompute_at_length``.
     recompute_at_length: int | None = None
+    cos: torch.Tensor  # buffers, [P, rotary_dim/2] fp32
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, inv_freq: torch.Tensor,
                  scaling: float = 1.0, interleaved: bool = False):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from genserve.engine.transfer import upload
+from genserve.layers.linear import LinearBase
 from genserve.lora.errors import LoRAError
 from genserve.lora.mapping import check_model, resolve
 from genserve.lora.peft_format import PeftAdapter
@@ -39,7 +40,7 @@ class LoRAManager:
         self.device = torch.device(device)
         self.context = LoRAContext()
         self.layers: dict[str, LoRALayer] = {}
-        self._attached: list[nn.Module] = []
+        self._attached: list[LinearBase] = []
 
         modules = dict(model.named_modules())
         n = len(adapters)

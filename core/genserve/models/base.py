@@ -12,6 +12,7 @@ from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionS
 from genserve.distributed.state import TPGroup, get_tp_group
 from genserve.layers.custom_op import LayerOps, use_layer_ops
 from genserve.layers.quantization.base import QuantMethod
+from genserve.layers.weights import weight_loader_of
 
 if TYPE_CHECKING:
     from genserve.lora.runtime import LoRABatch
@@ -127,17 +128,14 @@ class CausalLM(nn.Module):
                 if fragment in name:
                     pname = name.replace(fragment, target)
                     if pname in params:
-                        params[pname].weight_loader(params[pname], tensor, shard_id)
+                        weight_loader_of(params[pname])(params[pname], tensor, shard_id)
                         loaded.add(pname)
                         break
             else:
                 if name not in params:
                     continue  # e.g. a tied lm_head or an unused buffer
                 param = params[name]
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    from genserve.layers.weights import default_weight_loader as loader
-                loader(param, tensor)
+                weight_loader_of(param)(param, tensor)
                 loaded.add(name)
         return loaded
 
