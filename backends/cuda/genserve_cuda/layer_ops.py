@@ -16,13 +16,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-
 from genserve.layers.activation import GatedActivation
 from genserve.layers.custom_op import CustomOp, LayerOps, OpFactory, OpImpl
 from genserve.layers.embedding import ParallelLMHead
 from genserve.layers.norm import RMSNorm
 from genserve.layers.quantization.base import UnquantizedLinear
 from genserve.layers.rotary import RotaryEmbedding
+
 from genserve_cuda.gemv_tuning import GemvDispatch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -15,6 +15,7 @@ import torch
 
 from genserve.layers.custom_op import CustomOp
 
+
 def rope_parameters(config) -> dict:
     """The rope settings of a config, in transformers 5's ``rope_parameters`` shape."""
     params = dict(getattr(config, "rope_parameters", None) or {})

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from genserve.engine.transfer import upload
 from genserve.layers.linear import LinearBase
