@@ -132,7 +132,7 @@ class NeuronModelRunner(ModelRunner):
 
 
 def fill_sampled(results, scheduled, index, out) -> None:
-    """Copy sampler output rows into the step results (as ``ModelRunner.step`` does)."""
+    """Copy sampler output rows into the step results (as ``LaunchedStep.results`` does)."""
     tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
     top_ids = out.top_ids.tolist() if out.top_ids is not None else None
     top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None

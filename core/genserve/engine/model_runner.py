@@ -118,7 +118,7 @@ class FinishedStep(LaunchedStep):
 
 class ModelRunner:
     """Runs one model on one device for the engine: ``allocate_kv_cache`` once, ``warmup``
-    once, then ``launch`` (or ``step``) per scheduled batch. Backends subclass it."""
+    once, then ``launch`` per scheduled batch. Backends subclass it."""
 
     # Whether the engine should launch the next step before reading this one's tokens. Worth
     # it where launches are asynchronous (GPUs); on CPU a launch already runs the step.
@@ -300,10 +300,6 @@ class ModelRunner:
         for i, (row0, n) in prep.prompt_rows.items():
             step.prompt_logprobs[i] = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
         return step
-
-    def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
-        """Run one step and wait for it."""
-        return self.launch(scheduled).results()
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[float]:
         """Log-probability of each prompt token given the ones before it (rows of this chunk)."""
