@@ -1,8 +1,8 @@
 """Layers bind a backend's implementation when the model is built (``layers/custom_op.py``)."""
 
-import torch
-from transformers import LlamaConfig
+from typing import ClassVar
 
+import torch
 from genserve.attention.torch_ref import TorchAttention
 from genserve.layers.activation import GatedActivation
 from genserve.layers.custom_op import LayerOps, use_layer_ops
@@ -11,6 +11,7 @@ from genserve.layers.norm import RMSNorm
 from genserve.layers.rotary import RotaryEmbedding
 from genserve.models.base import ModelContext, build_model
 from genserve.models.llama import LlamaForCausalLM
+from transformers import LlamaConfig
 
 
 def _scaled_norm(layer, x, residual=None):
@@ -21,8 +22,8 @@ def _scaled_norm(layer, x, residual=None):
 
 class Doubling(LayerOps):
     name = "doubling"
-    factories = {"rms_norm": lambda ops, layer: _scaled_norm,
-                 "gated_activation": lambda ops, layer: None}  # cannot serve: the reference
+    factories: ClassVar = {"rms_norm": lambda ops, layer: _scaled_norm,
+                           "gated_activation": lambda ops, layer: None}  # cannot serve: the reference
 
 
 class OwnMaths(RMSNorm):
