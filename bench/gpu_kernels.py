@@ -219,7 +219,7 @@ def graph_cases():
     from genserve.backends.options import BackendOptions
     from genserve.engine.config import EngineConfig
     from genserve.engine.model_runner import ModelRunner
-    from genserve.models.base import ForwardBatch, ModelContext
+    from genserve.models.base import ForwardBatch, ModelContext, build_model
     from genserve.models.llama import LlamaForCausalLM
     from genserve_cuda.attention.triton_paged import TritonPagedAttention
     from genserve_cuda.backend import CudaBackend
@@ -228,13 +228,12 @@ def graph_cases():
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
     dev = torch.device("cuda")
-    ctx = ModelContext(dtype=torch.bfloat16, device=dev, attention_cls=TritonPagedAttention)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg, ctx)
+    backend = CudaBackend(BackendOptions(graph_sizes="1,16,64"))
+    ctx = ModelContext(dtype=torch.bfloat16, device=dev, attention_cls=TritonPagedAttention,
+                       layer_ops=backend.layer_ops())
+    model = build_model(LlamaForCausalLM, cfg, ctx)
     for name, p in model.named_parameters():
         p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.02)
-    backend = CudaBackend(BackendOptions(graph_sizes="1,16,64"))
-    model = backend.optimize_model(model)
     runner = backend.create_model_runner(model, EngineConfig(dtype=torch.bfloat16, block_size=16,
                                                              max_total_tokens=1024))
     runner.allocate_kv_cache(64 * 64)

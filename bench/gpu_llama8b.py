@@ -74,6 +74,7 @@ def build_genserve(model_dir, args, quantize=None):
     from genserve.args import defaults
     from genserve.engine.build import build_engine
     from genserve.engine.warmup import warm_up
+    from genserve_cuda.layer_ops import CudaLayerOps
 
     flags = dict(model_id=model_dir, load_format="dummy", backend=args.backend, dtype="bfloat16",
                  max_batch_prefill_tokens=args.prefill_chunk, max_batch_size=args.max_batch_size,
@@ -88,7 +89,8 @@ def build_genserve(model_dir, args, quantize=None):
     print(f"warm-up {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"genserve: backend {loaded.backend.name}, attention {loaded.attention}, "
           f"KV blocks {loaded.engine.blocks.num_blocks}, load {loaded.load_seconds:.1f}s", flush=True)
-    for row in getattr(getattr(loaded.engine.runner.model, "gemv_dispatch", None), "report", []):
+    ops = loaded.engine.runner.model.ctx.layer_ops
+    for row in ops.gemv.report if isinstance(ops, CudaLayerOps) else []:
         print(f"  one-row GEMV {row}", flush=True)
     return loaded.engine
 

@@ -16,10 +16,12 @@ pytest.importorskip("genserve_rocm")
 from genserve.attention.base import AttentionSpec  # noqa: E402
 from genserve.backends.options import BackendOptions  # noqa: E402
 from genserve.backends.select import BackendError, select_backend  # noqa: E402
+from genserve.layers.custom_op import LayerOps  # noqa: E402
 from genserve.plugins import load_plugins  # noqa: E402
 from genserve_cuda.attention.flash_attn import FlashAttnPaged  # noqa: E402
 from genserve_cuda.attention.triton_paged import TritonPagedAttention  # noqa: E402
 from genserve_cuda.backend import CudaBackend  # noqa: E402
+from genserve_cuda.layer_ops import CudaLayerOps  # noqa: E402
 from genserve_cuda.quant.triton_w4a16 import TritonW4A16Kernel  # noqa: E402
 from genserve_rocm.backend import RocmBackend  # noqa: E402
 
@@ -85,7 +87,7 @@ def test_auto_picks_the_gpu_stack_of_the_torch_build(plugins, monkeypatch, hip, 
 
 def test_cuda_backend_options(monkeypatch):
     b = CudaBackend()
-    assert b.default_dtype == torch.bfloat16 and b.distributed_backend == "nccl" and b.supports_graphs
+    assert b.default_dtype == torch.bfloat16 and b.distributed_backend == "nccl" and b.graph_sizes()
     assert b.attention_preference == ("flash_attn", "triton", "torch")
     assert b.device == torch.device("cuda", 0)
     assert b.graph_sizes() == (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -97,8 +99,8 @@ def test_cuda_backend_options(monkeypatch):
     off = CudaBackend(BackendOptions(custom_kernels=False))
     assert off.attention_preference == ("torch",)
     assert CudaBackend.attention_preference[0] == "flash_attn"  # the class is untouched
-    lin = torch.nn.Linear(2, 2)
-    assert off.optimize_model(lin) is lin and "forward" not in vars(lin)
+    assert type(off.layer_ops()) is LayerOps  # the PyTorch reference layers
+    assert isinstance(b.layer_ops(), CudaLayerOps)
 
 
 def test_cuda_memory_budget(monkeypatch):
@@ -157,7 +159,7 @@ import sys
 from genserve.plugins import load_plugins
 load_plugins()
 heavy = [m for m in sys.modules if m == "triton" or m.startswith(("triton.", "flash_attn",
-         "genserve_cuda.kernels", "genserve_cuda.graphs", "genserve_cuda.optimize"))]
+         "genserve_cuda.kernels", "genserve_cuda.graphs", "genserve_cuda.layer_ops"))]
 print(heavy)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -165,30 +167,43 @@ print(heavy)
     assert res.stdout.strip() == "[]"
 
 
-def test_backend_optimize_model_returns_the_model():
-    """build.py does ``model = backend.optimize_model(model) or model``."""
+def test_layers_bind_the_backend_implementation_at_construction():
+    """Built under the CUDA backend's layer ops, layers bind the fused implementations then;
+    built outside any, the same classes run the PyTorch reference. Nothing is patched later."""
+    from genserve.layers.custom_op import use_layer_ops
     from genserve.layers.norm import RMSNorm
 
-    model = torch.nn.Sequential(RMSNorm(8))
-    assert CudaBackend().optimize_model(model) is model
-    assert "forward" in vars(model[0])
+    with use_layer_ops(CudaBackend().layer_ops()):
+        fused = RMSNorm(8)
+    plain = RMSNorm(8)
+    assert fused.impl_name == "cuda" and plain.impl_name == "native"
+    assert "forward" not in vars(fused) and "forward" not in vars(plain)
 
 
-def test_optimize_model_keeps_cpu_maths(monkeypatch):
-    """Swapped forwards fall back to the core's PyTorch code for CPU tensors, bit for bit."""
+def test_cuda_layer_ops_keep_cpu_maths(monkeypatch):
+    """The fused implementations fall back to the core's PyTorch code for CPU tensors, bit for bit."""
     from genserve.layers.activation import GatedActivation
+    from genserve.layers.custom_op import use_layer_ops
     from genserve.layers.norm import RMSNorm
-    from genserve_cuda.optimize import optimize_model
+    from genserve_cuda.layer_ops import DispatchedLinear
 
     from genserve.layers.linear import ColumnParallelLinear
 
-    model = torch.nn.ModuleDict({"norm": RMSNorm(32), "act": GatedActivation("silu"),
-                                 "proj": ColumnParallelLinear(32, 16, bias=True, dtype=torch.float32)})
-    for p in model["proj"].parameters():
+    def build():
+        return torch.nn.ModuleDict({"norm": RMSNorm(32), "act": GatedActivation("silu"),
+                                    "proj": ColumnParallelLinear(32, 16, bias=True, dtype=torch.float32)})
+
+    ref_model = build()
+    ops = CudaLayerOps()
+    with use_layer_ops(ops):
+        model = build()
+    for p in ref_model["proj"].parameters():
         p.data.normal_()
+    model.load_state_dict(ref_model.state_dict())
     x, r = torch.randn(4, 32), torch.randn(4, 32)
-    ref = (model["norm"](x, r), model["act"](x), model["proj"](x[:1]))
-    assert optimize_model(model) == {"rms_norm": 1, "rotary": 0, "silu_mul": 1, "gemv": 1}
+    ref = (ref_model["norm"](x, r), ref_model["act"](x), ref_model["proj"](x[:1]))
+    assert [m.impl_name for m in (model["norm"], model["act"])] == ["cuda", "cuda"]
+    assert isinstance(model["proj"].quant, DispatchedLinear) and ops.gemv.layers == [model["proj"]]
     out = (model["norm"](x, r), model["act"](x), model["proj"](x[:1]))
     assert torch.equal(out[0][0], ref[0][0]) and torch.equal(out[0][1], ref[0][1])
     assert torch.equal(out[1], ref[1])

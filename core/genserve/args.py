@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -28,13 +28,13 @@ def parse_sizes(raw) -> tuple[int, ...] | None:
 def size_list(text: str) -> str:
     """A flag's comma-separated list of sizes, checked when parsed ("4,1" -> "1,4"); a bad
     one is argparse's error ("invalid size_list value"), not a traceback at start-up."""
-    return ",".join(map(str, parse_sizes(text)))
+    return ",".join(map(str, parse_sizes(text) or ()))
 
 
 @dataclass(frozen=True)
 class Flag:
     name: str  # --like-this
-    type: type | None = str
+    type: Callable[[str], object] | None = str  # a type, or a parser such as size_list
     default: object = None
     help: str = ""
     env: str | None = None  # defaults to NAME_IN_CAPITALS
@@ -135,7 +135,7 @@ def add_flags(parser, flags: Iterable[Flag] = FLAGS) -> None:
             parser.add_argument(*names, dest=flag.dest, action="store_true", default=flag.env_default(),
                                 help=help_text)
         else:
-            parser.add_argument(*names, dest=flag.dest, type=flag.type, default=flag.env_default(),
+            parser.add_argument(*names, dest=flag.dest, type=flag.type or str, default=flag.env_default(),
                                 choices=flag.choices, help=help_text)
 
 

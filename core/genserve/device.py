@@ -33,7 +33,8 @@ class PinnedRing:
         self.slots = [_Slot() for _ in range(SLOTS)]
         self.next = 0
 
-    def _take(self, nbytes: int) -> _Slot:
+    def _take(self, nbytes: int) -> tuple[_Slot, torch.Tensor]:
+        """A free slot whose pinned buffer holds at least ``nbytes``, and that buffer."""
         for _ in range(SLOTS):
             slot = self.slots[self.next]
             self.next = (self.next + 1) % SLOTS
@@ -46,7 +47,7 @@ class PinnedRing:
         if slot.buf is None or slot.buf.numel() < nbytes:
             size = max(MIN_BYTES, 2 * (slot.buf.numel() if slot.buf is not None else 0), nbytes)
             slot.buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return slot
+        return slot, slot.buf
 
     def _record(self, slot: _Slot) -> None:
         if slot.event is None:
@@ -56,8 +57,8 @@ class PinnedRing:
     def upload(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        slot = self._take(nbytes)
-        staged = slot.buf[:nbytes].view(t.dtype).view(t.shape)
+        slot, buf = self._take(nbytes)
+        staged = buf[:nbytes].view(t.dtype).view(t.shape)
         staged.copy_(t)
         out = staged.to(self.device, non_blocking=True)
         self._record(slot)
@@ -66,8 +67,8 @@ class PinnedRing:
     def download(self, t: torch.Tensor) -> tuple[torch.Tensor, _Slot]:
         """``t``'s copy on the host (valid after a later event) and the slot to ``release``."""
         nbytes = t.numel() * t.element_size()
-        slot = self._take(nbytes)
-        host = slot.buf[:nbytes].view(t.dtype).view(t.shape)
+        slot, buf = self._take(nbytes)
+        host = buf[:nbytes].view(t.dtype).view(t.shape)
         host.copy_(t, non_blocking=True)
         self._record(slot)
         slot.held = True

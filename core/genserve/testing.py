@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def save_reference(config, folder: Path, seed: int = 0, model_cls=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cls = model_cls or AutoModelForCausalLM
+    cls: Any = model_cls or AutoModelForCausalLM
     model = cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config") \
         else cls(config)
     model = model.float().eval()

@@ -14,7 +14,7 @@ from genserve.attention.torch_ref import TorchReferenceAttention  # noqa: E402
 from genserve.backends.options import BackendOptions  # noqa: E402
 from genserve.engine.config import EngineConfig  # noqa: E402
 from genserve.engine.model_runner import ModelRunner  # noqa: E402
-from genserve.models.base import ForwardBatch, ModelContext  # noqa: E402
+from genserve.models.base import ForwardBatch, ModelContext, build_model  # noqa: E402
 from genserve.models.llama import LlamaForCausalLM  # noqa: E402
 from genserve_cuda.attention.triton_paged import TritonPagedAttention  # noqa: E402
 from genserve_cuda.backend import CudaBackend  # noqa: E402
@@ -24,12 +24,16 @@ BLOCK, BLOCKS_PER_SEQ = 16, 16  # sequence i owns blocks [i*16, (i+1)*16): up to
 DEV = torch.device("cuda")
 
 
-def tiny_llama(attention_cls, seed=0):
+def tiny_llama(attention_cls, seed=0, backend=None):
+    """The model as engine/build.py builds it: layers bind ``backend``'s implementations (the
+    PyTorch reference without one)."""
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg, ModelContext(dtype=torch.bfloat16, device=DEV, attention_cls=attention_cls))
-    model.to(DEV)
+    ctx = ModelContext(dtype=torch.bfloat16, device=DEV, attention_cls=attention_cls)
+    if backend is not None:
+        ctx.layer_ops = backend.layer_ops()
+    model = build_model(LlamaForCausalLM, cfg, ctx)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) + 0.1 * torch.randn_like(p) if "norm" in name
@@ -64,10 +68,9 @@ def rel_err(a, b):
 
 
 def make_runner(sizes=(1, 2, 4, 8)):
-    model = tiny_llama(TritonPagedAttention)
     config = EngineConfig(dtype=torch.bfloat16, block_size=BLOCK, max_total_tokens=BLOCKS_PER_SEQ * BLOCK)
     backend = CudaBackend(BackendOptions(graph_sizes=",".join(map(str, sizes)) or "0"))
-    model = backend.optimize_model(model)  # as engine/model_builder.py does, before the runner
+    model = tiny_llama(TritonPagedAttention, backend=backend)
     runner = backend.create_model_runner(model, config)
     runner.allocate_kv_cache(num_blocks=8 * BLOCKS_PER_SEQ)
     return runner

@@ -6,13 +6,14 @@ import torch
 pytest.importorskip("triton")
 
 from genserve.layers.activation import GatedActivation  # noqa: E402
+from genserve.layers.custom_op import use_layer_ops  # noqa: E402
 from genserve.layers.norm import RMSNorm  # noqa: E402
 from genserve.attention.base import AttentionMetadata  # noqa: E402
 from genserve.layers.rotary import LongRopeRotaryEmbedding, RotaryEmbedding  # noqa: E402
 from genserve_cuda.kernels.activation import silu_and_mul  # noqa: E402
 from genserve_cuda.kernels.rms_norm import rms_norm  # noqa: E402
 from genserve_cuda.kernels.rotary import rotary_embedding  # noqa: E402
-from genserve_cuda.optimize import optimize_model  # noqa: E402
+from genserve_cuda.layer_ops import CudaLayerOps  # noqa: E402
 
 
 @pytest.fixture
@@ -68,10 +69,11 @@ def test_rotary_longrope_rows(device, dtype):
     sequence by ``cache_rows`` (a short prefill, a long one, decode rows on both sides)."""
     half = 32
     inv = 1.0 / (10000 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))
-    rope = LongRopeRotaryEmbedding(64, 2 * half, 512, inv / 1.2, inv / 9.0, threshold=64,
-                                   scaling=1.1).to(device)
-    optimize_model(rope)  # the subclass keeps the core forward, so it is swapped like any rotary
-    assert "forward" in vars(rope) and rope.cos.shape == (1024, half)
+    with use_layer_ops(CudaLayerOps()):
+        rope = LongRopeRotaryEmbedding(64, 2 * half, 512, inv / 1.2, inv / 9.0, threshold=64,
+                                       scaling=1.1).to(device)
+    # The subclass keeps the core's reference maths, so it binds the kernel like any rotary.
+    assert rope.impl_name == "cuda" and rope.cos.shape == (1024, half)
     seqs = [(40, 7), (100, 50), (64, 1), (65, 1)]  # (length after the step, rows this step)
     pos = torch.tensor([p for n, q in seqs for p in range(n - q, n)], device=device)
     cu = torch.tensor([0, 7, 57, 58, 59], dtype=torch.int32, device=device)
@@ -82,10 +84,10 @@ def test_rotary_longrope_rows(device, dtype):
     assert rows.tolist() == [p + 512 * (n > 64) for n, q in seqs for p in range(n - q, n)]
     q = torch.randn(59, 4, 64, dtype=dtype, device=device)
     k = torch.randn(59, 2, 64, dtype=dtype, device=device)
-    exact = RotaryEmbedding.forward(rope, rows, q.float(), k.float())
+    exact = RotaryEmbedding.forward_native(rope, rows, q.float(), k.float())
     kernel = rotary_embedding(rows, q, k, rope.cos, rope.sin, 2 * half)
-    swapped = rope(rows, q, k)  # the kernel on a GPU; the PyTorch fallback on the CPU
-    for out, ref in [*zip(kernel, exact), *zip(swapped, exact)]:
+    bound = rope(rows, q, k)  # the kernel on a GPU; the PyTorch fallback on the CPU
+    for out, ref in [*zip(kernel, exact), *zip(bound, exact)]:
         torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=0, atol=2 * torch.finfo(dtype).eps * 4)
 
 
@@ -98,7 +100,7 @@ def test_silu_mul(device, dtype, inter):
     ulp_close(out, ref, dtype)
 
 
-def test_optimize_model_swaps_and_matches(device, dtype):
+def test_layer_ops_bind_and_match(device, dtype):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -112,14 +114,17 @@ def test_optimize_model_swaps_and_matches(device, dtype):
             q, k = self.rope(pos, h.view(-1, 1, 64), h.view(-1, 1, 64))
             return self.act(torch.cat([q, k], -1).view(-1, 128)), self.gelu(h), r
 
-    block = Block().to(device)
-    block.norm.weight.normal_()
+    ref_block = Block().to(device)
+    ref_block.norm.weight.normal_()
+    with use_layer_ops(CudaLayerOps()):
+        block = Block().to(device)
+    block.load_state_dict(ref_block.state_dict())
     pos = torch.arange(9, device=device)
     x, r = torch.randn(9, 64, dtype=dtype, device=device), torch.randn(9, 64, dtype=dtype, device=device)
-    ref = block(pos, x, r)
-    counts = optimize_model(block)
-    assert counts == {"rms_norm": 1, "rotary": 1, "silu_mul": 1, "gemv": 0}
-    assert "forward" in vars(block.norm) and "forward" not in vars(block.gelu)
+    ref = ref_block(pos, x, r)
+    bound = {n: m.impl_name for n, m in block.named_children()}
+    assert bound == {"norm": "cuda", "rope": "cuda", "act": "cuda", "gelu": "native"}
+    assert all(m.impl_name == "native" for m in ref_block.children())
     out = block(pos, x, r)
     for o, e in zip(out, ref):
         torch.testing.assert_close(o.float(), e.float(), rtol=2e-2, atol=2e-2)

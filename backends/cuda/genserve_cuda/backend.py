@@ -8,6 +8,7 @@ import torch
 
 from genserve.backends.base import Backend
 from genserve.backends.options import BackendOptions
+from genserve.layers.custom_op import LayerOps
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ class CudaBackend(Backend):
     # The Triton W4A16 GEMM first; layers whose shape it can't take fall back to the reference.
     linear_kernel_preference = ("triton_w4a16", "torch_wna16")
     distributed_backend = "nccl"
-    supports_graphs = True
 
     def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)
@@ -38,6 +38,10 @@ class CudaBackend(Backend):
     @classmethod
     def is_available(cls) -> bool:
         return not is_rocm_build() and torch.cuda.is_available()
+
+    @classmethod
+    def device_count(cls) -> int | None:
+        return torch.cuda.device_count() if torch.cuda.is_available() else None
 
     @classmethod
     def unavailable_reason(cls) -> str:
@@ -79,15 +83,14 @@ class CudaBackend(Backend):
         sizes = self.options.graph_sizes
         return DEFAULT_GRAPH_SIZES if sizes is None else sizes
 
-    def optimize_model(self, model):
-        """Swap fused Triton forwards into the model's layers (in place); returns the model."""
+    def layer_ops(self) -> LayerOps:
+        """Fused Triton layers and the one-row GEMV dispatch (``layer_ops.py``), unless
+        --disable-custom-kernels: then the PyTorch reference."""
         if not self.options.custom_kernels:
-            return model
-        from genserve_cuda.optimize import optimize_model
+            return LayerOps()
+        from genserve_cuda.layer_ops import CudaLayerOps
 
-        counts = optimize_model(model)
-        logger.info("cuda: fused kernels swapped in: %s", counts)
-        return model
+        return CudaLayerOps()
 
     def create_model_runner(self, model, config, *, lora=None, peers=None):
         from genserve_cuda.graphs import CudaModelRunner

@@ -1,7 +1,8 @@
 """Pick cuBLAS or the Triton GEMV for each one-row linear shape, by measuring both.
 
-``GemvDispatch.linear`` is what swapped-in linear layers call. Until ``tune`` has run (the
-CUDA runner's warm-up, before graph capture) every call goes to cuBLAS. ``tune`` times each
+``GemvDispatch.linear`` is what the CUDA backend's unquantized linear layers and LM head call
+(``layer_ops.py``); they register with it as they are built. Until ``tune`` has run (the CUDA
+runner's warm-up, before graph capture) every call goes to cuBLAS. ``tune`` times each
 candidate over all weights of a shape (so the weights stream from HBM as in a real step,
 not from L2), inside a CUDA graph (so launch overhead doesn't hide kernel time), and keeps a
 Triton config only where it is clearly faster.
@@ -14,6 +15,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +31,26 @@ class GemvDispatch:
     # The kernel module imports triton, so it is imported only where a chosen kernel runs or is
     # timed: the dispatch itself works (all cuBLAS) where triton is missing.
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.choice: dict[Key, object | None] = {}  # a GemvConfig, or None for cuBLAS
-        self.weights: dict[Key, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
+        self.layers: list[nn.Module] = []
         self.report: list[dict] = []
 
-    def register(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """A layer whose one-row calls may go to the Triton kernel (contiguous rows only)."""
-        if weight.dim() == 2 and weight.stride(1) == 1 and weight.dtype in (torch.float16, torch.bfloat16):
-            self.weights[shape_key(weight)].append((weight, bias))
+    def register(self, layer: nn.Module) -> None:
+        """A layer (with ``weight`` [N, K] and ``bias``) whose one-row calls may go to the
+        Triton kernel. Its tensors are read when tuning, after loading (and tying) them."""
+        self.layers.append(layer)
+
+    @property
+    def weights(self) -> dict[Key, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """The registered layers' current weights the kernel takes (fp16/bf16, contiguous
+        rows), by shape."""
+        out: dict[Key, list[tuple[torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
+        for layer in self.layers:
+            weight, bias = layer.weight, layer.bias
+            if weight.dim() == 2 and weight.stride(1) == 1 and weight.dtype in (torch.float16, torch.bfloat16):
+                out[shape_key(weight)].append((weight, bias))
+        return out
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype:

@@ -18,19 +18,20 @@ from torch import nn
 
 from genserve.attention.base import AttentionMetadata
 from genserve.engine.model_runner import ModelRunner
-from genserve.models.base import ForwardBatch
+from genserve.models.base import CausalLM, ForwardBatch
+from genserve_cuda.layer_ops import CudaLayerOps
 
 logger = logging.getLogger(__name__)
 
 
-def graph_blocker(model: nn.Module) -> str | None:
+def graph_blocker(model: CausalLM) -> str | None:
     """Why this model's decode step can't be captured, or None."""
     from genserve.layers.attention import Attention
 
-    if getattr(model, "is_encoder_decoder", False):
+    if model.is_encoder_decoder:
         return "encoder-decoder models take per-request encoder state that a graph can't hold"
     impls = {type(m.impl) for m in model.modules() if isinstance(m, Attention)}
-    unsafe = sorted(c.name for c in impls if not getattr(c, "graph_safe", False))
+    unsafe = sorted(c.name for c in impls if not c.graph_safe)
     if unsafe:
         return f"attention {unsafe} syncs with the host (only graph-safe kernels can be captured)"
     return None
@@ -162,7 +163,8 @@ class CudaModelRunner(ModelRunner):
     def warmup(self) -> None:
         """Choose the one-row GEMV kernels, then capture every batch size now (after
         ``allocate_kv_cache``), not on first use."""
-        dispatch = getattr(self.model, "gemv_dispatch", None)
+        ops = self.model.ctx.layer_ops
+        dispatch = ops.gemv if isinstance(ops, CudaLayerOps) else None
         if dispatch is not None and dispatch.weights:
             t0 = time.perf_counter()
             dispatch.tune()

@@ -24,7 +24,6 @@ class GaudiBackend(Backend):
     priority = 80
     attention_preference = ("hpu_paged", "torch")
     distributed_backend = "hccl"
-    supports_graphs = True
 
     def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)

@@ -57,11 +57,10 @@ class GaudiModelRunner(ModelRunner):
         self.api = backend.api
         self.pad_block = -1
         self.graph_batch_sizes = backend.graph_sizes(config.scheduler.max_batch_size)
-        attention_cls = getattr(getattr(model, "ctx", None), "attention_cls", None)
-        static_attention = attention_cls is not None and issubclass(attention_cls, HpuPagedAttention)
+        attention_cls = model.ctx.attention_cls
         why_not = None
-        if not static_attention:
-            why_not = f"attention {getattr(attention_cls, 'name', '?')} is not hpu_paged"
+        if not issubclass(attention_cls, HpuPagedAttention):
+            why_not = f"attention {attention_cls.name} is not hpu_paged"
         elif not self.api.is_lazy():
             why_not = "not in lazy mode (PT_HPU_LAZY_MODE=1)"
         elif get_tp_group().size > 1 and os.environ.get("PT_HPU_ENABLE_LAZY_COLLECTIVES") != "true":
@@ -101,12 +100,12 @@ class GaudiModelRunner(ModelRunner):
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn
         # Encoder-decoder models need their per-request encoder states: not graphed.
-        if getattr(batch, "encoder", None) is None and self.graphable(a):
+        if batch.encoder is None and self.graphable(a):
             self.graph_buckets.add(tuple(a.block_tables.shape))
             hidden = self._decode(input_ids, positions, a.cu_seqlens_q, a.seq_lens,
                                   a.block_tables, a.slot_mapping)
         else:
-            hidden = self.model(input_ids, positions, batch)
+            hidden = super().execute(input_ids, positions, batch)
         self.api.mark_step()
         return hidden
 

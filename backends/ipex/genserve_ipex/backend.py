@@ -35,7 +35,6 @@ class IpexBackend(Backend):
     priority = 50
     attention_preference = ("ipex_paged", "torch")
     distributed_backend = "ccl"
-    supports_graphs = False
 
     options_cls = IpexOptions
 

@@ -11,8 +11,7 @@ class IpexModelRunner(ModelRunner):
     @property
     def cache_layout(self) -> str:
         """NHD (our contract's storage) unless ipex_paged runs on a CPU, which reads HND."""
-        attention_cls = getattr(getattr(self.model, "ctx", None), "attention_cls", None)
-        if attention_cls is not None and issubclass(attention_cls, IpexPagedAttention):
+        if issubclass(self.model.ctx.attention_cls, IpexPagedAttention):
             return layout_for_device(self.device)
         return NHD  # the torch attention writes through .view(): it needs contiguous storage
 

@@ -38,7 +38,6 @@ class NeuronBackend(Backend):
     priority = 60
     attention_preference = ("neuron_static",)
     distributed_backend = "xla"
-    supports_graphs = True  # every step runs a graph compiled for its bucket
 
     options_cls = NeuronOptions
 
@@ -89,12 +88,11 @@ class NeuronBackend(Backend):
     def synchronize(self) -> None:
         self.api.wait_device_ops()
 
-    def optimize_model(self, model):
-        # Nothing to swap: Neuron compiles the model's own ops. Remember the weights' size
-        # for the memory budget when the runtime cannot report free memory.
+    def after_weights_loaded(self, model):
+        # Neuron compiles the model's own ops. Remember the weights' size for the memory
+        # budget when the runtime cannot report free memory.
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in list(model.parameters()) + list(model.buffers()))
-        return model
 
     def memory_budget(self) -> int:
         info = self.api.memory_info(self.device)

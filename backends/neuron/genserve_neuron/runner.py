@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 class NeuronModelRunner(ModelRunner):
     def __init__(self, model, config, backend, *, lora=None, peers=None):
-        if getattr(model, "is_encoder_decoder", False):
+        if model.is_encoder_decoder:
             raise NotImplementedError("backend 'neuron' serves decoder-only models; "
                                       f"{type(model).__name__} is encoder-decoder")
         if lora is not None:  # its padded forwards carry no per-row adapters
@@ -86,7 +86,7 @@ class NeuronModelRunner(ModelRunner):
 
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         """The forward, then cut the graph: compiled once per bucket, then cached."""
-        hidden = self.model(input_ids, positions, batch)
+        hidden = super().execute(input_ids, positions, batch)
         self.backend.mark_step()
         return hidden
 
@@ -131,7 +131,7 @@ class NeuronModelRunner(ModelRunner):
 
 
 def fill_sampled(results, scheduled, index, out) -> None:
-    """Copy sampler output rows into the step results (as ``ModelRunner.step`` does)."""
+    """Copy sampler output rows into the step results (as ``LaunchedStep.results`` does)."""
     tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
     top_ids = out.top_ids.tolist() if out.top_ids is not None else None
     top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None

@@ -67,6 +67,9 @@ class AttentionImpl:
     """An attention kernel over the paged KV cache. Subclasses register by name."""
 
     name: ClassVar[str] = "?"
+    # True when ``forward`` never syncs with the host nor allocates by data-dependent sizes, so
+    # a decode step through it can be captured in a CUDA graph (``genserve_cuda.graphs``).
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec

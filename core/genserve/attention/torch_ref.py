@@ -60,17 +60,22 @@ class TorchReferenceAttention(AttentionImpl):
     name = "reference"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
-        write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
-        starts = meta.cu_seqlens_q.tolist()
-        for i, seq_len in enumerate(meta.seq_lens.tolist()):
-            s, e = starts[i], starts[i + 1]
-            kc, vc = gather_context(kv_cache, meta.block_tables[i], seq_len)
-            q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
-            k_pos = torch.arange(seq_len, device=q.device)
-            bias = attention_bias(self.spec, q_pos, k_pos)
-            out[s:e] = reference_attention(self.spec, q[s:e], kc, vc, bias).to(q.dtype)
-        return out
+        return _reference_attention(self.spec, q, k, v, kv_cache, meta)
+
+
+def _reference_attention(spec: AttentionSpec, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    """``TorchReferenceAttention.forward``: write the new K/V, then each sequence in fp32."""
+    write_kv(k, v, kv_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    starts = meta.cu_seqlens_q.tolist()
+    for i, seq_len in enumerate(meta.seq_lens.tolist()):
+        s, e = starts[i], starts[i + 1]
+        kc, vc = gather_context(kv_cache, meta.block_tables[i], seq_len)
+        q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        bias = attention_bias(spec, q_pos, k_pos)
+        out[s:e] = reference_attention(spec, q[s:e], kc, vc, bias).to(q.dtype)
+    return out
 
 
 class TorchAttention(AttentionImpl):
@@ -86,7 +91,7 @@ class TorchAttention(AttentionImpl):
         write_kv(k, v, kv_cache, meta.slot_mapping)
         spec = self.spec
         if spec.logit_softcap is not None:  # SDPA has no softcap: use the reference maths
-            return TorchReferenceAttention.forward(self, q, k, v, kv_cache, meta)
+            return _reference_attention(self.spec, q, k, v, kv_cache, meta)
         lay = meta.extra.get("torch_layout")
         if lay is None:
             lay = meta.extra["torch_layout"] = _PaddedLayout(meta, kv_cache.shape[2], q.device)

@@ -69,7 +69,7 @@ class BackendOptions:
         return cls(**{**values, **overrides})
 
 
-def all_backend_flags(backend_classes: Iterable[type]) -> list[Flag]:
+def all_backend_flags(backend_classes: Iterable[Any]) -> list[Flag]:
     """Every flag the given backends declare, each once (ROCm shares CUDA's options)."""
     seen: dict[str, Flag] = {}
     for cls in backend_classes:

@@ -2,7 +2,7 @@
 
 Every message starts with a fixed int64 header broadcast over the gloo control group (the one
 the workers wait on while the server is idle). A forward pass follows with one flat int64
-payload on the same group; an LM-head call follows with the hidden rows on the default group
+payload on the same group (the step's LoRA rows included, when it has any); an LM-head call follows with the hidden rows on the default group
 (device to device under NCCL), since the rows are activations, not host metadata.
 
 Workers mirror exactly the collectives rank 0 makes: each ``execute`` and each
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from genserve.attention.base import AttentionMetadata
+from genserve.lora.runtime import LoRABatch
 
 HEADER_LEN = 8
 FORWARD, LOGITS, STOP = 1, 2, 3
@@ -28,6 +29,7 @@ class Forward:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
+    lora: LoRABatch | None = None
 
 
 class Channel:
@@ -44,14 +46,15 @@ class Channel:
         self._bcast(h)
 
     # -- rank 0 ---------------------------------------------------------------------------
-    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> None:
+    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                     lora: LoRABatch | None = None) -> None:
         tokens, seqs = input_ids.numel(), attn.seq_lens.numel()
         width = attn.block_tables.shape[1]
         self._header(FORWARD, tokens, seqs, width, attn.max_seqlen_q, attn.max_seqlen_k,
-                     int(attn.is_decode_only))
+                     int(attn.is_decode_only), int(lora is not None))
         known = attn.seq_lens if attn.known_lens is None else attn.known_lens
         parts = (input_ids, positions, attn.slot_mapping, attn.cu_seqlens_q, attn.seq_lens, known,
-                 attn.block_tables.reshape(-1))
+                 attn.block_tables.reshape(-1), *(() if lora is None else (lora.index_cpu,)))
         # One host copy for the whole batch (a no-op on CPU): one gloo message, not seven.
         self._bcast(torch.cat([p.long() for p in parts]).cpu())
 
@@ -68,7 +71,7 @@ class Channel:
         h = self._bcast(torch.zeros(HEADER_LEN, dtype=torch.int64)).tolist()
         kind = h[0]
         if kind == FORWARD:
-            return kind, self._recv_forward(*h[1:7])
+            return kind, self._recv_forward(*h[1:8])
         if kind == LOGITS:
             rows, cols, dtype = h[1:4]
             hidden = torch.empty(rows, cols, dtype=FLOAT_DTYPES[dtype], device=self.device)
@@ -78,10 +81,12 @@ class Channel:
             return kind, None
         raise RuntimeError(f"unknown message kind {kind} from rank 0")
 
-    def _recv_forward(self, tokens, seqs, width, max_q, max_k, decode_only) -> Forward:
-        payload = self._bcast(torch.empty(3 * tokens + 3 * seqs + 1 + seqs * width, dtype=torch.int64))
-        ids, pos, slots, cu, seq_lens, known, tables = payload.split(
-            [tokens, tokens, tokens, seqs + 1, seqs, seqs, seqs * width])
+    def _recv_forward(self, tokens, seqs, width, max_q, max_k, decode_only, has_lora) -> Forward:
+        lora_rows = tokens if has_lora else 0
+        payload = self._bcast(torch.empty(3 * tokens + 3 * seqs + 1 + seqs * width + lora_rows,
+                                          dtype=torch.int64))
+        ids, pos, slots, cu, seq_lens, known, tables, lora_index = payload.split(
+            [tokens, tokens, tokens, seqs + 1, seqs, seqs, seqs * width, lora_rows])
         dev = self.device
 
         def on_dev(t, dtype):
@@ -99,4 +104,6 @@ class Channel:
             seq_lens_cpu=seq_lens.tolist(),
             query_lens_cpu=(cu[1:] - cu[:-1]).tolist(),
         )
-        return Forward(on_dev(ids, torch.long), on_dev(pos, torch.long), attn)
+        # The slots of each token row's adapter (-1: none), as rank 0's ``LoRAManager.batch_for``.
+        lora = LoRABatch(on_dev(lora_index, torch.long), lora_index) if has_lora else None
+        return Forward(on_dev(ids, torch.long), on_dev(pos, torch.long), attn, lora)

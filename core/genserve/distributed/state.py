@@ -18,7 +18,7 @@ class TPGroup:
     size: int = 1
     # A gloo group over the same ranks for host-side agreement (a CPU tensor works with any
     # device backend); None means the default group.
-    cpu_group: object = field(default=None, compare=False, repr=False)
+    cpu_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:

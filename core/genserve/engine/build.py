@@ -88,8 +88,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     config = create_engine_config(args, traits, dtype, num_blocks)
     runner = backend.create_model_runner(model, config, lora=lora, peers=peers)
     runner.allocate_kv_cache(num_blocks)
-    if hasattr(runner, "warmup"):
-        runner.warmup()
+    runner.warmup()
     decoder_start = model.decoder_start_token_id if traits.is_encoder_decoder else None
     engine = LLMEngine(runner, tokenizer, config, num_blocks, eos_ids(tokenizer, hf_config), decoder_start)
     return LoadedEngine(engine, tokenizer, hf_config, src, backend, attn_cls.name, quant_name,

@@ -47,8 +47,8 @@ class ModelTraits:
     def of(cls, model, hf_config, lora: bool) -> ModelTraits:
         """The traits of a constructed model and its Hugging Face config."""
         return cls(getattr(hf_config, "max_position_embeddings", None) or None,
-                   bool(getattr(model, "is_encoder_decoder", False)),
-                   getattr(model, "recompute_at_length", None), lora)
+                   model.is_encoder_decoder,
+                   model.recompute_at_length, lora)
 
 
 def resolve_dtype(args, backend_default: torch.dtype) -> torch.dtype:

@@ -21,7 +21,7 @@ from genserve.engine.config import EngineConfig
 from genserve.engine.detokenizer import DecodeState, Detokenizer
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.model_runner import LaunchedStep
+from genserve.engine.model_runner import LaunchedStep, ModelRunner
 from genserve.engine.scheduler import Scheduler, SchedulerOutput
 from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
 
@@ -36,21 +36,20 @@ def needs_host_history(p: SamplingParams) -> bool:
 
 
 class LLMEngine:
-    def __init__(self, runner, tokenizer, config: EngineConfig, num_blocks: int,
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, num_blocks: int,
                  eos_token_ids: set[int], decoder_start_token_id: int | None = None):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         # Set for encoder-decoder models: prompts feed the encoder, decoding starts from this token.
         self.decoder_start_token_id = decoder_start_token_id
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks,
-                                   getattr(getattr(runner, "model", None), "recompute_at_length", None))
+        self.scheduler = Scheduler(config.scheduler, self.blocks, runner.model.recompute_at_length)
         self.detok = Detokenizer(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.seqs: dict[str, Sequence] = {}
         self._decode: dict[str, DecodeState] = {}
         self._texts: dict[str, str] = {}
         self.last_step_stats: dict = {}
-        self.overlap = bool(getattr(runner, "overlap_steps", False))
+        self.overlap = runner.overlap_steps
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._num_host_history = 0  # live requests whose sampling reads earlier tokens on the host
 

@@ -1,5 +1,5 @@
 """One rank's model: the architecture, quantizer and attention the registries choose for it,
-constructed on the backend's device, its weights loaded, optimized by the backend, and its
+constructed on the backend's device with its layer implementations, its weights loaded, and its
 LoRA adapters attached."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import os
 
 import torch
 
-from genserve.attention.base import AttentionSpec
+from genserve.attention.base import AttentionImpl, AttentionSpec
 from genserve.errors import ConfigError
 from genserve.loader.model_weights import load_weights
 from genserve.loader.source import ModelSource
-from genserve.models.base import ModelContext
+from genserve.models.base import CausalLM, ModelContext, build_model as construct_model
 from genserve.models.select import ArchitectureError, select_architecture
 from genserve.plugins import Plugins
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def choose_attention(plugins: Plugins, backend, forced: str | None, spec_probe: AttentionSpec,
-                     dtype: torch.dtype) -> type:
+                     dtype: torch.dtype) -> type[AttentionImpl]:
     """The first attention implementation (``forced``, else the backend's preference order)
     that serves ``spec_probe`` in ``dtype`` on the backend's device. Raises ``ConfigError``
     listing why each candidate cannot."""
@@ -47,7 +47,7 @@ def attention_probe(config) -> AttentionSpec:
                          head_dim ** -0.5)
 
 
-def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type:
+def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type[CausalLM]:
     """The model class for ``config``: the registered one, or the transformers fallback
     (``genserve.models.select``, ``--model-impl``). Raises ConfigError."""
     try:
@@ -72,7 +72,7 @@ def quantizer(plugins: Plugins, backend, args, config):
 
 def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype: torch.dtype):
     """(model, attention class, quantizer name): the model constructed on ``backend.device``,
-    its weights loaded and processed, in eval mode, optimized by the backend."""
+    its weights loaded and processed, in eval mode (the backend told: ``after_weights_loaded``)."""
     model_cls = architecture(plugins, config, args.model_impl)
     quant_name, quant_factory = quantizer(plugins, backend, args, config)
     forced = "torch" if not backend.options.custom_kernels else getattr(args, "attention", None)
@@ -83,17 +83,15 @@ def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype
         plugins.attention.get(n) for n in backend.attention_preference
         if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
     ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
-                       attention_fallbacks=fallbacks)
-    with torch.device(backend.device):
-        try:
-            model = model_cls(config, ctx)
-        except ValueError as exc:  # a model that refuses this configuration says why
-            raise ConfigError(f"{model_cls.__name__}: {exc}") from None
+                       attention_fallbacks=fallbacks, layer_ops=backend.layer_ops())
+    try:
+        model = construct_model(model_cls, config, ctx)
+    except ValueError as exc:  # a model that refuses this configuration says why
+        raise ConfigError(f"{model_cls.__name__}: {exc}") from None
     load_weights(model, src, config, args.load_format, dtype)
     model.process_weights_after_loading()
     model.eval()
-    if hasattr(backend, "optimize_model"):
-        model = backend.optimize_model(model) or model
+    backend.after_weights_loaded(model)
     return model, attn_cls, quant_name
 
 

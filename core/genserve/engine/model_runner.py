@@ -12,6 +12,7 @@ pinned copies marked by an event, so an engine may launch step N+1 before readin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -23,7 +24,19 @@ from genserve.device import download, release, upload
 from genserve.engine.config import EngineConfig
 from genserve.engine.kv_sizing import kv_bytes_per_block
 from genserve.engine.peers import Peers
-from genserve.models.base import ForwardBatch
+from genserve.models.base import CausalLM, ForwardBatch
+
+if TYPE_CHECKING:
+    from genserve.lora.manager import LoRAManager
+
+
+class RunnerBackend(Protocol):
+    """What the base runner needs of the backend that created it (``backends.base.Backend``
+    has it). A protocol, so this module does not import the backends package, which imports
+    it to create runners."""
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass
@@ -51,7 +64,8 @@ def _pack_aligned(segments: list[list[int]], dtype: torch.dtype, device) -> list
     segment's offset, then the tensor. Kernels specialise on their pointers' alignment, so a
     view whose alignment followed the batch's sizes compiled a new variant mid-serving."""
     per = 16 // torch.empty((), dtype=dtype).element_size()
-    flat, offsets = [], []
+    flat: list[int] = []
+    offsets: list[int] = []
     for seg in segments:
         offsets.append(len(flat))
         flat += seg
@@ -84,7 +98,7 @@ class LaunchedStep:
         if self._event is not None:
             self._event.synchronize()
         results = [StepResult() for _ in self.scheduled]
-        host = [t.tolist() if t is not None else None for t in self._host]
+        host: list = [t.tolist() if t is not None else None for t in self._host]
         for handle in self._handles:  # read: the pinned buffers may be reused
             release(handle)
         self._handles = []
@@ -113,11 +127,22 @@ class FinishedStep(LaunchedStep):
 
 
 class ModelRunner:
+    """Runs one model on one device for the engine: ``allocate_kv_cache`` once, ``warmup``
+    once, then ``launch`` per scheduled batch. Backends subclass it."""
+
     # Whether the engine should launch the next step before reading this one's tokens. Worth
     # it where launches are asynchronous (GPUs); on CPU a launch already runs the step. The
     # class says what its launches allow; the instance attribute set in ``__init__`` is what
     # this engine does (also off under --disable-overlap-steps and for sharded engines).
     overlap_steps: bool = False
+    # Whether kernels compile on first use of each variant (Triton): the server's warm-up then
+    # runs every kind of step before the first request (engine/warmup.py), not just one.
+    lazy_kernels: bool = False
+
+    model: CausalLM
+    config: EngineConfig
+    backend: RunnerBackend
+    lora: LoRAManager | None
 
     def __init__(self, model, config: EngineConfig, backend, *, lora=None, peers: Peers | None = None):
         """``config`` is the engine's resolved, frozen configuration; ``lora`` the
@@ -150,9 +175,18 @@ class ModelRunner:
 
     # -- inputs ---------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq]) -> PreparedBatch:
-        ids, pos, slots, q_lens, seq_lens, known, tables = [], [], [], [], [], [], []
-        logit_rows, sampling_index, prompt_rows = [], [], {}
-        ref_dst, ref_src = [], []  # input rows whose token is still on the device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        known: list[int] = []
+        tables: list[list[int]] = []
+        logit_rows: list[int] = []
+        sampling_index: list[int] = []
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        ref_dst: list[int] = []  # input rows whose token is still on the device
+        ref_src: list[int] = []
         bs = self.block_size
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
@@ -199,6 +233,7 @@ class ModelRunner:
 
         input_ids = longs[o_ids:o_ids + T]
         if R:
+            assert self.last_tokens is not None  # pending rows exist only after a sampled step
             dst, src = longs[o_dst:o_dst + R], longs[o_src:o_src + R]
             input_ids = input_ids.index_copy(0, dst, self.last_tokens.index_select(0, src))
         attn = AttentionMetadata(
@@ -237,19 +272,31 @@ class ModelRunner:
     def encoder_states(self, scheduled: list[ScheduledSeq]) -> list | None:
         """Encoder-decoder models: encode the prompts of requests at their first step (one
         batched call), then every scheduled request's state in batch order. None otherwise."""
-        if not getattr(self.model, "is_encoder_decoder", False):
+        if not self.model.is_encoder_decoder:
             return None
         new = [s.seq for s in scheduled if s.seq.encoder_state is None]
         if new:
-            for seq, state in zip(new, self.model.encode([seq.encoder_ids for seq in new])):
+            prompts = [seq.encoder_ids for seq in new if seq.encoder_ids is not None]
+            if len(prompts) != len(new):
+                raise RuntimeError("an encoder-decoder request has no encoder prompt")
+            for seq, state in zip(new, self.model.encode(prompts)):
                 seq.encoder_state = state
         return [s.seq.encoder_state for s in scheduled]
 
+    def warmup(self) -> None:
+        """Prepare for serving once the KV cache is allocated, before the first step (e.g.
+        tune kernels, capture graphs). Default: nothing to prepare."""
+
     # -- execution ------------------------------------------------------------------------
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
-        """The forward pass; backends override this (e.g. to replay CUDA graphs). Callers use
-        ``forward``, which tells the other tensor-parallel ranks first."""
-        return self.model(input_ids, positions, batch)
+        """The forward pass: hidden states [T, hidden] for the flat rows. Backends override
+        this (e.g. to replay CUDA graphs) and call it for the steps they run eagerly; callers
+        use ``forward``, which tells the other tensor-parallel ranks first. The batch's LoRA
+        rows are current for the adapted layers for the forward's duration."""
+        if self.lora is None:
+            return self.model(input_ids, positions, batch)
+        with self.lora.active(batch.lora):
+            return self.model(input_ids, positions, batch)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [tokens, hidden_size] for ``input_ids``/``positions`` [tokens]:
@@ -282,10 +329,6 @@ class ModelRunner:
         for i, (row0, n) in prep.prompt_rows.items():
             step.prompt_logprobs[i] = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
         return self.peers.finish(step)
-
-    def step(self, scheduled: list[ScheduledSeq]) -> list[StepResult]:
-        """Run one step and wait for it."""
-        return self.launch(scheduled).results()
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[float]:
         """Log-probability of each prompt token given the ones before it (rows of this chunk)."""

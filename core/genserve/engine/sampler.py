@@ -129,7 +129,7 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 def apply_watermark(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Kirchenbauer et al.: add delta to a gamma-fraction 'green list' seeded by the previous token."""
-    if b.watermark is None:
+    if b.watermark is None or b.prev_tokens is None:  # both set, or neither (SamplingBatch.build)
         return logits
     vocab = logits.shape[-1]
     u = uniform_noise(b.prev_tokens * 15485863, torch.zeros_like(b.prev_tokens), vocab)

@@ -29,9 +29,5 @@ class SamplingParams:
     adapter_id: str | None = None
 
     @property
-    def uses_sampling(self) -> bool:
-        return self.do_sample
-
-    @property
     def needs_sorting(self) -> bool:
         return self.do_sample and (self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0)

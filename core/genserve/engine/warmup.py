@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from genserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from genserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +26,9 @@ logger = logging.getLogger(__name__)
 SHORT = (5, 9, 12, 15)
 
 
-def warm_up(engine, vocab_size: int) -> None:
+def warm_up(engine: LLMEngine, vocab_size: int) -> None:
     t0 = time.perf_counter()
-    if not getattr(getattr(engine, "runner", None), "lazy_kernels", False):
+    if not engine.runner.lazy_kernels:
         engine.add_request("genserve-warmup", _prompt(0, SHORT[0], vocab_size), SamplingParams(max_new_tokens=2))
         while engine.has_work:
             engine.step()
@@ -51,7 +56,8 @@ def _prompt(seed: int, n: int, vocab_size: int) -> list[int]:
     return [(seed * 1_000_003 + i * 7919) % vocab_size for i in range(n)]
 
 
-def _run(engine, prompts: list[list[int]], max_new_tokens: int, joining: list[list[int]] = ()) -> None:
+def _run(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int,
+         joining: Sequence[list[int]] = ()) -> None:
     def add(ids: list[int]) -> None:
         cfg = engine.config
         ids = ids[:cfg.max_input_tokens]

@@ -64,7 +64,7 @@ class ShardWorkers(Peers):
             yield
             return
         with self._collective("forward"):
-            self.channel.send_forward(input_ids, positions, batch.attn)
+            self.channel.send_forward(input_ids, positions, batch.attn, batch.lora)
             yield
 
     @contextmanager

@@ -55,12 +55,7 @@ def sharding_requested(args) -> bool:
 
 def device_count(backend_cls) -> int | None:
     """Devices the backend sees; None where ranks are processes, not devices (CPU)."""
-    count = getattr(backend_cls, "device_count", None)
-    if count is not None:
-        return count()
-    if backend_cls.distributed_backend == "nccl" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return None
+    return backend_cls.device_count()
 
 
 def shard_count(args, backend_cls) -> int:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from genserve.args import defaults
 from genserve.backends.select import select_backend
-from genserve.distributed.channel import FORWARD, LOGITS, Channel
+from genserve.distributed.channel import Channel, Forward
 from genserve.distributed.groups import (
     HOST,
     READY_KEY,
@@ -55,12 +55,13 @@ def _exit_with_parent() -> None:
 def serve(runner, channel: Channel) -> None:
     """Make each call rank 0 announces, in its order, until told to stop."""
     while True:
-        kind, item = channel.recv()
-        if kind == FORWARD:
-            runner.forward(item.input_ids, item.positions, ForwardBatch(item.attn, runner.kv_caches))
-        elif kind == LOGITS:
+        _, item = channel.recv()
+        if isinstance(item, Forward):
+            runner.forward(item.input_ids, item.positions,
+                           ForwardBatch(item.attn, runner.kv_caches, lora=item.lora))
+        elif isinstance(item, torch.Tensor):  # LOGITS: hidden rows
             runner.compute_logits(item)  # this rank's part of the all-gather; rank 0 keeps the result
-        else:
+        else:  # STOP
             return
 
 
@@ -86,7 +87,8 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
         tp = init_groups(rank, world_size, store, backend_cls.distributed_backend)
         args = defaults(extra_flags=backend_cls.options_cls.flags(), **{**flags, "backend": backend_name})
         loaded = build_engine(args, plugins)
-        serve(loaded.engine.runner, Channel(tp.cpu_group, loaded.backend.device))
+        runner = loaded.engine.runner
+        serve(runner, Channel(tp.cpu_group, runner.backend.device))  # the engine's own backend
         destroy_groups()
         code = 0
     except Exception:

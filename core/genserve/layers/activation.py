@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from genserve.layers.custom_op import CustomOp
 
 
 def _gelu_tanh(x):
@@ -30,13 +31,18 @@ def get_activation(name: str):
         raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-class GatedActivation(nn.Module):
-    """``act(gate) * up`` for ``x = [gate | up]`` along the last dimension."""
+class GatedActivation(CustomOp):
+    """``act(gate) * up`` for ``x = [gate | up]`` along the last dimension: ``[..., 2 * d]`` ->
+    ``[..., d]``. A backend may bind a fused kernel at construction (op ``gated_activation``;
+    the CUDA backend's serves SiLU only)."""
+
+    op_name = "gated_activation"
 
     def __init__(self, name: str = "silu"):
         super().__init__()
         self.act = get_activation(name)
+        self.bind_forward()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

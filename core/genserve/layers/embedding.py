@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.distributed.state import get_tp_group
-from genserve.layers.weights import copy_into, narrow, shape_of
+from genserve.layers.custom_op import CustomOp
+from genserve.layers.weights import copy_into, narrow, set_weight_loader, shape_of
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,7 +21,7 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = -(-vocab_size // self.tp.size)
         self.start = self.tp.rank * per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param, loaded, shard_id=None):
         rows = min(param.shape[0], shape_of(loaded)[0] - self.start)
@@ -38,21 +39,30 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection to the vocabulary; each rank computes its slice of the logits."""
+class ParallelLMHead(VocabParallelEmbedding, CustomOp):
+    """Output projection to the vocabulary; each rank computes its slice of the logits.
+
+    ``forward(hidden [T, hidden_size])`` -> logits ``[T, vocab_size]`` (all-gathered over the
+    tensor-parallel ranks). A backend may bind its own matmul at construction (op ``lm_head``;
+    it reads ``weight`` at call time, so ``tie_to`` after construction is fine).
+    """
+
+    op_name = "lm_head"
+    forward = CustomOp.forward  # VocabParallelEmbedding's comes first in the MRO
 
     def __init__(self, vocab_size, hidden_size, bias=False, dtype=torch.float32):
         super().__init__(vocab_size, hidden_size, dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.weight.shape[0], dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
         else:
             self.register_parameter("bias", None)
+        self.bind_forward()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight, self.bias)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
-from genserve.layers.quantization.base import QuantMethod, UnquantizedLinear
+from genserve.layers.custom_op import current_layer_ops
+from genserve.layers.quantization.base import QuantMethod
 from genserve.layers.weights import copy_into, expect_dim, narrow, shape_of
 
 
@@ -25,7 +26,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp = get_tp_group()
         self.in_features, self.out_features = in_features, out_features
-        self.quant = quant or UnquantizedLinear()
+        self.quant = quant or current_layer_ops().unquantized_linear()  # the backend's, chosen now
         self.quant.create_weights(self, in_features, out_features, dtype, self.weight_loader)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)

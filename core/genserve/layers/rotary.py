@@ -12,7 +12,8 @@ sequence, so a batch may mix short and long sequences (see that class).
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from genserve.layers.custom_op import CustomOp
 
 
 def rope_parameters(config) -> dict:
@@ -49,12 +50,21 @@ def _tables(max_position: int, inv_freq: torch.Tensor, scaling: float) -> tuple[
     return freqs.cos() * scaling, freqs.sin() * scaling
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(CustomOp):
     """Applies RoPE to ``q`` and ``k`` of shape ``[T, heads, head_dim]`` at ``positions``.
 
     ``rotary_dim < head_dim`` rotates only the leading dimensions (GPT-NeoX, Phi).
     ``interleaved=True`` rotates adjacent pairs (GPT-J style) instead of halves.
+    A backend may bind a fused kernel at construction (op ``rotary_embedding``).
     """
+
+    op_name = "rotary_embedding"
+    reference_methods = ("forward_native", "_rotate")
+    # The known sequence length at which this embedding's rotation of earlier keys goes stale
+    # (longrope); None: never. Models copy it to ``CausalLM.recompute_at_length``.
+    recompute_at_length: int | None = None
+    cos: torch.Tensor  # buffers, [P, rotary_dim/2] fp32
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, inv_freq: torch.Tensor,
                  scaling: float = 1.0, interleaved: bool = False):
@@ -63,6 +73,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = _tables(max_position, inv_freq, scaling)
         self.register_buffer("cos", cos, persistent=False)  # [P, rotary_dim/2]
         self.register_buffer("sin", sin, persistent=False)
+        self.bind_forward()
 
     @classmethod
     def from_config(cls, config, head_dim: int, rotary_dim: int | None = None, interleaved=False):
@@ -96,7 +107,7 @@ class RotaryEmbedding(nn.Module):
             out = rot * cos2 + torch.cat((-x2, x1), -1) * sin2
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].to(q.dtype)[:, None]  # [T, 1, rotary_dim/2]
         sin = self.sin[positions].to(q.dtype)[:, None]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -6,7 +6,13 @@ narrowing a slice reads just those bytes from disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
+
+# loader(param, loaded, shard_id=None): fills ``param`` (or its ``shard_id`` part) from ``loaded``.
+WeightLoader = Callable[..., None]
 
 
 def shape_of(loaded) -> list[int]:
@@ -45,3 +51,15 @@ def copy_into(param: torch.Tensor, loaded) -> None:
 
 def default_weight_loader(param: torch.Tensor, loaded) -> None:
     copy_into(param, loaded)
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    """Attach the loader that fills ``param`` from checkpoint tensors (vLLM's parameter
+    attribute ``weight_loader``, which ``CausalLM.load_weights`` calls)."""
+    param.weight_loader = loader  # type: ignore[attr-defined]  # a Parameter takes attributes
+
+
+def weight_loader_of(param: nn.Parameter) -> WeightLoader:
+    """``param``'s loader (``set_weight_loader``), or a plain copy for parameters without one."""
+    loader: WeightLoader = getattr(param, "weight_loader", default_weight_loader)
+    return loader

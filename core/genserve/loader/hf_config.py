@@ -17,7 +17,7 @@ def load_config(src: ModelSource, args):
     ``rope_scaling`` and transformers 5's ``rope_parameters``)."""
     from transformers import AutoConfig
 
-    kwargs = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
+    kwargs: dict[str, object] = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
     if src.is_gguf:
         kwargs["gguf_file"] = src.gguf_file
     config = AutoConfig.from_pretrained(str(src.path), **kwargs)
@@ -35,7 +35,7 @@ def load_tokenizer(src: ModelSource, args):
     or None where the checkpoint has no tokenizer files (the server then takes token ids only)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
+    kwargs: dict[str, object] = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
     if src.is_gguf:
         kwargs["gguf_file"] = src.gguf_file
     elif not any((src.path / f).exists() for f in TOKENIZER_FILES):

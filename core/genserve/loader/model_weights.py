@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from genserve.errors import ConfigError
@@ -14,9 +16,11 @@ def load_weights(model, src: ModelSource, config, load_format: str, dtype: torch
     if load_format == "dummy":
         random_init(model)
         return
+    weights: Iterator[tuple[str, object]]
     if src.is_gguf:
         from genserve.loader.gguf_weights import iter_gguf
 
+        assert src.gguf_file is not None  # is_gguf means a file was found
         weights = iter_gguf(src.path, src.gguf_file, config, dtype)
     else:
         from genserve.loader.safetensors_weights import iter_safetensors

@@ -5,36 +5,41 @@ adapter targets, the manager builds A [n_slots, R, in] and B [n_slots, out, R] o
 (R = the largest rank any adapter has there; smaller ranks and adapters that do not target the
 layer are zero-padded, which adds exactly nothing) and sets ``layer.lora``. Layers no adapter
 targets keep ``lora = None`` and run unchanged.
+
+Each step's adapter rows travel in ``ForwardBatch.lora`` (``batch_for``; tensor-parallel
+workers receive them from rank 0 with the step's other inputs), and ``ModelRunner.execute``
+makes them current with ``active`` for the forward's duration: no hooks, no collectives here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from genserve.device import upload
-from genserve.distributed.state import get_tp_group
+from genserve.layers.linear import LinearBase
 from genserve.lora.errors import LoRAError
 from genserve.lora.mapping import check_model, resolve
 from genserve.lora.peft_format import PeftAdapter
 from genserve.lora.runtime import LoRABatch, LoRAContext, LoRALayer
 from genserve.lora.sharding import shard_for_layer
+from genserve.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, adapters: list[PeftAdapter], method, device: torch.device,
+    def __init__(self, model: CausalLM, adapters: list[PeftAdapter], method, device: torch.device,
                  dtype: torch.dtype):
         self.adapter_ids = [a.adapter_id for a in adapters]
         self.slots = {aid: i for i, aid in enumerate(self.adapter_ids)}
-        self.device, self.tp = torch.device(device), get_tp_group()
+        self.device = torch.device(device)
         self.context = LoRAContext()
         self.layers: dict[str, LoRALayer] = {}
-        self._attached: list[nn.Module] = []
+        self._attached: list[LinearBase] = []
 
         modules = dict(model.named_modules())
         n = len(adapters)
@@ -69,9 +74,6 @@ class LoRAManager:
             self.layers[layer_name] = lora
             self._attached.append(layer)
 
-        # See runtime.py: the step's LoRABatch reaches the layers through these two hooks.
-        self._hooks = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
-                       model.register_forward_hook(self._exit, always_call=True)]
         logger.info("LoRA: %d adapter(s) %s on %d layers, method %s", n, self.adapter_ids,
                     len(self.layers), getattr(method, "name", type(method).__name__))
 
@@ -92,35 +94,18 @@ class LoRAManager:
                                             torch.tensor(q_lens, dtype=torch.long))
         return LoRABatch(upload(index_cpu, self.device), index_cpu)
 
-    def _enter(self, model, args, kwargs):
-        batch = kwargs.get("batch", args[2] if len(args) > 2 else None)
-        step = getattr(batch, "lora", None)
-        if self.tp.size > 1:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            step = self._share(step, int(input_ids.shape[0]))
+    @contextmanager
+    def active(self, step: LoRABatch | None) -> Iterator[None]:
+        """Make ``step`` (a ``ForwardBatch.lora``) the rows every adapted layer applies, for one
+        forward; cleared afterwards, also when the forward raises."""
         self.context.current = step
-
-    def _exit(self, model, args, output):
-        self.context.current = None
-
-    def _share(self, step: LoRABatch | None, rows: int) -> LoRABatch | None:
-        """Tensor parallelism: only rank 0 schedules, and the workers' ForwardBatch carries no
-        adapters, so rank 0 broadcasts the row slots (host tensor, CPU group) at the start of
-        every forward; all ranks run the forward in the same order, so this pairs up."""
-        index = step.index_cpu if step is not None else torch.full((rows,), -1, dtype=torch.long)
-        if self.tp.rank != 0:
-            index = torch.empty(rows, dtype=torch.long)
-        dist.broadcast(index, src=0, group=self.tp.cpu_group)
-        if step is not None:
-            return step
-        if not bool((index >= 0).any()):
-            return None
-        return LoRABatch(upload(index, self.device), index)
+        try:
+            yield
+        finally:
+            self.context.current = None
 
     def close(self) -> None:
         """Detach from the model (tests; a server keeps its adapters for its lifetime)."""
-        for hook in self._hooks:
-            hook.remove()
         self.context.current = None
         for layer in self._attached:
             layer.lora = None

@@ -24,9 +24,9 @@ class Target:
     shard_id: object  # the part of a fused layer's output ("q", 1, ...); None: the whole layer
 
 
-def check_model(adapter_id: str, model: nn.Module) -> None:
+def check_model(adapter_id: str, model: CausalLM) -> None:
     """Models whose checkpoint names go through the generic mapping can take adapters."""
-    if getattr(model, "is_encoder_decoder", False):
+    if model.is_encoder_decoder:
         raise LoRAError(adapter_id, f"{type(model).__name__} is an encoder-decoder model; LoRA is "
                                     "supported on decoder-only models")
     if type(model).load_weights is not CausalLM.load_weights:
@@ -34,7 +34,7 @@ def check_model(adapter_id: str, model: nn.Module) -> None:
                                     "load_weights, so PEFT module names cannot be mapped to its layers")
 
 
-def resolve(adapter_id: str, model: nn.Module, peft_module: str, modules: dict[str, nn.Module]) -> Target:
+def resolve(adapter_id: str, model: CausalLM, peft_module: str, modules: dict[str, nn.Module]) -> Target:
     """The layer a PEFT module path adapts, or a LoRAError saying why it can't be adapted."""
     renamed = model.rename_weight(peft_module + ".weight")
     if renamed is None or not renamed.endswith(".weight"):

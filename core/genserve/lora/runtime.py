@@ -1,11 +1,12 @@
 """What a linear layer needs at run time: its stacked adapters and the step's row -> adapter map.
 
 How a layer learns the step's adapters: the engine puts a ``LoRABatch`` in
-``ForwardBatch.lora`` (``LoRAManager.batch_for``). Layers never see the ForwardBatch, so the
-manager's forward pre-hook on the model copies it into one ``LoRAContext`` shared by every
-adapted layer, and its forward hook clears it (also when the forward raises). A step without
-adapter rows has ``lora`` None, so adapted layers return at once; a model without adapters has
-no ``LinearBase.lora`` attached at all.
+``ForwardBatch.lora`` (``LoRAManager.batch_for``; tensor-parallel workers receive it from rank 0
+with the step's other inputs, ``distributed/channel.py``). Linear layers never see the
+ForwardBatch, so ``ModelRunner.execute`` makes it current in the one ``LoRAContext`` shared by
+every adapted layer for the forward's duration (``LoRAManager.active``), as vLLM's runner sets
+its LoRA mapping before each forward. A step without adapter rows has ``lora`` None, so adapted
+layers return at once; a model without adapters has no ``LinearBase.lora`` attached at all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class LoRABatch:
 
 
 class LoRAContext:
-    """The step being run; set around each forward by the manager's hooks."""
+    """The step being run; set around each forward by ``LoRAManager.active``."""
 
     current: LoRABatch | None = None
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
 
 from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
 from genserve.distributed.state import TPGroup, get_tp_group
+from genserve.layers.custom_op import LayerOps, use_layer_ops
 from genserve.layers.quantization.base import QuantMethod
+from genserve.layers.weights import weight_loader_of
+
+if TYPE_CHECKING:
+    from genserve.lora.runtime import LoRABatch
 
 
 @dataclass
@@ -25,6 +30,9 @@ class ModelContext:
     # Next choices, in the backend's order, for layers the first one cannot serve
     # (e.g. a kernel without softcap under Gemma-2).
     attention_fallbacks: tuple[type[AttentionImpl], ...] = ()
+    # The backend's layer implementations (``Backend.layer_ops()``), bound by each layer when
+    # ``build_model`` constructs the model; the default runs the PyTorch reference everywhere.
+    layer_ops: LayerOps = field(default_factory=LayerOps)
 
     def attention_for(self, spec: AttentionSpec) -> AttentionImpl:
         reasons = []
@@ -45,8 +53,10 @@ class ForwardBatch:
     # Encoder-decoder models: per scheduled sequence, in batch order, what ``encode`` returned
     # for its prompt (e.g. cross-attention keys and values). None for decoder-only models.
     encoder: list | None = None
-    # LoRA: the step's per-row adapters (``LoRAManager.batch_for``); None when no row uses one.
-    lora: object | None = None
+    # LoRA: the step's per-row adapters (``LoRAManager.batch_for``; tensor-parallel workers get
+    # them from rank 0 with the step's other inputs); None when no row uses one. The runner
+    # makes them current for the adapted linear layers around the forward (``LoRAManager.active``).
+    lora: LoRABatch | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class CausalLM(nn.Module):
         self.config, self.ctx = config, ctx
 
     def kv_cache_spec(self) -> KVCacheSpec:
+        """This rank's per-layer KV-cache shape (what ``ModelRunner.allocate_kv_cache`` allocates)."""
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -94,6 +105,7 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] for hidden rows [N, hidden]."""
         raise NotImplementedError
 
     def encode(self, prompts: list[list[int]]) -> list:
@@ -116,22 +128,30 @@ class CausalLM(nn.Module):
                 if fragment in name:
                     pname = name.replace(fragment, target)
                     if pname in params:
-                        params[pname].weight_loader(params[pname], tensor, shard_id)
+                        weight_loader_of(params[pname])(params[pname], tensor, shard_id)
                         loaded.add(pname)
                         break
             else:
                 if name not in params:
                     continue  # e.g. a tied lm_head or an unused buffer
                 param = params[name]
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    from genserve.layers.weights import default_weight_loader as loader
-                loader(param, tensor)
+                weight_loader_of(param)(param, tensor)
                 loaded.add(name)
         return loaded
 
     def process_weights_after_loading(self) -> None:
+        """Let each quantized layer repack its loaded weights (``QuantMethod.process_after_loading``)."""
         for module in self.modules():
             quant = getattr(module, "quant", None)
             if quant is not None:
                 quant.process_after_loading(module)
+
+
+M = TypeVar("M", bound=CausalLM)
+
+
+def build_model(model_cls: type[M], config, ctx: ModelContext) -> M:
+    """``model_cls(config, ctx)`` with its tensors on ``ctx.device`` and ``ctx.layer_ops`` current,
+    so every layer binds the backend's implementation as it is constructed (``CustomOp``)."""
+    with torch.device(ctx.device), use_layer_ops(ctx.layer_ops):
+        return model_cls(config, ctx)

@@ -129,7 +129,7 @@ class LlamaForCausalLM(CausalLM):
             layer.self_attn.rotary_emb = self.rotary_emb
         # Longrope: the known length at which a decoding sequence must be recomputed (the
         # engine's generic hook; None for every other rotary).
-        self.recompute_at_length = getattr(self.rotary_emb, "recompute_at_length", None)
+        self.recompute_at_length = self.rotary_emb.recompute_at_length
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, self.norm_offset)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype)
         if getattr(config, "tie_word_embeddings", False):

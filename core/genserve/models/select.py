@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from genserve.models.base import CausalLM
 from genserve.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ class ArchitectureError(ValueError):
     """No model class can serve this configuration; the message says why."""
 
 
-def select_architecture(architectures: Registry, config, model_impl: str = "auto") -> type:
+def select_architecture(architectures: Registry, config, model_impl: str = "auto") -> type[CausalLM]:
     """The model class for ``config`` (see the module docstring). Raises ArchitectureError."""
     from genserve.models.transformers_fallback import TransformersForCausalLM, unsupported_reason
 

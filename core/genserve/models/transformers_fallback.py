@@ -53,18 +53,20 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if step is None:
         raise RuntimeError(f"the {ATTN_IMPLEMENTATION!r} attention runs only inside genserve's engine")
     batch, layers = step
-    layer: Attention = layers[module.layer_idx]
+    idx = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it on every attention module
+    layer = layers[idx]
+    assert isinstance(layer, Attention)
     spec = layer.spec
     if (scaling is not None and abs(scaling - spec.scale) > 1e-6 * spec.scale) or \
             (sliding_window or None) != spec.sliding_window:
-        raise RuntimeError(f"layer {module.layer_idx} called attention with scaling {scaling} and "
+        raise RuntimeError(f"layer {idx} called attention with scaling {scaling} and "
                            f"sliding window {sliding_window}; it was built for {spec.scale} and "
                            f"{spec.sliding_window}")
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     out = layer.impl.forward(q.contiguous(), k.contiguous(), v.contiguous(),
-                             batch.kv_caches[module.layer_idx], batch.attn)
+                             batch.kv_caches[idx], batch.attn)
     return out.unsqueeze(0), None
 
 
@@ -89,6 +91,7 @@ def _sliding_window(config, module: nn.Module, layer_idx: int) -> int | None:
     """The window a layer attends over, by transformers' conventions: the module's own
     ``sliding_window`` (Qwen2 style, None on full-attention layers), else ``config.layer_types``
     naming sliding layers, else ``config.sliding_window`` for every layer (Mistral style)."""
+    window: object
     if hasattr(module, "sliding_window"):
         window = module.sliding_window
     elif getattr(config, "layer_types", None):
@@ -148,7 +151,8 @@ class TransformersForCausalLM(CausalLM):
             if not getattr(m, "is_causal", True):
                 raise ValueError(f"layer {i} of {type(self.hf).__name__} is not causal")
             softcap = getattr(m, "attn_logit_softcapping", None)
-            spec = AttentionSpec(config.num_attention_heads, self.head_dim, num_kv, float(m.scaling),
+            scaling = getattr(m, "scaling")  # a float: _attention_modules checked it
+            spec = AttentionSpec(config.num_attention_heads, self.head_dim, num_kv, float(scaling),
                                  sliding_window=_sliding_window(config, m, i),
                                  logit_softcap=softcap if isinstance(softcap, float) else None)
             self.attn.append(Attention(i, spec, ctx))
