@@ -110,6 +110,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     prefetch: int = 2  # CUDA-core path: blocks loaded ahead in registers (1..3)
+    wide_k: bool = False  # tensor cores, 4-bit: one dot over the whole 128-row block, not 8 of 16
 
 
 @triton.jit
@@ -128,6 +129,91 @@ def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS
     return s, z
 
 
+# 4-bit -> 16-bit dequantization of two packed words by magic numbers (Marlin's trick, Frantar et
+# al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference", and its `dequant`):
+# a 4-bit field q OR-ed into the low mantissa bits of a 16-bit float whose exponent encodes E
+# (bf16 0x4300 = 128, fp16 0x6400 = 1024; both have >= 7 mantissa bits, so the value is exactly
+# E + q) gives E + q with one LOP3 for a PAIR of values (a half2/bf16x2 register). One FMA2 adds
+# -(E + z) (an exact small integer), one FMA2 multiplies by the scale (one rounding, the same as
+# rounding the fp32 (q - z) * s). The pair is (word0 field j, word1 field j): PRMT first puts
+# the low (high) 16 bits of both words into one register, then shifts by 4 walk the fields.
+# (fma.bf16x2 takes no immediates: the constants go through registers.)
+# $0..$7: plane j = 0..7 of both elements; $8, $9: the two words; $10: -(E + z) pair; $11: s pair.
+_DEQ4_BODY = """
+{
+.reg .b32 lo, hi, t, one, nz;
+mov.b32 one, ONE;
+mov.b32 nz, NEGZERO;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 4;
+lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 8;
+lop3.b32 $2, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 12;
+lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $4, hi, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 4;
+lop3.b32 $5, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 8;
+lop3.b32 $6, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 12;
+lop3.b32 $7, t, 0x000F000F, MAGIC, 0xEA;
+""" + "".join(f"fma.rn.TY ${j}, ${j}, one, $10;\nfma.rn.TY ${j}, ${j}, $11, nz;\n" for j in range(8)) + "}"
+_DEQ4_ASM_BF16: tl.constexpr = tl.constexpr(
+    _DEQ4_BODY.replace("MAGIC", "0x43004300").replace("TY", "bf16x2").replace("ONE", "0x3F803F80")
+    .replace("NEGZERO", "0x80008000"))
+_DEQ4_ASM_F16: tl.constexpr = tl.constexpr(
+    _DEQ4_BODY.replace("MAGIC", "0x64006400").replace("TY", "f16x2").replace("ONE", "0x3C003C00")
+    .replace("NEGZERO", "0x80008000"))
+
+
+def magic_bias(dtype: torch.dtype) -> float:
+    """The E of ``E + q`` in the 4-bit magic-number dequantization for 16-bit ``dtype``."""
+    return 128.0 if dtype == torch.bfloat16 else 1024.0
+
+
+@triton.jit
+def _dequant4_asm(words, nzb, s, IS_BF16: tl.constexpr):
+    """``[R, BN]`` int32 words -> the 8 planes ``(q_j - z) * s`` in the activation dtype (a tuple).
+
+    ``nzb = -(E + z)`` and ``s`` in the activation dtype, shaped like ``words``. GPU only (inline
+    PTX, sm_80+); ``_dequant_plane`` is the pure-Triton twin (interpreter, 8-bit, per-plane groups).
+    """
+    if IS_BF16:
+        return tl.inline_asm_elementwise(
+            _DEQ4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, nzb, s],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(
+            _DEQ4_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, nzb, s],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _dequant_plane(words, j: tl.constexpr, z, s, BITS: tl.constexpr, dtype: tl.constexpr):
+    """Plane ``j`` of ``[R, BN]`` words: ``(q_j - z) * s`` (fp32 ``z``, ``s``) rounded to ``dtype``.
+
+    ``2**23 + q`` by one OR (no int-to-float conversion), one subtraction, one multiply: the same
+    values as ``_dequant4_asm`` (both round the exact ``(q - z) * s`` once).
+    """
+    field = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+    return ((field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s).to(dtype)
+
+
+@triton.jit
+def _stack2(a, b):
+    """``[R, BN]``, ``[R, BN]`` -> ``[2R, BN]`` (rows of ``a``, then rows of ``b``)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+@triton.jit
+def _stack8(p0, p1, p2, p3, p4, p5, p6, p7):
+    """The 8 planes of a 4-bit block stacked along K: ``[8R, BN]``, rows ``k0 .. k0 + BK``."""
+    return _stack2(_stack2(_stack2(p0, p1), _stack2(p2, p3)), _stack2(_stack2(p4, p5), _stack2(p6, p7)))
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -135,7 +221,7 @@ def _wna16_gemm_kernel(
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, WIDE_K: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
@@ -208,7 +294,29 @@ def _wna16_gemm_kernel(
             if ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([R, 1], dtype=tl.float32)
-        for j in tl.static_range(PACK):
+        if ASM:  # 4-bit, whole block in one group, tensor cores: all 8 planes by inline PTX
+            dt = x_ptr.dtype.element_ty
+            if IS_BF16:
+                nzb = (-(z + 128.0)).to(dt)
+            else:
+                nzb = (-(z + 1024.0)).to(dt)
+            planes = _dequant4_asm(words, nzb, s.to(dt), IS_BF16)
+        if WIDE_K:  # one dot over the whole block: the planes stacked along K are rows k0 .. k0+BK
+            xb = tl.load(x_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_mask[:, None], other=0.0)
+            if ASM:
+                wb8 = _stack8(planes[0], planes[1], planes[2], planes[3],
+                              planes[4], planes[5], planes[6], planes[7])
+            else:
+                wb8 = _stack8(_dequant_plane(words, 0, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 1, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 2, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 3, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 4, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 5, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 6, z, s, BITS, x_ptr.dtype.element_ty),
+                              _dequant_plane(words, 7, z, s, BITS, x_ptr.dtype.element_ty))
+            acc = tl.dot(xb, wb8, acc)
+        for j in tl.static_range(0 if WIDE_K else PACK):
             if SCALE_PER_PLANE:
                 s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
                                         BITS, HAS_ZP)
@@ -216,14 +324,14 @@ def _wna16_gemm_kernel(
                 xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
             else:
                 xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
-            if SCALE_PER_PLANE or USE_DOT:
-                # q - z through 2**23 + q (one OR, one subtraction; no int-to-float conversion)
-                field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
-                if USE_DOT:
-                    acc = tl.dot(xj, w.to(x_ptr.dtype.element_ty), acc)
+            if USE_DOT:
+                if ASM:
+                    w = planes[j]
                 else:
-                    acc += xj * w
+                    w = _dequant_plane(words, j, z, s, BITS, x_ptr.dtype.element_ty)
+                acc = tl.dot(xj, w, acc)
+            elif SCALE_PER_PLANE:
+                acc += xj * _dequant_plane(words, j, z, s, BITS, tl.float32)
             else:
                 # 1 + q / 2**BITS: the field moved to the top of the mantissa (shift + one LOP3),
                 # then one FMA per weight; the 1 and the zero point come off once per block.
@@ -294,13 +402,17 @@ def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
 
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bias: torch.Tensor | None, counters: torch.Tensor,
-               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None,
+               asm: bool | None = None) -> torch.Tensor:
     """``x [M, K]`` (16-bit, row stride free, unit column stride) -> ``[M, N]`` in ``x``'s dtype.
 
     ``qweight`` int32 ``[ceil(N / 64), K // PACK, 64]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
     uint8 ``[G, N]`` or None (symmetric); ``counters`` int32 zeros with at least one entry per
     output tile when ``cfg.split_k > 1`` (left zeroed again by the kernel). ``out`` (optional,
-    ``[M, N]``, unit column stride) receives the result.
+    ``[M, N]``, unit column stride) receives the result. ``asm`` picks the dequantization of
+    the tensor-core path: inline PTX (``_dequant4_asm``) or the pure-Triton twin; None = PTX
+    wherever it applies (CUDA, 4-bit, groups of whole blocks). Raises ValueError for a launch
+    the kernel cannot run (``wide_k`` or ``asm`` where they do not apply, ``block_m != 1`` GEMV).
     """
     M, K = x.shape
     N = scales.shape[1]
@@ -309,6 +421,16 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return y
     if not cfg.use_dot and cfg.block_m != 1:
         raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
+    per_plane = group_size % block_k(bits) != 0
+    if cfg.wide_k and (bits != 4 or per_plane or not cfg.use_dot):
+        raise ValueError("wide_k needs 4-bit weights, tensor cores and groups of whole 128-row blocks")
+    # the inline-PTX dequantization: GPU, 4-bit, one group per block, tensor cores
+    can_asm = x.is_cuda and bits == 4 and not per_plane and cfg.use_dot
+    if asm is None:
+        asm = can_asm
+    elif asm and not can_asm:
+        raise ValueError("the inline-PTX dequantization needs a CUDA tensor, 4-bit weights, "
+                         "tensor cores and groups of whole 128-row blocks")
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:
         assert counters.numel() >= grid[0] * grid[1], "split-K counters too small for this launch"
@@ -319,20 +441,31 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
         y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
         BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size % block_k(bits) != 0,
+        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=per_plane,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N, PREFETCH=cfg.prefetch,
+        ASM=asm, WIDE_K=cfg.wide_k, IS_BF16=x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order)."""
+                     bits: int, group_size: int, dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order).
+
+    ``out``: optional storage with at least ``K * N`` elements of ``dtype`` (a scratch buffer
+    shared by all layers); the result is a ``[K, N]`` view of its start.
+    """
     _, kw, _ = qweight.shape
     N = scales.shape[1]
     K = kw * pack_factor(bits)
-    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    if out is None:
+        w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    else:
+        if out.dtype != dtype or out.numel() < K * N or not out.is_contiguous():
+            raise ValueError(f"scratch of {out.numel()} {out.dtype} cannot hold a {K}x{N} {dtype} weight")
+        w = out.view(-1)[: K * N].view(K, N)
     grid = (K // block_k(bits), triton.cdiv(N, PACK_N))
     _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, K, group_size,
                                 BITS=bits, HAS_ZP=zeros is not None, NP=PACK_N, num_warps=4)
