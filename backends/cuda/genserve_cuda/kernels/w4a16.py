@@ -191,6 +191,39 @@ def _dequant4_asm(words, nzb, s, IS_BF16: tl.constexpr):
             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
 
 
+# One 4-bit field per element, the field's bit offset given per element: $0 the output pair,
+# $1, $2 the words, $3, $4 the shifts, $5 the -(E + z) pair, $6 the scale pair.
+_DEQ4F_BODY = """
+{
+.reg .b32 a, b, t, one, nz;
+mov.b32 one, ONE;
+mov.b32 nz, NEGZERO;
+shr.u32 a, $1, $3;
+shr.u32 b, $2, $4;
+prmt.b32 t, a, b, 0x5410;
+lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TY $0, $0, one, $5;
+fma.rn.TY $0, $0, $6, nz;
+}"""
+_DEQ4F_ASM_BF16: tl.constexpr = tl.constexpr(
+    _DEQ4F_BODY.replace("MAGIC", "0x43004300").replace("TY", "bf16x2").replace("ONE", "0x3F803F80")
+    .replace("NEGZERO", "0x80008000"))
+_DEQ4F_ASM_F16: tl.constexpr = tl.constexpr(
+    _DEQ4F_BODY.replace("MAGIC", "0x64006400").replace("TY", "f16x2").replace("ONE", "0x3C003C00")
+    .replace("NEGZERO", "0x80008000"))
+
+
+@triton.jit
+def _dequant4_field_asm(words, shift, nzb, s, IS_BF16: tl.constexpr):
+    """``(((words >> shift) & 15) - z) * s`` elementwise (``nzb = -(E + z)``), by the magic number."""
+    if IS_BF16:
+        return tl.inline_asm_elementwise(_DEQ4F_ASM_BF16, "=r,r,r,r,r,r,r", [words, shift, nzb, s],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(_DEQ4F_ASM_F16, "=r,r,r,r,r,r,r", [words, shift, nzb, s],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+
+
 @triton.jit
 def _dequant_plane(words, j: tl.constexpr, z, s, BITS: tl.constexpr, dtype: tl.constexpr):
     """Plane ``j`` of ``[R, BN]`` words: ``(q_j - z) * s`` (fp32 ``z``, ``s``) rounded to ``dtype``.
@@ -200,18 +233,6 @@ def _dequant_plane(words, j: tl.constexpr, z, s, BITS: tl.constexpr, dtype: tl.c
     """
     field = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
     return ((field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s).to(dtype)
-
-
-@triton.jit
-def _stack2(a, b):
-    """``[R, BN]``, ``[R, BN]`` -> ``[2R, BN]`` (rows of ``a``, then rows of ``b``)."""
-    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
-
-
-@triton.jit
-def _stack8(p0, p1, p2, p3, p4, p5, p6, p7):
-    """The 8 planes of a 4-bit block stacked along K: ``[8R, BN]``, rows ``k0 .. k0 + BK``."""
-    return _stack2(_stack2(_stack2(p0, p1), _stack2(p2, p3)), _stack2(_stack2(p4, p5), _stack2(p6, p7)))
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -243,6 +264,12 @@ def _wna16_gemm_kernel(
     cmask = n_mask[None, :]
     tile_cols = cols + 0 * offs_r[:, None]            # [R, BN]: scale/zero loads in the tile layout
     tile_cmask = cmask & (offs_r[:, None] >= 0)
+    if WIDE_K:
+        offs_kb = tl.arange(0, BK)
+        offs_kr = offs_kb % R                             # word row of tile row k
+        field_shift = ((offs_kb // R) * BITS)[:, None]    # its field
+        wide_cols = cols + 0 * offs_kb[:, None]           # [BK, BN]
+        wide_cmask = cmask & (offs_kb[:, None] >= 0)
 
     num_blocks = K // BK
     per_split = tl.cdiv(num_blocks, split_k)
@@ -270,10 +297,10 @@ def _wna16_gemm_kernel(
             wc = tl.load(w_cols + ((blk_lo + 2) * R + offs_r)[:, None] * NP,
                          mask=cmask & (blk_lo + 2 < blk_hi), other=0, eviction_policy="evict_first")
     for blk in range(blk_lo, blk_hi):
-        if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
+        if USE_DOT and not WIDE_K:  # the tensor-core loop is software-pipelined by Triton (num_stages)
             words = tl.load(w_cols + (blk * R + offs_r)[:, None] * NP,
                             mask=cmask, other=0, eviction_policy="evict_first")  # [R, BN]
-        else:
+        elif not USE_DOT:
             words = wa
             ahead = blk + PREFETCH
             w_new = tl.load(w_cols + (ahead * R + offs_r)[:, None] * NP,
@@ -288,35 +315,38 @@ def _wna16_gemm_kernel(
                 wb = wc
                 wc = w_new
         k0 = blk * BK
-        if not SCALE_PER_PLANE:
+        if not SCALE_PER_PLANE and not WIDE_K:
             # the whole block lies in one group: scales and zeros once, after the planes
             s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, tile_cols, tile_cmask, BITS, HAS_ZP)
             if ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([R, 1], dtype=tl.float32)
-        if ASM:  # 4-bit, whole block in one group, tensor cores: all 8 planes by inline PTX
+        if ASM and not WIDE_K:  # 4-bit, whole block in one group, tensor cores: 8 planes by inline PTX
             dt = x_ptr.dtype.element_ty
             if IS_BF16:
                 nzb = (-(z + 128.0)).to(dt)
             else:
                 nzb = (-(z + 1024.0)).to(dt)
             planes = _dequant4_asm(words, nzb, s.to(dt), IS_BF16)
-        if WIDE_K:  # one dot over the whole block: the planes stacked along K are rows k0 .. k0+BK
-            xb = tl.load(x_rows + (k0 + tl.arange(0, BK))[None, :], mask=m_mask[:, None], other=0.0)
+        if WIDE_K:
+            # one dot over the whole block: each word row is loaded once per field (8 times, L1/L2
+            # hits, the same DRAM bytes) so that row k = j*R + r of the [BK, BN] tile is field j of
+            # word row r, and the dequantization is one elementwise op over the tile
+            wk = tl.load(w_cols + (blk * R + offs_kr)[:, None] * NP, mask=cmask, other=0)
+            sk, zk = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, wide_cols, wide_cmask, BITS, HAS_ZP)
+            xb = tl.load(x_rows + (k0 + offs_kb)[None, :], mask=m_mask[:, None], other=0.0)
+            dt = x_ptr.dtype.element_ty
             if ASM:
-                wb8 = _stack8(planes[0], planes[1], planes[2], planes[3],
-                              planes[4], planes[5], planes[6], planes[7])
+                if IS_BF16:
+                    nzk = (-(zk + 128.0)).to(dt)
+                else:
+                    nzk = (-(zk + 1024.0)).to(dt)
+                wt = _dequant4_field_asm(wk, field_shift, nzk, sk.to(dt), IS_BF16)
             else:
-                wb8 = _stack8(_dequant_plane(words, 0, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 1, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 2, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 3, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 4, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 5, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 6, z, s, BITS, x_ptr.dtype.element_ty),
-                              _dequant_plane(words, 7, z, s, BITS, x_ptr.dtype.element_ty))
-            acc = tl.dot(xb, wb8, acc)
-        for j in tl.static_range(0 if WIDE_K else PACK):
+                field = ((wk >> field_shift) & FIELD) | 0x4B000000
+                wt = ((field.to(tl.float32, bitcast=True) - (zk + 8388608.0)) * sk).to(dt)
+            acc = tl.dot(xb, wt, acc)
+        for j in tl.static_range(0 if WIDE_K else PACK):  # one 16-row plane per dot
             if SCALE_PER_PLANE:
                 s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
                                         BITS, HAS_ZP)
@@ -477,10 +507,10 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # CUDA-core GEMV; up to DOT_MAX_M rows, tensor-core tiles; above it the layer dequantizes into a
 # scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
 BUCKETS = (
-    (1, False, 1, 64, 2, 3, 2, 8),
+    (1, True, 16, 64, 4, 3, 1, 4),  # 921726f sweep: tensor cores + PTX dequant beat the GEMV (78 vs 84 us/layer)
     (16, True, 16, 64, 4, 3, 1, 4),  # sweep of 124eeea: 109 us per layer's 4 GEMMs vs 120 with block_n 128
     (32, True, 32, 64, 4, 3, 1, 4),
-    (64, True, 64, 128, 4, 3, 1, 2),
+    (64, True, 32, 128, 4, 3, 1, 4),  # 921726f sweep: 190 vs 218 us per layer than 64x128 tiles
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16
