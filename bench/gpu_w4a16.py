@@ -235,22 +235,20 @@ def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize
         b = max(1, min(16, blocks, -(-4 * sms // tiles)))
         return sorted({max(1, b // 2), b})
 
-    tiles_by_m = {  # (block_m, block_n, warps, stages, wide_k) tried per M on tensor cores
-        1: ((16, 64, 4, 3, False), (16, 128, 4, 3, False), (16, 64, 4, 2, True), (16, 64, 4, 3, True)),
-        16: ((16, 64, 4, 3, False), (16, 128, 4, 3, False), (16, 64, 4, 2, True), (16, 128, 4, 2, True)),
-        64: ((32, 128, 4, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 2, True), (64, 128, 4, 2, True),
-             (32, 128, 4, 2, True)),
-        128: ((64, 128, 4, 3, False), (64, 64, 4, 2, True), (64, 128, 4, 2, True), (128, 64, 4, 2, True),
-              (128, 128, 8, 2, True)),
+    tiles_by_m = {  # (block_m, block_n, warps, stages) tried per M on tensor cores
+        1: ((16, 64, 4, 3), (16, 128, 4, 3)),
+        16: ((16, 64, 4, 3), (16, 128, 4, 3)),
+        64: ((32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3)),
+        128: ((64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 3)),
     }
     if m == 1:
         for split in splits(-(-n // 64)):
             cands.append((GemmConfig(False, 1, 64, split, 2, 3, 2), None))
     if m in tiles_by_m:  # tensor cores (M = 1 padded to a 16-row tile), PTX dequantization unless noted
-        for bm, bn, warps, stages, wide in tiles_by_m[m]:
+        for bm, bn, warps, stages in tiles_by_m[m]:
             tiles = -(-m // bm) * -(-n // bn)
             for s in splits(tiles):
-                cands.append((GemmConfig(True, bm, bn, s, warps, stages, 1, wide), None))
+                cands.append((GemmConfig(True, bm, bn, s, warps, stages, 1), None))
     else:
         return
     if base is not None:

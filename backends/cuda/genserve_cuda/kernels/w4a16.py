@@ -110,7 +110,6 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     prefetch: int = 2  # CUDA-core path: blocks loaded ahead in registers (1..3)
-    wide_k: bool = False  # tensor cores, 4-bit: one dot over the whole 128-row block, not 8 of 16
 
 
 @triton.jit
@@ -191,39 +190,6 @@ def _dequant4_asm(words, nzb, s, IS_BF16: tl.constexpr):
             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
 
 
-# One 4-bit field per element, the field's bit offset given per element: $0 the output pair,
-# $1, $2 the words, $3, $4 the shifts, $5 the -(E + z) pair, $6 the scale pair.
-_DEQ4F_BODY = """
-{
-.reg .b32 a, b, t, one, nz;
-mov.b32 one, ONE;
-mov.b32 nz, NEGZERO;
-shr.u32 a, $1, $3;
-shr.u32 b, $2, $4;
-prmt.b32 t, a, b, 0x5410;
-lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
-fma.rn.TY $0, $0, one, $5;
-fma.rn.TY $0, $0, $6, nz;
-}"""
-_DEQ4F_ASM_BF16: tl.constexpr = tl.constexpr(
-    _DEQ4F_BODY.replace("MAGIC", "0x43004300").replace("TY", "bf16x2").replace("ONE", "0x3F803F80")
-    .replace("NEGZERO", "0x80008000"))
-_DEQ4F_ASM_F16: tl.constexpr = tl.constexpr(
-    _DEQ4F_BODY.replace("MAGIC", "0x64006400").replace("TY", "f16x2").replace("ONE", "0x3C003C00")
-    .replace("NEGZERO", "0x80008000"))
-
-
-@triton.jit
-def _dequant4_field_asm(words, shift, nzb, s, IS_BF16: tl.constexpr):
-    """``(((words >> shift) & 15) - z) * s`` elementwise (``nzb = -(E + z)``), by the magic number."""
-    if IS_BF16:
-        return tl.inline_asm_elementwise(_DEQ4F_ASM_BF16, "=r,r,r,r,r,r,r", [words, shift, nzb, s],
-                                         dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise(_DEQ4F_ASM_F16, "=r,r,r,r,r,r,r", [words, shift, nzb, s],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-
-
 @triton.jit
 def _dequant_plane(words, j: tl.constexpr, z, s, BITS: tl.constexpr, dtype: tl.constexpr):
     """Plane ``j`` of ``[R, BN]`` words: ``(q_j - z) * s`` (fp32 ``z``, ``s``) rounded to ``dtype``.
@@ -242,7 +208,7 @@ def _wna16_gemm_kernel(
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
-    PREFETCH: tl.constexpr, ASM: tl.constexpr, WIDE_K: tl.constexpr, IS_BF16: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
@@ -264,12 +230,6 @@ def _wna16_gemm_kernel(
     cmask = n_mask[None, :]
     tile_cols = cols + 0 * offs_r[:, None]            # [R, BN]: scale/zero loads in the tile layout
     tile_cmask = cmask & (offs_r[:, None] >= 0)
-    if WIDE_K:
-        offs_kb = tl.arange(0, BK)
-        offs_kr = offs_kb % R                             # word row of tile row k
-        field_shift = ((offs_kb // R) * BITS)[:, None]    # its field
-        wide_cols = cols + 0 * offs_kb[:, None]           # [BK, BN]
-        wide_cmask = cmask & (offs_kb[:, None] >= 0)
 
     num_blocks = K // BK
     per_split = tl.cdiv(num_blocks, split_k)
@@ -297,10 +257,10 @@ def _wna16_gemm_kernel(
             wc = tl.load(w_cols + ((blk_lo + 2) * R + offs_r)[:, None] * NP,
                          mask=cmask & (blk_lo + 2 < blk_hi), other=0, eviction_policy="evict_first")
     for blk in range(blk_lo, blk_hi):
-        if USE_DOT and not WIDE_K:  # the tensor-core loop is software-pipelined by Triton (num_stages)
+        if USE_DOT:  # the tensor-core loop is software-pipelined by Triton (num_stages)
             words = tl.load(w_cols + (blk * R + offs_r)[:, None] * NP,
                             mask=cmask, other=0, eviction_policy="evict_first")  # [R, BN]
-        elif not USE_DOT:
+        else:
             words = wa
             ahead = blk + PREFETCH
             w_new = tl.load(w_cols + (ahead * R + offs_r)[:, None] * NP,
@@ -315,38 +275,20 @@ def _wna16_gemm_kernel(
                 wb = wc
                 wc = w_new
         k0 = blk * BK
-        if not SCALE_PER_PLANE and not WIDE_K:
+        if not SCALE_PER_PLANE:
             # the whole block lies in one group: scales and zeros once, after the planes
             s, z = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, tile_cols, tile_cmask, BITS, HAS_ZP)
             if ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([R, 1], dtype=tl.float32)
-        if ASM and not WIDE_K:  # 4-bit, whole block in one group, tensor cores: 8 planes by inline PTX
+        if ASM:  # 4-bit, whole block in one group, tensor cores: the 8 planes by inline PTX
             dt = x_ptr.dtype.element_ty
             if IS_BF16:
                 nzb = (-(z + 128.0)).to(dt)
             else:
                 nzb = (-(z + 1024.0)).to(dt)
             planes = _dequant4_asm(words, nzb, s.to(dt), IS_BF16)
-        if WIDE_K:
-            # one dot over the whole block: each word row is loaded once per field (8 times, L1/L2
-            # hits, the same DRAM bytes) so that row k = j*R + r of the [BK, BN] tile is field j of
-            # word row r, and the dequantization is one elementwise op over the tile
-            wk = tl.load(w_cols + (blk * R + offs_kr)[:, None] * NP, mask=cmask, other=0)
-            sk, zk = _load_scale_zero(s_ptr, z_ptr, k0 // group_size, N, wide_cols, wide_cmask, BITS, HAS_ZP)
-            xb = tl.load(x_rows + (k0 + offs_kb)[None, :], mask=m_mask[:, None], other=0.0)
-            dt = x_ptr.dtype.element_ty
-            if ASM:
-                if IS_BF16:
-                    nzk = (-(zk + 128.0)).to(dt)
-                else:
-                    nzk = (-(zk + 1024.0)).to(dt)
-                wt = _dequant4_field_asm(wk, field_shift, nzk, sk.to(dt), IS_BF16)
-            else:
-                field = ((wk >> field_shift) & FIELD) | 0x4B000000
-                wt = ((field.to(tl.float32, bitcast=True) - (zk + 8388608.0)) * sk).to(dt)
-            acc = tl.dot(xb, wt, acc)
-        for j in tl.static_range(0 if WIDE_K else PACK):  # one 16-row plane per dot
+        for j in tl.static_range(PACK):  # one 16-row plane per dot
             if SCALE_PER_PLANE:
                 s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
                                         BITS, HAS_ZP)
@@ -442,7 +384,7 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ``[M, N]``, unit column stride) receives the result. ``asm`` picks the dequantization of
     the tensor-core path: inline PTX (``_dequant4_asm``) or the pure-Triton twin; None = PTX
     wherever it applies (CUDA, 4-bit, groups of whole blocks). Raises ValueError for a launch
-    the kernel cannot run (``wide_k`` or ``asm`` where they do not apply, ``block_m != 1`` GEMV).
+    the kernel cannot run (``asm`` where it does not apply, a GEMV with ``block_m != 1``).
     """
     M, K = x.shape
     N = scales.shape[1]
@@ -452,8 +394,6 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if not cfg.use_dot and cfg.block_m != 1:
         raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
     per_plane = group_size % block_k(bits) != 0
-    if cfg.wide_k and (bits != 4 or per_plane or not cfg.use_dot):
-        raise ValueError("wide_k needs 4-bit weights, tensor cores and groups of whole 128-row blocks")
     # the inline-PTX dequantization: GPU, 4-bit, one group per block, tensor cores
     can_asm = x.is_cuda and bits == 4 and not per_plane and cfg.use_dot
     if asm is None:
@@ -473,7 +413,7 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         USE_DOT=cfg.use_dot, SCALE_PER_PLANE=per_plane,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N, PREFETCH=cfg.prefetch,
-        ASM=asm, WIDE_K=cfg.wide_k, IS_BF16=x.dtype == torch.bfloat16,
+        ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -506,11 +446,12 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # (max_m, use_dot, block_m, block_n, warps, stages, prefetch, waves). One-row decode uses the
 # CUDA-core GEMV; up to DOT_MAX_M rows, tensor-core tiles; above it the layer dequantizes into a
 # scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
-BUCKETS = (
-    (1, True, 16, 64, 4, 3, 1, 4),  # 921726f sweep: tensor cores + PTX dequant beat the GEMV (78 vs 84 us/layer)
-    (16, True, 16, 64, 4, 3, 1, 4),  # sweep of 124eeea: 109 us per layer's 4 GEMMs vs 120 with block_n 128
+BUCKETS = (  # the comments give the sweep (bench/results/h200-w4a16-<commit>.txt) each entry comes from
+    (1, True, 16, 64, 4, 3, 1, 4),    # c95f51d: PTX dequant on tensor cores 78.6 us/layer; GEMV 88.5 (921726f)
+    (16, True, 16, 128, 4, 3, 1, 4),  # c95f51d: 86.7 us/layer vs 90.5 with block_n 64
     (32, True, 32, 64, 4, 3, 1, 4),
-    (64, True, 32, 128, 4, 3, 1, 4),  # 921726f sweep: 190 vs 218 us per layer than 64x128 tiles
+    (64, True, 32, 128, 4, 3, 1, 4),  # c95f51d: 168 us/layer; 64x128 tiles 189 (921726f)
+    (128, True, 64, 128, 4, 3, 1, 2),  # c95f51d: ~287 us/layer vs 343 for dequant + cuBLAS
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16
