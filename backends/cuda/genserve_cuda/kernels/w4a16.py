@@ -15,18 +15,27 @@ along K streams contiguous memory. Each plane lies inside one quantization group
 ``group_size % 16 == 0``.
 
 **Dequantization in registers.** No int-to-float conversion (a quarter of the FMA rate):
+- tensor cores, 4-bit, groups of whole 128-row blocks (``_dequant4_asm``, inline PTX): Marlin's
+  magic numbers. One LOP3 ORs a pair of 4-bit fields into the mantissas of a bf16x2 (fp16x2)
+  register whose exponent encodes 128 (1024), giving ``E + q`` exactly; one FMA2 adds
+  ``-(E + z)`` (exact), one FMA2 multiplies by the scale (one rounding). Eight planes from two
+  words: 2 PRMT + 6 SHR + 8 LOP3 + 16 FMA2 for 16 weights, against about 36 instructions per
+  word before. ``_dequant_plane`` is its pure-Triton twin (the interpreter, 8-bit weights and
+  groups that change inside a block), computing the same values.
 - GEMV: the field moved to the top of a float32 mantissa, ``0x3F800000 | q << (23 - bits)``, reads
   as ``1 + q / 2**bits``; one FMA per weight accumulates ``x * (1 + q / 2**bits)`` and the ``1``,
   the zero point and the scale come off once per block (``s * (2**bits * part - (2**bits + z) * sum(x))``).
-- tensor cores and scratch dequantization: ``0x4B000000 | q`` reads as ``2**23 + q``, so
+- the twin and the scratch dequantization: ``0x4B000000 | q`` reads as ``2**23 + q``, so
   ``(q - z) * s`` is one subtraction and one multiply before the 16-bit operand is formed.
 
 **Paths**, picked per call by the number of rows ``M`` from a fixed table (``select_config``):
 
-- *GEMV* (``M == 1``, batch-1 decode): CUDA-core FMAs on an ``[R, BLOCK_N]`` tile, weights
-  prefetched ``prefetch`` blocks ahead in registers. Bytes read are the packed weights; split-K
-  over the grid's third axis keeps every SM busy on 4096-wide layers.
-- *Tensor cores* (``2 <= M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``.
+- *Tensor cores* (``1 <= M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``;
+  one row (batch-1 decode) is padded to a 16-row tile, which with the PTX dequantization beats
+  the CUDA-core GEMV. Split-K over the grid's third axis keeps every SM busy.
+- *GEMV* (``use_dot=False``, one row): CUDA-core FMAs on an ``[R, BLOCK_N]`` tile, weights
+  prefetched ``prefetch`` blocks ahead in registers. Kept for launches the table may choose
+  again (no PTX dequantization: it needs fp32 weights for its FMAs).
 - *Large M* (prefill): dequantize the whole weight into a 16-bit ``[K, N]`` scratch buffer with
   ``wna16_dequantize`` and let cuBLAS multiply; the extra pass moves ``2.5 * K * N`` bytes, small
   next to the matmul once ``M`` is in the thousands.
@@ -36,10 +45,13 @@ counter per tile) adds them up, writes the output and resets its counter to zero
 launch does the whole product and the counters are ready for the next call (CUDA-graph safe:
 no host sync, no memset).
 
-Measured on an H200 (``bench/gpu_w4a16.py``, backends/cuda/NOTES.md "W4A16"): faster than bf16
-cuBLAS at M = 1 (1.3-1.6x) and M = 16 on the MLP shapes, 0.93-0.95x at M = 4096, slower in
-between (M = 64-512); the GEMV reaches about a third of copy bandwidth, bound by the dequant
-instructions (about 34 per packed word), not by bytes.
+Measured on an H200 (``bench/gpu_w4a16.py``, backends/cuda/NOTES.md "W4A16"): 1.4-1.9x bf16
+cuBLAS at M = 1 and 1.2-1.6x at M = 16, 0.7-0.87x at M = 64, 0.4-0.5x at M = 128 (the best of
+tensor cores and dequant + cuBLAS is still slower than bf16 there), 0.94-0.96x at M = 4096. At
+M = 1 the kernel reaches 20-42% of copy bandwidth. Cutting the dequantization instructions about
+3x made it only ~1.4x faster, so the rest is most likely the per-plane ``tl.dot``: every 16-row
+plane goes registers -> shared memory -> MMA operand (Triton's layout conversion) behind
+barriers (not profiled).
 """
 
 from __future__ import annotations
@@ -448,10 +460,10 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
 BUCKETS = (  # the comments give the sweep (bench/results/h200-w4a16-<commit>.txt) each entry comes from
     (1, True, 16, 64, 4, 3, 1, 4),    # c95f51d: PTX dequant on tensor cores 78.6 us/layer; GEMV 88.5 (921726f)
-    (16, True, 16, 128, 4, 3, 1, 4),  # c95f51d: 86.7 us/layer vs 90.5 with block_n 64
+    (16, True, 16, 64, 4, 3, 1, 4),   # c95f51d: 90.5 us/layer; block_n 128 (waves 4) 92.0 in 9261a46
     (32, True, 32, 64, 4, 3, 1, 4),
     (64, True, 32, 128, 4, 3, 1, 4),  # c95f51d: 168 us/layer; 64x128 tiles 189 (921726f)
-    (128, True, 64, 128, 4, 3, 1, 2),  # c95f51d: ~287 us/layer vs 343 for dequant + cuBLAS
+    (128, True, 64, 128, 4, 3, 1, 2),  # 9261a46: 324 us/layer; dequant + cuBLAS 343 (c95f51d)
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16

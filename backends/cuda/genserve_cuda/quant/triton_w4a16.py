@@ -1,9 +1,10 @@
 """``TritonW4A16Kernel``: the ``MPLinearKernel`` that runs 4/8-bit weights on CUDA GPUs.
 
 The weights are repacked once (``genserve_cuda.kernels.w4a16.pack_wna16``); every call then runs
-one Triton GEMM launch (split-K GEMV for decode rows, tensor-core tiles up to
-``DOT_MAX_M`` rows) or, for prefill-sized inputs, a dequantize-to-scratch kernel plus cuBLAS
-(the scratch is one buffer per device and dtype, shared by all layers: ``SCRATCH``).
+one Triton GEMM launch (split-K tensor-core tiles with inline-PTX dequantization up to
+``DOT_MAX_M`` rows, one decode row padded to a 16-row tile) or, for prefill-sized inputs, a
+dequantize-to-scratch kernel plus cuBLAS (the scratch is one buffer per device and dtype,
+shared by all layers: ``SCRATCH``).
 Act-order layers gather ``x``'s columns with the permutation first (one ``index_select``,
 capturable in a CUDA graph); the weight rows were already permuted by the quantizer.
 """
