@@ -233,44 +233,47 @@ def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize
 
     def splits(tiles):
         b = max(1, min(16, blocks, -(-4 * sms // tiles)))
-        return sorted({max(1, b // 2), b, min(16, blocks, 2 * b)})
+        return sorted({max(1, b // 2), b})
 
+    tiles_by_m = {  # (block_m, block_n, warps, stages) tried per M on tensor cores
+        1: ((16, 64, 4, 3), (16, 128, 4, 3)),
+        16: ((16, 64, 4, 3), (16, 128, 4, 3)),
+        64: ((32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3)),
+        128: ((64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 3)),
+    }
     if m == 1:
-        for bn, warps, pf in ((64, 2, 1), (64, 2, 2), (64, 2, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2)):
-            for split in splits(-(-n // bn)):
-                cands.append(GemmConfig(False, 1, bn, split, warps, 3, pf))
-        cands.append(select_config(16, n, k, 4, sms))
-    elif m <= 128:
-        for bm, bn, warps, stages in ((16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 4, 4), (16, 256, 8, 3),
-                                      (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                                      (128, 128, 8, 3)):
-            if (bm > 2 * m and bm > 16) or (m >= 128 and bm < 32) or (m <= 16 and bm > 16):
-                continue
+        for split in splits(-(-n // 64)):
+            cands.append((GemmConfig(False, 1, 64, split, 2, 3, 2), None))
+    if m in tiles_by_m:  # tensor cores (M = 1 padded to a 16-row tile), PTX dequantization unless noted
+        for bm, bn, warps, stages in tiles_by_m[m]:
             tiles = -(-m // bm) * -(-n // bn)
             for s in splits(tiles):
-                cands.append(GemmConfig(True, bm, bn, s, warps, stages))
+                cands.append((GemmConfig(True, bm, bn, s, warps, stages, 1), None))
     else:
         return
-    if base is not None and base not in cands:
-        cands.append(base)
-    for cfg in cands:
+    if base is not None:
+        cands.append((base, False))  # the table's launch with the pure-Triton dequantization (before)
+        if (base, None) not in cands:
+            cands.append((base, None))
+    for cfg, asm in cands:
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
         counters = [torch.zeros(tiles, dtype=torch.int32, device="cuda") for _ in sh.layers]
 
-        def run(cfg=cfg, counters=counters):
+        def run(cfg=cfg, counters=counters, asm=asm):
             for lay, cnt in zip(sh.layers, counters):
-                wna16_gemm(x, lay.w4a16_qweight, lay.w4a16_scales, None, None, cnt, 4, 128, cfg)
+                wna16_gemm(x, lay.w4a16_qweight, lay.w4a16_scales, None, None, cnt, 4, 128, cfg, asm=asm)
 
         try:
             out = wna16_gemm(x, sh.layers[0].w4a16_qweight, sh.layers[0].w4a16_scales, None, None,
-                             counters[0], 4, 128, cfg)
+                             counters[0], 4, 128, cfg, asm=asm)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             t = graph_ms(run, rep=60) / len(sh.layers) * 1e3
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             print(f"   sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         moved = sh.packed_bytes + 2 * m * (n + k)
-        print(f"   sweep M={m:4d} {cfg}: {t:8.2f} us {moved / (t * 1e-6) / 1e12:5.2f} TB/s err {err:.1e}",
+        tag = " triton-dequant" if asm is False else ""
+        print(f"   sweep M={m:4d} {cfg}{tag}: {t:8.2f} us {moved / (t * 1e-6) / 1e12:5.2f} TB/s err {err:.1e}",
               flush=True)
     if m >= 64:
         def deq():

@@ -17,6 +17,7 @@ from genserve_cuda.kernels.w4a16 import (  # noqa: E402
     BUCKETS,
     DOT_MAX_M,
     GemmConfig,
+    magic_bias,
     pack_wna16,
     select_config,
     unpack_wna16,
@@ -196,7 +197,7 @@ def test_group_not_a_multiple_of_the_block(device, dtype, m):
 def test_select_config_buckets_and_split_k():
     # decode on a Llama-8B 4096x4096 layer: enough programs for 132 SMs through split-K
     cfg = select_config(1, 4096, 4096, 4, 132)
-    assert not cfg.use_dot and cfg.block_m == 1
+    assert cfg.use_dot and cfg.block_m == 16  # one row padded to a tensor-core tile (faster than the GEMV)
     programs = (4096 // cfg.block_n) * cfg.split_k
     assert programs >= 132 and cfg.split_k <= 4096 // 128
     assert select_config(16, 4096, 4096, 4, 132).use_dot
@@ -224,7 +225,7 @@ def test_shapes_it_cannot_take_fall_back(k, n, bits, gs, dt, why):
     assert shape_unsupported_reason(ok) is None
 
 
-@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("m", [1, 16, 64, 128, 200])
 def test_cuda_graph_capture_and_replay(device, on_gpu, dtype, m):
     if not on_gpu:
         pytest.skip("CUDA graphs need a GPU")
@@ -245,3 +246,91 @@ def test_cuda_graph_capture_and_replay(device, on_gpu, dtype, m):
         torch.cuda.synchronize()
         assert rel_err(static_out, reference(static_x, dense, b)) < tolerance(dtype)
     assert int(layer.w4a16_counters.abs().sum()) == 0
+
+
+def _emulate_dequant4_asm(w0, w1, z, s, dtype):
+    """``_dequant4_asm``'s PTX step by step in torch integer/float ops (CPU): 8 planes of pairs."""
+    def u(t):  # the registers are unsigned 32-bit
+        return t.to(torch.int64) & 0xFFFFFFFF
+    a, b = u(w0), u(w1)
+    lo = (a & 0xFFFF) | ((b & 0xFFFF) << 16)                    # prmt 0x5410
+    hi = (a >> 16) | (b & 0xFFFF0000)                           # prmt 0x7632
+    magic = 0x43004300 if dtype == torch.bfloat16 else 0x64006400
+    e = magic_bias(dtype)
+    nzb = (-(z.float() + e)).to(dtype).float()                  # exact: a small integer
+    planes = []
+    for j in range(8):
+        reg = (((lo if j < 4 else hi) >> (4 * (j % 4))) & 0x000F000F) | magic  # shr + lop3 0xEA
+        halves = torch.stack([reg & 0xFFFF, reg >> 16], dim=-1).to(torch.int16)  # (elem 0, elem 1)
+        v = halves.view(dtype).float()                          # E + q, exactly
+        v = (v + nzb[..., None]).to(dtype).float()              # fma(v, 1, -(E + z))
+        planes.append((v * s.float()[..., None]).to(dtype))     # fma(v, s, -0): one rounding
+    return planes
+
+
+@pytest.mark.parametrize("dtype_", [torch.bfloat16, torch.float16])
+def test_magic_number_dequant_arithmetic_cpu(dtype_):
+    """The magic-number trick of the PTX dequantization, emulated bit by bit on the CPU, equals
+    ``((q - z) * s)`` rounded once to the activation dtype, for every q and z of 4 bits."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 16, (2, 512, 8), generator=gen)          # word, sample, field
+    q[:, :16, :] = torch.arange(16).view(1, 16, 1)                # every value in every field
+    words = [(q[i] << (4 * torch.arange(8))).sum(-1) for i in range(2)]
+    words = [torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32) for w in words]
+    z = torch.randint(0, 16, (512, 2), generator=gen)
+    z[:16, :] = torch.arange(16).view(16, 1)
+    s = (torch.rand(512, 2, generator=gen) * 0.05 + 1e-3).to(dtype_)
+    # elem e of the pair takes word e with its own zero point and scale: pack z/s pairs like the asm
+    planes = [torch.stack(p) for p in zip(*[_emulate_dequant4_asm(words[0], words[1], z[:, e], s[:, e], dtype_)
+                                            for e in range(2)])]
+    for j in range(8):
+        for e in range(2):
+            expect = ((q[e, :, j] - z[:, e]).float() * s[:, e].float()).to(dtype_)
+            assert torch.equal(planes[j][e, :, e], expect), (j, e)
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_ptx_dequant_matches_twin(device, on_gpu, act, m):
+    """On the GPU the inline-PTX dequantization (4-bit) against the pure-Triton twin and the
+    reference, bf16 and fp16; on the CPU the twin alone (and the PTX refused)."""
+    if device == "cpu" and act == torch.bfloat16:
+        pytest.skip("the interpreter has no bfloat16 arithmetic")
+    layer, _, dense, b = make_layer(device, act, 136, 384, 4, 128, False, False, bias=True)
+    x = torch.randn(m, 384, dtype=act, device=device)
+    bm = 16 if m <= 16 else 32
+    cfg = GemmConfig(True, bm, 64, 3, 4, 3, 1)
+    counters = torch.zeros(-(-m // bm) * -(-136 // 64), dtype=torch.int32, device=device)
+    outs = []
+    for asm in ((False, True) if on_gpu else (False,)):
+        out = torch.full((m, 136), float("nan"), dtype=act, device=device)
+        wna16_gemm(x, layer.w4a16_qweight, layer.w4a16_scales, layer.w4a16_zeros, b, counters, 4, 128,
+                   cfg, out=out, asm=asm)
+        assert rel_err(out, reference(x, dense, b)) < tolerance(act)
+        assert int(counters.abs().sum()) == 0
+        outs.append(out)
+    if on_gpu:  # the same 16-bit weight tiles in the same dots: the same sums up to accumulation order
+        assert rel_err(outs[1], outs[0].float()) < 2e-3
+    else:
+        with pytest.raises(ValueError, match="inline-PTX"):
+            wna16_gemm(x, layer.w4a16_qweight, layer.w4a16_scales, layer.w4a16_zeros, b, counters, 4, 128,
+                       cfg, asm=True)
+
+
+def test_prefill_scratch_is_shared_across_layers(device, dtype):
+    """Every layer's dequantize-to-cuBLAS path writes into one scratch per device and dtype."""
+    from genserve_cuda.quant.triton_w4a16 import SCRATCH
+
+    big = make_layer(device, dtype, 192, 256, 4, 128, True, False)
+    small = make_layer(device, dtype, 64, 128, 4, 128, False, True)
+    x_big = torch.randn(DOT_MAX_M + 1, 256, dtype=dtype, device=device)
+    x_small = torch.randn(DOT_MAX_M + 1, 128, dtype=dtype, device=device)
+    used = []
+    for (layer, kernel, dense, b), x in ((small, x_small), (big, x_big), (small, x_small)):
+        assert rel_err(kernel.apply(layer, x, b), reference(x, dense, b)) < tolerance(dtype)
+        used.append(SCRATCH.buffers[(x.device, dtype)])
+    assert used[0].numel() >= 192 * 256  # sized at the first call for the largest layer announced
+    assert all(u is used[0] for u in used), "one buffer, not one per layer or call"
+    with pytest.raises(ValueError, match="scratch"):
+        wna16_dequantize(small[0].w4a16_qweight, small[0].w4a16_scales, small[0].w4a16_zeros, 4, 128, dtype,
+                         out=torch.empty(10, dtype=dtype, device=device))

@@ -15,18 +15,27 @@ along K streams contiguous memory. Each plane lies inside one quantization group
 ``group_size % 16 == 0``.
 
 **Dequantization in registers.** No int-to-float conversion (a quarter of the FMA rate):
+- tensor cores, 4-bit, groups of whole 128-row blocks (``_dequant4_asm``, inline PTX): Marlin's
+  magic numbers. One LOP3 ORs a pair of 4-bit fields into the mantissas of a bf16x2 (fp16x2)
+  register whose exponent encodes 128 (1024), giving ``E + q`` exactly; one FMA2 adds
+  ``-(E + z)`` (exact), one FMA2 multiplies by the scale (one rounding). Eight planes from two
+  words: 2 PRMT + 6 SHR + 8 LOP3 + 16 FMA2 for 16 weights, against about 36 instructions per
+  word before. ``_dequant_plane`` is its pure-Triton twin (the interpreter, 8-bit weights and
+  groups that change inside a block), computing the same values.
 - GEMV: the field moved to the top of a float32 mantissa, ``0x3F800000 | q << (23 - bits)``, reads
   as ``1 + q / 2**bits``; one FMA per weight accumulates ``x * (1 + q / 2**bits)`` and the ``1``,
   the zero point and the scale come off once per block (``s * (2**bits * part - (2**bits + z) * sum(x))``).
-- tensor cores and scratch dequantization: ``0x4B000000 | q`` reads as ``2**23 + q``, so
+- the twin and the scratch dequantization: ``0x4B000000 | q`` reads as ``2**23 + q``, so
   ``(q - z) * s`` is one subtraction and one multiply before the 16-bit operand is formed.
 
 **Paths**, picked per call by the number of rows ``M`` from a fixed table (``select_config``):
 
-- *GEMV* (``M == 1``, batch-1 decode): CUDA-core FMAs on an ``[R, BLOCK_N]`` tile, weights
-  prefetched ``prefetch`` blocks ahead in registers. Bytes read are the packed weights; split-K
-  over the grid's third axis keeps every SM busy on 4096-wide layers.
-- *Tensor cores* (``2 <= M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``.
+- *Tensor cores* (``1 <= M <= DOT_MAX_M``): per plane, ``tl.dot(x[BM, 16], dequant[16, BN])``;
+  one row (batch-1 decode) is padded to a 16-row tile, which with the PTX dequantization beats
+  the CUDA-core GEMV. Split-K over the grid's third axis keeps every SM busy.
+- *GEMV* (``use_dot=False``, one row): CUDA-core FMAs on an ``[R, BLOCK_N]`` tile, weights
+  prefetched ``prefetch`` blocks ahead in registers. Kept for launches the table may choose
+  again (no PTX dequantization: it needs fp32 weights for its FMAs).
 - *Large M* (prefill): dequantize the whole weight into a 16-bit ``[K, N]`` scratch buffer with
   ``wna16_dequantize`` and let cuBLAS multiply; the extra pass moves ``2.5 * K * N`` bytes, small
   next to the matmul once ``M`` is in the thousands.
@@ -36,10 +45,13 @@ counter per tile) adds them up, writes the output and resets its counter to zero
 launch does the whole product and the counters are ready for the next call (CUDA-graph safe:
 no host sync, no memset).
 
-Measured on an H200 (``bench/gpu_w4a16.py``, backends/cuda/NOTES.md "W4A16"): faster than bf16
-cuBLAS at M = 1 (1.3-1.6x) and M = 16 on the MLP shapes, 0.93-0.95x at M = 4096, slower in
-between (M = 64-512); the GEMV reaches about a third of copy bandwidth, bound by the dequant
-instructions (about 34 per packed word), not by bytes.
+Measured on an H200 (``bench/gpu_w4a16.py``, backends/cuda/NOTES.md "W4A16"): 1.4-1.9x bf16
+cuBLAS at M = 1 and 1.2-1.6x at M = 16, 0.7-0.87x at M = 64, 0.4-0.5x at M = 128 (the best of
+tensor cores and dequant + cuBLAS is still slower than bf16 there), 0.94-0.96x at M = 4096. At
+M = 1 the kernel reaches 20-42% of copy bandwidth. Cutting the dequantization instructions about
+3x made it only ~1.4x faster, so the rest is most likely the per-plane ``tl.dot``: every 16-row
+plane goes registers -> shared memory -> MMA operand (Triton's layout conversion) behind
+barriers (not profiled).
 """
 
 from __future__ import annotations
@@ -128,6 +140,79 @@ def _load_scale_zero(s_ptr, z_ptr, g, N, offs_n, n_mask, BITS: tl.constexpr, HAS
     return s, z
 
 
+# 4-bit -> 16-bit dequantization of two packed words by magic numbers (Marlin's trick, Frantar et
+# al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference", and its `dequant`):
+# a 4-bit field q OR-ed into the low mantissa bits of a 16-bit float whose exponent encodes E
+# (bf16 0x4300 = 128, fp16 0x6400 = 1024; both have >= 7 mantissa bits, so the value is exactly
+# E + q) gives E + q with one LOP3 for a PAIR of values (a half2/bf16x2 register). One FMA2 adds
+# -(E + z) (an exact small integer), one FMA2 multiplies by the scale (one rounding, the same as
+# rounding the fp32 (q - z) * s). The pair is (word0 field j, word1 field j): PRMT first puts
+# the low (high) 16 bits of both words into one register, then shifts by 4 walk the fields.
+# (fma.bf16x2 takes no immediates: the constants go through registers.)
+# $0..$7: plane j = 0..7 of both elements; $8, $9: the two words; $10: -(E + z) pair; $11: s pair.
+_DEQ4_BODY = """
+{
+.reg .b32 lo, hi, t, one, nz;
+mov.b32 one, ONE;
+mov.b32 nz, NEGZERO;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 4;
+lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 8;
+lop3.b32 $2, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, lo, 12;
+lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $4, hi, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 4;
+lop3.b32 $5, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 8;
+lop3.b32 $6, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t, hi, 12;
+lop3.b32 $7, t, 0x000F000F, MAGIC, 0xEA;
+""" + "".join(f"fma.rn.TY ${j}, ${j}, one, $10;\nfma.rn.TY ${j}, ${j}, $11, nz;\n" for j in range(8)) + "}"
+_DEQ4_ASM_BF16: tl.constexpr = tl.constexpr(
+    _DEQ4_BODY.replace("MAGIC", "0x43004300").replace("TY", "bf16x2").replace("ONE", "0x3F803F80")
+    .replace("NEGZERO", "0x80008000"))
+_DEQ4_ASM_F16: tl.constexpr = tl.constexpr(
+    _DEQ4_BODY.replace("MAGIC", "0x64006400").replace("TY", "f16x2").replace("ONE", "0x3C003C00")
+    .replace("NEGZERO", "0x80008000"))
+
+
+def magic_bias(dtype: torch.dtype) -> float:
+    """The E of ``E + q`` in the 4-bit magic-number dequantization for 16-bit ``dtype``."""
+    return 128.0 if dtype == torch.bfloat16 else 1024.0
+
+
+@triton.jit
+def _dequant4_asm(words, nzb, s, IS_BF16: tl.constexpr):
+    """``[R, BN]`` int32 words -> the 8 planes ``(q_j - z) * s`` in the activation dtype (a tuple).
+
+    ``nzb = -(E + z)`` and ``s`` in the activation dtype, shaped like ``words``. GPU only (inline
+    PTX, sm_80+); ``_dequant_plane`` is the pure-Triton twin (interpreter, 8-bit, per-plane groups).
+    """
+    if IS_BF16:
+        return tl.inline_asm_elementwise(
+            _DEQ4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, nzb, s],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(
+            _DEQ4_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, nzb, s],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _dequant_plane(words, j: tl.constexpr, z, s, BITS: tl.constexpr, dtype: tl.constexpr):
+    """Plane ``j`` of ``[R, BN]`` words: ``(q_j - z) * s`` (fp32 ``z``, ``s``) rounded to ``dtype``.
+
+    ``2**23 + q`` by one OR (no int-to-float conversion), one subtraction, one multiply: the same
+    values as ``_dequant4_asm`` (both round the exact ``(q - z) * s`` once).
+    """
+    field = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+    return ((field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s).to(dtype)
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -135,7 +220,7 @@ def _wna16_gemm_kernel(
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, SCALE_PER_PLANE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     R: tl.constexpr = 16
@@ -208,7 +293,14 @@ def _wna16_gemm_kernel(
             if ONE_ROW:
                 part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
                 xs = tl.zeros([R, 1], dtype=tl.float32)
-        for j in tl.static_range(PACK):
+        if ASM:  # 4-bit, whole block in one group, tensor cores: the 8 planes by inline PTX
+            dt = x_ptr.dtype.element_ty
+            if IS_BF16:
+                nzb = (-(z + 128.0)).to(dt)
+            else:
+                nzb = (-(z + 1024.0)).to(dt)
+            planes = _dequant4_asm(words, nzb, s.to(dt), IS_BF16)
+        for j in tl.static_range(PACK):  # one 16-row plane per dot
             if SCALE_PER_PLANE:
                 s, z = _load_scale_zero(s_ptr, z_ptr, (k0 + j * R) // group_size, N, tile_cols, tile_cmask,
                                         BITS, HAS_ZP)
@@ -216,14 +308,14 @@ def _wna16_gemm_kernel(
                 xj = tl.load(x_ptr + k0 + j * R + offs_r).to(tl.float32)[:, None]       # [R, 1]
             else:
                 xj = tl.load(x_rows + (k0 + j * R + offs_r)[None, :], mask=m_mask[:, None], other=0.0)
-            if SCALE_PER_PLANE or USE_DOT:
-                # q - z through 2**23 + q (one OR, one subtraction; no int-to-float conversion)
-                field = ((words >> (j * BITS)) & FIELD) | 0x4B000000
-                w = (field.to(tl.float32, bitcast=True) - (z + 8388608.0)) * s
-                if USE_DOT:
-                    acc = tl.dot(xj, w.to(x_ptr.dtype.element_ty), acc)
+            if USE_DOT:
+                if ASM:
+                    w = planes[j]
                 else:
-                    acc += xj * w
+                    w = _dequant_plane(words, j, z, s, BITS, x_ptr.dtype.element_ty)
+                acc = tl.dot(xj, w, acc)
+            elif SCALE_PER_PLANE:
+                acc += xj * _dequant_plane(words, j, z, s, BITS, tl.float32)
             else:
                 # 1 + q / 2**BITS: the field moved to the top of the mantissa (shift + one LOP3),
                 # then one FMA per weight; the 1 and the zero point come off once per block.
@@ -294,13 +386,17 @@ def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
 
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bias: torch.Tensor | None, counters: torch.Tensor,
-               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+               bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None,
+               asm: bool | None = None) -> torch.Tensor:
     """``x [M, K]`` (16-bit, row stride free, unit column stride) -> ``[M, N]`` in ``x``'s dtype.
 
     ``qweight`` int32 ``[ceil(N / 64), K // PACK, 64]`` from ``pack_wna16``; ``scales`` ``[G, N]``; ``zeros``
     uint8 ``[G, N]`` or None (symmetric); ``counters`` int32 zeros with at least one entry per
     output tile when ``cfg.split_k > 1`` (left zeroed again by the kernel). ``out`` (optional,
-    ``[M, N]``, unit column stride) receives the result.
+    ``[M, N]``, unit column stride) receives the result. ``asm`` picks the dequantization of
+    the tensor-core path: inline PTX (``_dequant4_asm``) or the pure-Triton twin; None = PTX
+    wherever it applies (CUDA, 4-bit, groups of whole blocks). Raises ValueError for a launch
+    the kernel cannot run (``asm`` where it does not apply, a GEMV with ``block_m != 1``).
     """
     M, K = x.shape
     N = scales.shape[1]
@@ -309,6 +405,14 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return y
     if not cfg.use_dot and cfg.block_m != 1:
         raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
+    per_plane = group_size % block_k(bits) != 0
+    # the inline-PTX dequantization: GPU, 4-bit, one group per block, tensor cores
+    can_asm = x.is_cuda and bits == 4 and not per_plane and cfg.use_dot
+    if asm is None:
+        asm = can_asm
+    elif asm and not can_asm:
+        raise ValueError("the inline-PTX dequantization needs a CUDA tensor, 4-bit weights, "
+                         "tensor cores and groups of whole 128-row blocks")
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:
         assert counters.numel() >= grid[0] * grid[1], "split-K counters too small for this launch"
@@ -319,20 +423,31 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
         y, ws, counters, M, N, K, x.stride(0), y.stride(0), group_size, cfg.split_k,
         BITS=bits, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=group_size % block_k(bits) != 0,
+        USE_DOT=cfg.use_dot, SCALE_PER_PLANE=per_plane,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_k > 1, NP=PACK_N, PREFETCH=cfg.prefetch,
+        ASM=asm, IS_BF16=x.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order)."""
+                     bits: int, group_size: int, dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight ``[K, N]`` in ``dtype`` (rows in the packed, i.e. permuted, order).
+
+    ``out``: optional storage with at least ``K * N`` elements of ``dtype`` (a scratch buffer
+    shared by all layers); the result is a ``[K, N]`` view of its start.
+    """
     _, kw, _ = qweight.shape
     N = scales.shape[1]
     K = kw * pack_factor(bits)
-    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    if out is None:
+        w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    else:
+        if out.dtype != dtype or out.numel() < K * N or not out.is_contiguous():
+            raise ValueError(f"scratch of {out.numel()} {out.dtype} cannot hold a {K}x{N} {dtype} weight")
+        w = out.view(-1)[: K * N].view(K, N)
     grid = (K // block_k(bits), triton.cdiv(N, PACK_N))
     _wna16_dequant_kernel[grid](qweight, scales, zeros if zeros is not None else scales, w, N, K, group_size,
                                 BITS=bits, HAS_ZP=zeros is not None, NP=PACK_N, num_warps=4)
@@ -343,11 +458,12 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # (max_m, use_dot, block_m, block_n, warps, stages, prefetch, waves). One-row decode uses the
 # CUDA-core GEMV; up to DOT_MAX_M rows, tensor-core tiles; above it the layer dequantizes into a
 # scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
-BUCKETS = (
-    (1, False, 1, 64, 2, 3, 2, 8),
-    (16, True, 16, 64, 4, 3, 1, 4),  # sweep of 124eeea: 109 us per layer's 4 GEMMs vs 120 with block_n 128
+BUCKETS = (  # the comments give the sweep (bench/results/h200-w4a16-<commit>.txt) each entry comes from
+    (1, True, 16, 64, 4, 3, 1, 4),    # c95f51d: PTX dequant on tensor cores 78.6 us/layer; GEMV 88.5 (921726f)
+    (16, True, 16, 64, 4, 3, 1, 4),   # c95f51d: 90.5 us/layer; block_n 128 (waves 4) 92.0 in 9261a46
     (32, True, 32, 64, 4, 3, 1, 4),
-    (64, True, 64, 128, 4, 3, 1, 2),
+    (64, True, 32, 128, 4, 3, 1, 4),  # c95f51d: 168 us/layer; 64x128 tiles 189 (921726f)
+    (128, True, 64, 128, 4, 3, 1, 2),  # 9261a46: 324 us/layer; dequant + cuBLAS 343 (c95f51d)
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16

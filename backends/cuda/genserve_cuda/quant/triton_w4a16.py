@@ -1,8 +1,10 @@
 """``TritonW4A16Kernel``: the ``MPLinearKernel`` that runs 4/8-bit weights on CUDA GPUs.
 
 The weights are repacked once (``genserve_cuda.kernels.w4a16.pack_wna16``); every call then runs
-one Triton GEMM launch (split-K GEMV for decode rows, tensor-core tiles up to
-``DOT_MAX_M`` rows) or, for prefill-sized inputs, a dequantize-to-scratch kernel plus cuBLAS.
+one Triton GEMM launch (split-K tensor-core tiles with inline-PTX dequantization up to
+``DOT_MAX_M`` rows, one decode row padded to a 16-row tile) or, for prefill-sized inputs, a
+dequantize-to-scratch kernel plus cuBLAS (the scratch is one buffer per device and dtype,
+shared by all layers: ``SCRATCH``).
 Act-order layers gather ``x``'s columns with the permutation first (one ``index_select``,
 capturable in a CUDA graph); the weight rows were already permuted by the quantizer.
 """
@@ -33,6 +35,38 @@ def shape_unsupported_reason(config: WNA16Config) -> str | None:
     if config.group_size % PLANE_ROWS:
         return f"group_size {config.group_size} is not a multiple of {PLANE_ROWS}"
     return None
+
+
+class DequantScratch:
+    """One 16-bit scratch weight per (device, dtype), shared by every layer's prefill path.
+
+    Layers announce their ``K * N`` at load (``reserve``); the first ``get`` allocates the largest
+    announced size once, so a forward (eager or captured in a CUDA graph) dequantizes every layer
+    into the same memory instead of one allocation per layer per call. Layers run one after
+    another on one stream, which is what makes the sharing safe. A buffer replaced by a larger one
+    is kept alive: a CUDA graph captured earlier may still point at it.
+    """
+
+    def __init__(self):
+        self.need: dict[torch.device, int] = {}
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def reserve(self, device: torch.device, numel: int) -> None:
+        self.need[device] = max(self.need.get(device, 0), numel)
+
+    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self.buffers.get((device, dtype))
+        size = max(numel, self.need.get(device, 0))
+        if buf is None or buf.numel() < size:
+            if buf is not None:
+                self.retired.append(buf)
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self.buffers[(device, dtype)] = buf
+        return buf
+
+
+SCRATCH = DequantScratch()
 
 
 @lru_cache(maxsize=None)
@@ -74,6 +108,7 @@ class TritonW4A16Kernel(MPLinearKernel):
         layer.register_buffer("w4a16_perm", perm, persistent=False)
         counters = torch.zeros(counters_needed(N, K, c.bits, _num_sms(device)), dtype=torch.int32, device=device)
         layer.register_buffer("w4a16_counters", counters, persistent=False)
+        SCRATCH.reserve(device, K * N)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from genserve_cuda.kernels.w4a16 import DOT_MAX_M, select_config, wna16_dequantize, wna16_gemm
@@ -87,8 +122,9 @@ class TritonW4A16Kernel(MPLinearKernel):
         m = x2.shape[0]
         if m > DOT_MAX_M:
             # prefill: one pass to a 16-bit scratch weight, then cuBLAS at full tensor-core rate
+            scratch = SCRATCH.get(x2.device, x2.dtype, c.in_features * c.out_features)
             w = wna16_dequantize(layer.w4a16_qweight, layer.w4a16_scales, layer.w4a16_zeros,
-                                 c.bits, c.group_size, x2.dtype)
+                                 c.bits, c.group_size, x2.dtype, out=scratch)
             y = torch.addmm(bias, x2, w) if bias is not None else torch.mm(x2, w)
         else:
             cfg = select_config(max(m, 1), c.out_features, c.in_features, c.bits, _num_sms(x2.device))
