@@ -225,3 +225,45 @@ def test_exported_from_the_package():
     assert "LLM" in dir(genserve)
     with pytest.raises(AttributeError):
         genserve.NoSuchThing  # noqa: B018
+
+
+# -- docs/offline.md --------------------------------------------------------------------------
+
+class _Built(Exception):
+    """Raised instead of loading a model the docs name but the tests do not have."""
+
+
+def test_the_docs_examples_run(smollm2, monkeypatch, tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "offline.md").read_text()
+    intro, flags, prompts, dummy, engine_loop = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    seen = []
+
+    def build(args):  # the embedded model is the session's (fp32, CPU); other models are not loaded
+        seen.append(args)
+        if args.model_id is None:
+            return smollm2
+        raise _Built
+
+    monkeypatch.setattr("genserve.entrypoints.llm.build_loaded_engine", build)
+    for block in (intro, prompts):
+        scope = {}
+        exec(block, scope)  # noqa: S102
+        assert all(o.finished and o.outputs[0].token_ids for o in scope["outputs"])
+    assert scope["outputs"][2].prompt_logprobs[0] is None
+    assert len(scope["outputs"][2].outputs[0].top_logprobs[0]) == 3
+
+    with pytest.raises(_Built):
+        exec(flags, {"LLM": LLM})  # noqa: S102
+    a = seen[-1]
+    assert (a.model_id, a.dtype, a.backend, a.max_total_tokens, a.max_batch_total_tokens, a.num_shard,
+            a.lora_adapters) == ("./my-llama", "bfloat16", "cuda", 4096, 65536, 2, "sql=./sql-adapter")
+    with pytest.raises(_Built):
+        exec(dummy.replace("/tmp/llama-8b-shape", str(tmp_path)), {})  # noqa: S102
+    assert (seen[-1].model_id, seen[-1].load_format) == (str(tmp_path), "dummy")
+
+    scope = {"engine": smollm2.engine}
+    exec(engine_loop, scope)  # noqa: S102
+    assert [len(r.outputs[0].token_ids) <= n for r, n in zip(scope["results"], (8, 4))] == [True, True]
