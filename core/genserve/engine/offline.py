@@ -141,8 +141,10 @@ def iter_steps(engine, requests: Sequence[OfflineRequest]) -> Iterator[list[Requ
     until no request waits to join and the engine has no work; yield each step's outputs
     (possibly empty: every step is yielded, so callers can count and time them).
 
-    Requests still live in the engine when the iteration stops early (the caller breaks out,
-    or a step raises) are aborted, so the engine is left clean. Raises what
+    The loop steps whatever the engine holds: requests added before it run (and are yielded)
+    too. Requests it added that are still live when the iteration stops early (the caller
+    breaks out and the generator is closed, or a step raises) are aborted, so the engine is
+    left clean. Not for an engine an ``AsyncEngine`` is stepping. Raises what
     ``engine.add_request`` raises (``ValueError`` for a duplicate id or an empty prompt).
     """
     pending = deque(sorted(requests, key=lambda r: r.join_step))  # stable: ties keep their order
