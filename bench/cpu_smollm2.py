@@ -25,15 +25,15 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def genserve_run(engine, prompts, new_tokens):
+    from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
     first: dict[str, float] = {}
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}-{t0}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    requests = [OfflineRequest(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     produced = 0
-    while engine.has_work:
-        for out in engine.step():
+    for outputs in iter_steps(engine, requests):
+        for out in outputs:
             produced += len(out.tokens)
             first.setdefault(out.request_id, time.perf_counter() - t0)
     wall = time.perf_counter() - t0

@@ -110,20 +110,18 @@ def offline_workload(vocab: int, n: int = 1000) -> tuple[list[list[int]], list[i
 
 def run_requests(engine, prompts, out_lens):
     """Submit everything at once; return (wall seconds, output tokens, per-request token times)."""
+    from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
 
     engine.blocks.reset_prefix_cache()
     gc.collect()  # start each figure without the previous one's garbage
     t0 = time.perf_counter()
-    times: dict[str, list[float]] = {}
-    for i, (p, n) in enumerate(zip(prompts, out_lens)):
-        rid = f"b{t0}-{i}"
-        times[rid] = []
-        engine.add_request(rid, p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    requests = [OfflineRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True), request_id=f"b{t0}-{i}")
+                for i, (p, n) in enumerate(zip(prompts, out_lens))]
+    times: dict[str, list[float]] = {r.request_id: [] for r in requests}
     produced = 0
     STEPS.update(steps=0, mixed=0, seqs=0)
-    while engine.has_work:
-        outs = engine.step()
+    for outs in iter_steps(engine, requests):
         st = engine.last_step_stats
         STEPS["steps"] += 1
         STEPS["mixed"] += bool(st.get("is_prefill"))

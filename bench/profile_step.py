@@ -25,15 +25,14 @@ from gpu_llama8b import LLAMA3_8B, TINY, random_prompt  # noqa: E402
 def decode(engine, batch: int, prompt_len: int, new_tokens: int, rng, prof=None) -> tuple[float, int]:
     """(seconds per decode step after the prefill, decode steps) for ``batch`` requests;
     ``prof`` (a torch profiler) records the decode steps only."""
+    from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
 
-    for i in range(batch):
-        engine.add_request(f"p{time.perf_counter()}-{i}", random_prompt(rng, prompt_len, 1000),
-                           SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    requests = [OfflineRequest(random_prompt(rng, prompt_len, 1000),
+                               SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
     first = None
     steps = 0
-    while engine.has_work:
-        outs = engine.step()
+    for outs in iter_steps(engine, requests):
         if first is None and outs:  # the first tokens are out: the prefill is over
             torch.cuda.synchronize()
             if prof is not None:

@@ -38,21 +38,21 @@ def write_config(folder: str, tiny: bool) -> None:
 
 def decode(engine, prompts, new_tokens) -> dict:
     """Run ``prompts`` to completion; times every step, split into decode-only and the rest."""
+    from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
 
-    tag = f"{time.monotonic_ns()}"
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    requests = [OfflineRequest(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     decode_s, decode_tokens, produced = 0.0, 0, 0
     t0 = time.perf_counter()
-    while engine.has_work:
-        engine.last_step_stats = {}  # a step that schedules nothing leaves the last one's behind
-        tokens = sum(len(out.tokens) for out in engine.step())
+    engine.last_step_stats = {}  # a step that schedules nothing leaves the last one's behind
+    for outputs in iter_steps(engine, requests):
+        tokens = sum(len(out.tokens) for out in outputs)
         produced += tokens
         stats = engine.last_step_stats
         if stats and not stats["is_prefill"]:
             decode_s += stats["duration"]
             decode_tokens += tokens
+        engine.last_step_stats = {}  # cleared for the next step, as before the first
     wall = time.perf_counter() - t0
     return {"decode_s": decode_s, "decode_tokens": decode_tokens, "produced": produced, "wall_s": wall}
 

@@ -40,6 +40,7 @@ from genserve.attention.torch_ref import TorchReferenceAttention
 from genserve.backends.options import BackendOptions
 from genserve.backends.select import BackendError, select_backend
 from genserve.engine.build import build_engine
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
@@ -630,18 +631,11 @@ def test_ipex_runner_keeps_our_layout_for_torch_attention(checkpoint, plugins, c
 
 def run_requests(engine, prompts, params):
     """Every output token (id, logprob, top-n) and the prompt logprobs of each request."""
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    out = {f"r{i}": {"ids": [], "logprobs": [], "top": [], "prompt": None} for i in range(len(prompts))}
-    while engine.has_work:
-        for o in engine.step():
-            d = out[o.request_id]
-            d["ids"] += [t.id for t in o.tokens]
-            d["logprobs"] += [t.logprob for t in o.tokens]
-            d["top"] += [[i for i, _ in t.top] for t in o.tokens]
-            if o.prompt_tokens:
-                d["prompt"] = [pt.logprob for pt in o.prompt_tokens]
-    return out
+    results = run_to_completion(engine, [OfflineRequest(p, params, request_id=f"r{i}")
+                                         for i, p in enumerate(prompts)])
+    return {r.request_id: {"ids": r.outputs[0].token_ids, "logprobs": r.outputs[0].logprobs,
+                           "top": [[i for i, _ in top] for top in r.outputs[0].top_logprobs],
+                           "prompt": r.prompt_logprobs} for r in results}
 
 
 @pytest.mark.parametrize("backend", ["neuron-on-cpu", "gaudi-on-cpu"])

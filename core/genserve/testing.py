@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from genserve.args import defaults
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import Sequence
 from genserve.engine.scheduler import ScheduledSeq
@@ -83,17 +84,9 @@ def prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
 def generate_greedy(engine, prompts: list[list[int]], max_new_tokens: int,
                     join_every: int = 0) -> list[list[int]]:
     """Greedy outputs; with ``join_every`` > 0, request i joins after i * join_every steps."""
-    pending = list(enumerate(prompts))
-    outputs: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    step = 0
-    while pending or engine.has_work:
-        while pending and (join_every == 0 or step >= pending[0][0] * join_every):
-            i, p = pending.pop(0)
-            engine.add_request(f"req-{i}", p, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
-        for out in engine.step():
-            outputs[int(out.request_id.split("-")[1])] += [t.id for t in out.tokens]
-        step += 1
-    return [outputs[i] for i in range(len(prompts))]
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    requests = [OfflineRequest(p, params, join_step=i * join_every) for i, p in enumerate(prompts)]
+    return [r.outputs[0].token_ids for r in run_to_completion(engine, requests)]
 
 
 @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 import pytest
 
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.executor.shard_workers import ShardWorkers
 from genserve.engine.sampling_params import SamplingParams
 from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits, save_reference
@@ -13,14 +14,10 @@ def sampled_with_details(engine, prompt):
     """Seeded sampling with top-n and prompt logprobs: the LM head runs once more per request."""
     params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, seed=7, top_n_tokens=3,
                             prompt_logprobs=True, ignore_eos=True)
-    engine.add_request("details", prompt, params)
-    outs = []
-    while engine.has_work:
-        outs += engine.step()
-    tokens = [t for o in outs for t in o.tokens]
-    prompt_lps = [p.logprob for o in outs if o.prompt_tokens for p in o.prompt_tokens[1:]]
-    top_ids = [[i for i, _ in t.top] for t in tokens]
-    return [t.id for t in tokens], [t.logprob for t in tokens] + prompt_lps, top_ids
+    out = run_to_completion(engine, [OfflineRequest(prompt, params)])[0]
+    tokens = out.outputs[0]
+    top_ids = [[i for i, _ in top] for top in tokens.top_logprobs]
+    return tokens.token_ids, tokens.logprobs + out.prompt_logprobs[1:], top_ids
 
 
 def assert_sharded_matches(config, folder, build_sharded, new_tokens=20):

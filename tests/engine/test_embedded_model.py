@@ -7,6 +7,7 @@ import torch
 
 from genserve.engine.async_engine import AsyncEngine
 from genserve.engine.detokenizer import Detokenizer
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from tests.conftest import chat_ids
 
@@ -15,15 +16,8 @@ PROMPTS = ["What is the capital of France?", "Explain photosynthesis to a child.
 
 
 def run(engine, prompts, **params):
-    for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", p, SamplingParams(**params))
-    tokens = {f"p{i}": [] for i in range(len(prompts))}
-    texts = {k: "" for k in tokens}
-    while engine.has_work:
-        for out in engine.step():
-            tokens[out.request_id] += [t.id for t in out.tokens]
-            texts[out.request_id] += out.text
-    return [tokens[f"p{i}"] for i in range(len(prompts))], [texts[f"p{i}"] for i in range(len(prompts))]
+    results = run_to_completion(engine, [OfflineRequest(p, SamplingParams(**params)) for p in prompts])
+    return [r.outputs[0].token_ids for r in results], [r.outputs[0].text for r in results]
 
 
 def test_answers_the_france_question(smollm2):

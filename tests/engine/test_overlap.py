@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from genserve.engine.offline import OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
 from genserve.testing import load_genserve, make_prompts, reference_greedy, save_reference
 
@@ -27,24 +28,17 @@ def engine_for(folder, overlap, **flags):
 
 def drive(engine, requests, abort_at=None):
     """``requests``: (join step, id, prompt, params). Returns id -> (ids, logprobs, reason)."""
-    pending = sorted(requests, key=lambda r: r[0])
-    got: dict[str, tuple[list[int], list[float], str | None]] = {}
-    step = 0
-    while pending or engine.has_work:
-        while pending and pending[0][0] <= step:
-            _, rid, prompt, params = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-            got[rid] = ([], [], None)
-        if abort_at and step == abort_at[0]:
-            engine.abort(abort_at[1])
-        for out in engine.step():
-            ids, lps, _ = got[out.request_id]
-            ids += [t.id for t in out.tokens]
-            lps += [t.logprob for t in out.tokens]
-            got[out.request_id] = (ids, lps, out.finish_reason if out.finished else None)
-        step += 1
-        assert step < 500, "the engine did not drain"
-    return got
+    offline = [OfflineRequest(prompt, params, join_step=join, request_id=rid)
+               for join, rid, prompt, params in requests]
+    collector = OutputCollector(offline)
+    for step, outputs in enumerate(iter_steps(engine, offline)):
+        collector.add(outputs)
+        if abort_at and step + 1 == abort_at[0]:  # before step abort_at[0]
+            aborted = engine.abort(abort_at[1])
+            collector.add([aborted] if aborted else [])
+        assert step + 1 < 500, "the engine did not drain"
+    return {r.request_id: (r.outputs[0].token_ids, r.outputs[0].logprobs, r.outputs[0].finish_reason)
+            for r in collector.results()}
 
 
 def assert_same(a, b):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from genserve.engine.model_runner import ModelRunner
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
@@ -114,18 +115,10 @@ def generate(engine, items: list[tuple[list[int], str | None]], max_new_tokens: 
              join_every: int = 0) -> list[list[int]]:
     """Greedy tokens through the real engine loop; request i joins after i * join_every steps,
     so prefills and decodes of different adapters share steps."""
-    pending = list(enumerate(items))
-    outputs: dict[int, list[int]] = {i: [] for i in range(len(items))}
-    step = 0
-    while pending or engine.has_work:
-        while pending and (join_every == 0 or step >= pending[0][0] * join_every):
-            i, (prompt, adapter) = pending.pop(0)
-            engine.add_request(f"req-{i}", prompt, SamplingParams(
-                max_new_tokens=max_new_tokens, ignore_eos=True, adapter_id=adapter))
-        for out in engine.step():
-            outputs[int(out.request_id.split("-")[1])] += [t.id for t in out.tokens]
-        step += 1
-    return [outputs[i] for i in range(len(items))]
+    requests = [OfflineRequest(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True,
+                                                      adapter_id=adapter), join_step=i * join_every)
+                for i, (prompt, adapter) in enumerate(items)]
+    return [r.outputs[0].token_ids for r in run_to_completion(engine, requests)]
 
 
 @torch.inference_mode()

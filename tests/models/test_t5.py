@@ -62,6 +62,7 @@ def test_t5_preemption_keeps_encoder_state(tmp_path):
 
 
 def test_t5_engine_reports_client_prompt(tmp_path):
+    from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
     from genserve.testing import save_reference
     from transformers import AutoModelForSeq2SeqLM
@@ -69,9 +70,7 @@ def test_t5_engine_reports_client_prompt(tmp_path):
     save_reference(tiny_t5(), tmp_path, model_cls=AutoModelForSeq2SeqLM)
     engine = load_genserve(tmp_path)
     assert not engine.blocks.enable_prefix_caching  # decoder blocks depend on the encoder input
-    engine.add_request("r", [5, 6, 7, 8, 9], SamplingParams(max_new_tokens=3, ignore_eos=True))
-    outs = []
-    while engine.has_work:
-        outs += engine.step()
+    request = OfflineRequest([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    outs = [o for step in iter_steps(engine, [request]) for o in step]
     assert [o.num_prompt_tokens for o in outs] == [5, 5, 5]
     assert outs[-1].finished and outs[-1].num_generated == 3

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -29,9 +30,8 @@ SHORT = (5, 9, 12, 15)
 def warm_up(engine: LLMEngine, vocab_size: int) -> None:
     t0 = time.perf_counter()
     if not engine.runner.lazy_kernels:
-        engine.add_request("genserve-warmup", _prompt(0, SHORT[0], vocab_size), SamplingParams(max_new_tokens=2))
-        while engine.has_work:
-            engine.step()
+        run_to_completion(engine, [OfflineRequest(_prompt(0, SHORT[0], vocab_size), SamplingParams(max_new_tokens=2),
+                                                  request_id="genserve-warmup")])
         return
     cfg = engine.config
     long_len = min(cfg.max_input_tokens, cfg.scheduler.max_batch_prefill_tokens)
@@ -58,19 +58,12 @@ def _prompt(seed: int, n: int, vocab_size: int) -> list[int]:
 
 def _run(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int,
          joining: Sequence[list[int]] = ()) -> None:
-    def add(ids: list[int]) -> None:
+    """Run ``prompts`` together; ``joining`` join them before the third step (after one prefill
+    step and one decode step), so their prefill shares a step with a decode."""
+    def request(ids: list[int], join_step: int) -> OfflineRequest:
         cfg = engine.config
         ids = ids[:cfg.max_input_tokens]
         new = max(1, min(max_new_tokens, cfg.max_total_tokens - len(ids)))
-        engine.add_request(f"genserve-warmup-{time.monotonic_ns()}", ids,
-                           SamplingParams(max_new_tokens=new, ignore_eos=True))
+        return OfflineRequest(ids, SamplingParams(max_new_tokens=new, ignore_eos=True), join_step=join_step)
 
-    for ids in prompts:
-        add(ids)
-    steps = 0
-    while engine.has_work:
-        engine.step()
-        steps += 1
-        if steps == 2:  # the first sequence is decoding now
-            for ids in joining:
-                add(ids)
+    run_to_completion(engine, [request(ids, 0) for ids in prompts] + [request(ids, 2) for ids in joining])
