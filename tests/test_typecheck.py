@@ -30,7 +30,9 @@ def test_core_type_checks():
 def test_an_undeclared_member_is_an_error(tmp_path):
     """What the check is for: callers use the members Backend, ModelRunner, CausalLM and
     AttentionImpl declare, and a hasattr-style member nobody declared fails the check."""
-    probe = tmp_path / "probe.py"
+    # A module name of its own: mypy's incremental cache (shared with earlier runs) keys
+    # modules by name and would report an earlier probe's file path.
+    probe = tmp_path / f"probe_{tmp_path.name.replace('-', '_')}_{os.getpid()}.py"
     probe.write_text(
         "from genserve.attention.base import AttentionImpl\n"
         "from genserve.backends.base import Backend\n"
@@ -54,4 +56,4 @@ def test_an_undeclared_member_is_an_error(tmp_path):
         '"ModelRunner" has no attribute "capture_graphs"  [attr-defined]',
         '"Backend" has no attribute "optimize_model"  [attr-defined]',
     ], res.stdout
-    assert all(e.startswith(str(probe)) for e in errors)
+    assert all(e.startswith(str(probe)) for e in errors), (str(probe), errors)
