@@ -13,7 +13,7 @@ from genserve_cuda.backend import CudaBackend
 
 @hookimpl
 def genserve_register_backends(register):
-    register(CudaBackend)
+    register(CudaBackend.name, CudaBackend)
 
 
 @hookimpl
