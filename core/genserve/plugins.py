@@ -196,6 +196,8 @@ def _attributed(plugin: _Loading, kind: str, impl: pluggy.HookImpl) -> Callable:
     def wrapper(register: Stage) -> Generator[Any, Any, Any]:
         # The implementations inside never raise (each is a stand-in that catches), so any
         # exception here is this wrapper's own.
+        if plugin.failure is not None:
+            return (yield)  # failed in an earlier hook: let the others run, stage nothing
         try:
             inner = call_original(register)
             yielded = next(inner)  # the wrapper's code before its yield
