@@ -112,6 +112,38 @@ def eos_ids(tokenizer, config) -> set[int]:
 
 
 def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
+    """Build a ready-to-step engine from parsed flags: backend, model, weights, KV cache, warm-up.
+
+    ``args`` is the namespace of ``genserve serve``'s flags (``genserve.args.defaults(**flags)``
+    makes one in code); ``plugins`` defaults to the process-wide ``get_plugins()``. With
+    ``--num-shard``/``--sharded`` asking for more than one rank, the other ranks are spawned
+    first and this process builds rank 0 (``distributed.launch.build_sharded_engine``).
+
+    Units: every length limit (``max_total_tokens``, ``max_input_tokens``,
+    ``max_batch_prefill_tokens``, ``max_batch_total_tokens``) counts tokens; the KV cache is
+    sized in blocks of ``block_size`` tokens, from ``max_batch_total_tokens`` when given, else
+    from ``backend.memory_budget()`` (bytes) over the bytes of one block. Limits not given
+    follow TGI: ``max_total_tokens`` = min(the model's ``max_position_embeddings``, the cache's
+    tokens), ``max_input_tokens`` = ``max_total_tokens - 1``.
+
+    Returns a ``LoadedEngine``: the ``LLMEngine``, its tokenizer (None when the checkpoint has
+    none: token ids only), the Hugging Face config, the resolved ``ModelSource``, the backend
+    instance, the attention implementation's name, the quantizer's name (or None) and
+    ``load_seconds``, the wall time of the build in seconds.
+
+    Raises:
+        BackendError: ``--backend`` names a backend that is not installed or not available.
+        ModelNotFoundError: ``--model-id`` is neither a local path nor a reachable hub id, or
+            the embedded default model is not installed.
+        ConfigError: the flags and the model do not fit: an architecture or quantizer no plugin
+            serves (or a quantizer the backend cannot run), no usable attention
+            implementation, weights missing from the checkpoint, inconsistent limits,
+            ``max_total_tokens`` larger than the KV cache, no memory for one block, a bad
+            ``--lora-adapters`` (sharding: too few devices, flags the workers cannot take).
+        UnknownEntryError: ``--quantize`` names no installed quantizer.
+        PluginLoadError: a plugin asked for in ``GENSERVE_PLUGINS`` failed to load.
+        ShardFailure: a worker rank died or failed while the sharded engine started.
+    """
     from genserve.distributed import launch
 
     if launch.sharding_requested(args):  # spawns the other ranks, then builds rank 0 through here
