@@ -156,7 +156,8 @@ def plugins(args) -> int:
         return fail(exc)
     if args.json:
         print(json.dumps([{"name": p.name, "module": p.module, "builtin": p.builtin, "error": p.error,
-                           "registered": p.registered} for p in loaded.infos], indent=2))
+                           "registered": p.registered, "overrides": p.overrides} for p in loaded.infos],
+                         indent=2))
         return 0
     for p in loaded.infos:
         origin = "built-in" if p.builtin else "installed"
@@ -168,6 +169,8 @@ def plugins(args) -> int:
             print("  (registered nothing)")
         for kind, names in sorted(p.registered.items()):
             print(f"  {kind}: {', '.join(names)}")
+        for kind, names in sorted(p.overrides.items()):
+            print(f"  replaces built-in {kind}: {', '.join(names)}")
     failed = loaded.failed()
     if failed:
         print(f"\n{len(failed)} plugin(s) failed to load: {', '.join(p.name for p in failed)}")

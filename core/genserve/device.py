@@ -7,7 +7,7 @@ would undo overlapped steps; staging through pinned memory keeps both directions
 The pinned buffers are kept and reused round-robin rather than allocated per copy: a step's
 uploads change size every step (the block tables grow with the sequences), and each size the
 caching host allocator had not seen yet cost a cudaHostAlloc that stalled the step behind the
-one running (H100: launches of ~240 ms instead of ~3 ms in the first offline run).
+one running (by how much: docs/benchmarks.md, "Measurements behind design choices").
 """
 
 from __future__ import annotations

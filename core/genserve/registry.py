@@ -14,6 +14,10 @@ class UnknownEntryError(KeyError):
         return str(self.args[0])
 
 
+class DuplicateEntryError(ValueError):
+    """A name is taken by another object."""
+
+
 class Registry(Generic[T]):
     """A name -> object map that remembers which plugin registered each entry."""
 
@@ -22,12 +26,19 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._owners: dict[str, str] = {}
 
-    def register(self, name: str, obj: T, owner: str = "?") -> None:
+    def register(self, name: str, obj: T, owner: str = "?", *, replace: bool = False) -> None:
+        """Add ``obj`` under ``name`` (case-insensitive), remembering the plugin ``owner``.
+
+        Registering the same object again is harmless; another object under a taken name
+        raises ``DuplicateEntryError`` unless ``replace`` is true (a plugin's declared override
+        of a built-in: ``genserve.plugins`` decides when that is allowed).
+        """
         name = name.lower()
-        previous = self._owners.get(name)
-        if previous is not None and self._entries[name] is not obj and previous != owner:
-            raise ValueError(
-                f"{self.kind} {name!r} is registered twice: by {previous!r} and by {owner!r}"
+        if name in self._entries and self._entries[name] is obj:
+            return
+        if name in self._entries and not replace:
+            raise DuplicateEntryError(
+                f"{self.kind} {name!r} is registered twice: by {self._owners[name]!r} and by {owner!r}"
             )
         self._entries[name] = obj
         self._owners[name] = owner

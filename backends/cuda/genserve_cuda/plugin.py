@@ -14,7 +14,7 @@ from genserve_cuda.quant.triton_w4a16 import TritonW4A16Kernel
 
 @hookimpl
 def genserve_register_backends(register):
-    register(CudaBackend)
+    register(CudaBackend.name, CudaBackend)
 
 
 @hookimpl

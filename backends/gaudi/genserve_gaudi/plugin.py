@@ -12,7 +12,7 @@ from genserve_gaudi.backend import GaudiBackend
 
 @hookimpl
 def genserve_register_backends(register):
-    register(GaudiBackend)
+    register(GaudiBackend.name, GaudiBackend)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from genserve_ipex.backend import IpexBackend
 
 @hookimpl
 def genserve_register_backends(register):
-    register(IpexBackend)
+    register(IpexBackend.name, IpexBackend)
 
 
 @hookimpl

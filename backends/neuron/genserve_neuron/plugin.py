@@ -12,7 +12,7 @@ from genserve_neuron.backend import NeuronBackend
 
 @hookimpl
 def genserve_register_backends(register):
-    register(NeuronBackend)
+    register(NeuronBackend.name, NeuronBackend)
 
 
 @hookimpl

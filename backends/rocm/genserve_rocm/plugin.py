@@ -8,4 +8,4 @@ from genserve_rocm.backend import RocmBackend
 
 @hookimpl
 def genserve_register_backends(register):
-    register(RocmBackend)
+    register(RocmBackend.name, RocmBackend)

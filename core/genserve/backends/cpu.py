@@ -41,4 +41,4 @@ class CpuBackend(Backend):
 
 @hookimpl
 def genserve_register_backends(register):
-    register(CpuBackend)
+    register(CpuBackend.name, CpuBackend)

@@ -67,8 +67,29 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     of its collective calls. For an engine from flags use ``genserve.executor.create_engine``,
     which also decides whether to shard.
 
-    Raises ``ConfigError`` (e.g. limits that contradict each other or the cache, an
-    unsupported model type, missing weights), ``BackendError``, ``ModelNotFoundError``.
+    Units: every length limit (``max_total_tokens``, ``max_input_tokens``,
+    ``max_batch_prefill_tokens``, ``max_batch_total_tokens``) counts tokens; the KV cache is
+    sized in blocks of ``block_size`` tokens, from ``max_batch_total_tokens`` when given, else
+    from ``backend.memory_budget()`` (bytes) over the bytes of one block. Limits not given
+    follow TGI: ``max_total_tokens`` = min(the model's ``max_position_embeddings``, the cache's
+    tokens), ``max_input_tokens`` = ``max_total_tokens - 1``.
+
+    Returns a ``LoadedEngine``: the ``LLMEngine``, its tokenizer (None when the checkpoint has
+    none: token ids only), the Hugging Face config, the resolved ``ModelSource``, the backend
+    instance, the attention implementation's name, the quantizer's name (or None) and
+    ``load_seconds``, the wall time of the build in seconds.
+
+    Raises:
+        BackendError: ``--backend`` names a backend that is not installed or not available.
+        ModelNotFoundError: ``--model-id`` is neither a local path nor a reachable hub id, or
+            the embedded default model is not installed.
+        ConfigError: the flags and the model do not fit: an architecture or quantizer no plugin
+            serves (or a quantizer the backend cannot run), no usable attention
+            implementation, weights missing from the checkpoint, inconsistent limits,
+            ``max_total_tokens`` larger than the KV cache, no memory for one block, a bad
+            ``--lora-adapters``, or a call for more than one rank (use ``create_engine``).
+        UnknownEntryError: ``--quantize`` names no installed quantizer.
+        PluginLoadError: a plugin asked for in ``GENSERVE_PLUGINS`` failed to load.
     """
     if ((args.num_shard or 1) > 1 or args.sharded) and get_tp_group().size == 1:
         raise ConfigError("build_engine builds one rank; for --num-shard/--sharded build the engine "

@@ -55,6 +55,18 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; the next ``step()`` calls may schedule it.
+
+        ``prompt_ids``: the prompt's token ids (for an encoder-decoder model, the encoder's
+        input; decoding then starts from ``decoder_start_token_id``). ``params.seed`` None
+        draws a random 63-bit seed, reported in the outputs when the request samples. Lengths
+        are not checked here (the server validates them against ``max_input_tokens`` and
+        ``max_total_tokens``): a prompt larger than the whole KV cache comes back from a later
+        ``step()`` as a finished output with ``finish_reason`` ERROR and ``error`` set.
+
+        Raises ``ValueError`` if ``request_id`` is already in use by an unfinished request or
+        ``prompt_ids`` is empty.
+        """
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -83,6 +95,20 @@ class LLMEngine:
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one engine step: schedule a batch, run the model on it, return what it produced.
+
+        Returns at most one ``RequestOutput`` per request that produced a token this step (with
+        overlap on, the tokens of the batch launched by the previous step), carrying the new
+        tokens and text since the request's last output, plus a finished output for each
+        request that can never fit the KV cache. A request's last output has ``finished``
+        True and its ``finish_reason``; the engine forgets it then. Prefill-only steps of a
+        chunked prompt return nothing for that request. ``last_step_stats`` holds the step's
+        ``duration`` (seconds), ``num_seqs``, ``prefill_tokens`` and ``is_prefill``.
+
+        Loop ``while engine.has_work: engine.step()`` to drain every request. Errors of the
+        model or device (e.g. ``torch.OutOfMemoryError``) propagate; a sharded engine raises
+        ``ShardFailure`` (an ``EngineDeadError``) when a worker rank is lost.
+        """
         t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         # Taken off the engine first: a step that raises is never completed twice.

@@ -85,6 +85,22 @@ class Scheduler:
         out.preempted.append(seq)
 
     def schedule(self) -> SchedulerOutput:
+        """Choose this step's batch: which sequences run, and how many of their tokens.
+
+        In order: (1) each running sequence that decodes gets 1 token, oldest first,
+        preempting the newest running ones when the KV cache has no block for it; (2) chunked
+        prefills in progress continue; (3) waiting requests are admitted, oldest first, under
+        TGI's rule (with a batch running, only once ``waiting_served_ratio`` x running requests
+        can join, or after ``max_waiting_tokens`` steps without admission). Prompt tokens are
+        limited per step to ``max_batch_prefill_tokens`` less the step's decode rows (at least
+        ``PREFILL_FLOOR``), sequences to ``max_batch_size``; blocks are allocated here.
+
+        Returns a ``SchedulerOutput``: ``scheduled`` (``ScheduledSeq``: the sequence and its
+        ``num_tokens`` computed this step, from ``seq.num_computed`` on), ``preempted`` (freed,
+        back at the head of the waiting queue, to be recomputed) and ``failed`` (requests that
+        need more tokens of KV cache than the whole cache holds: finished with an error). Raises
+        nothing: what cannot run now waits.
+        """
         out = SchedulerOutput()
 
         # 1. Running sequences, oldest first; preempt the newest when blocks run out. Decodes

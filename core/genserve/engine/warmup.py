@@ -1,9 +1,9 @@
 """Run each kind of step serving will see once, before the first request.
 
 GPU kernels (Triton) compile on first use of each variant, and cuBLAS/cuDNN pick their
-algorithms on first call: left to the first requests, that costs them seconds (an H100 run
-measured a first 1x1024 prefill at 84-99 ms against 24 ms after, and a first offline batch
-25% slower than a second). Runners whose kernels compile lazily say so with ``lazy_kernels``;
+algorithms on first call: left to the first requests, that costs them seconds (what it cost on
+an H100: docs/benchmarks.md, "Measurements behind design choices"). Runners whose kernels
+compile lazily say so with ``lazy_kernels``;
 the others just run one short generation to prove the engine works.
 """
 

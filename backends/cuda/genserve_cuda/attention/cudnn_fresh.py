@@ -1,8 +1,8 @@
 """Long fresh prompts through cuDNN's fused attention (torch's SDPA cuDNN backend).
 
-On an H100, cuDNN's Hopper kernel runs causal prefill at ~480 TFLOP/s where our Triton kernel
-reaches ~415 (bench/prefill_attention.py, 4096-token prompts); for prompts under ~2k tokens
-it is no faster, and at 512 it is slower, so only batches whose every prompt is long use it.
+On Hopper, cuDNN's kernel runs long causal prefills faster than our Triton kernel; for prompts
+under ~2k tokens it is no faster, and at 512 it is slower, so only batches whose every prompt
+is long use it (figures: backends/cuda/NOTES.md, "Prefill attention: tiles and cuDNN").
 Plain causal attention only: no window, ALiBi or softcap.
 """
 

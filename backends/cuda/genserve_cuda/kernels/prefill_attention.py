@@ -146,12 +146,15 @@ def _prefill_kernel(
 
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, paged: bool = True,
                    max_seqlen_q: int = 0) -> dict:
-    """Tile sizes, from bench/prefill_attention.py on an H100 (bf16, head_dim 128).
+    """Tile sizes ``{block_m, block_n, num_warps, num_stages}``, chosen with
+    bench/prefill_attention.py for bf16/fp16 and head_dim <= 128 (the measurements:
+    backends/cuda/NOTES.md, "Prefill attention: tiles and cuDNN").
 
-    Paged: 128x128 tiles, 2 stages (5-10% faster than 128x64). Fresh prompts, whose K/V loads
-    are plain strided rows that Triton pipelines deeper: 128x64 with 3 stages for long prompts
-    (417 vs 377 TFLOP/s at 2x4096), 64x64 with 4 warps for short ones (more programs to fill
-    the GPU). fp32 tiles of these sizes overflow shared memory.
+    Paged: 128x128 tiles, 2 stages. Fresh prompts, whose K/V loads are plain strided rows that
+    Triton pipelines deeper: 128x64 with 3 stages for long prompts (``max_seqlen_q`` >= 2048),
+    64x64 with 4 warps for short ones (more programs to fill the GPU). fp32 tiles of those
+    sizes overflow shared memory: fp32 gets 128x64 with 2 stages; larger heads and other
+    devices 64x64.
     """
     if device.type == "cuda" and head_dim <= 128 and dtype.itemsize == 2:
         if paged:

@@ -3,9 +3,9 @@
 TGI's ``eetq`` is the same scheme (8-bit weights, one scale per output channel, activations in
 16 bits) through a CUDA kernel. Here it is the CPU backend's: weights are quantized once after
 loading and the matmul is torch's int8-weight kernel (``aten._weight_int8pack_mm``), which reads
-a quarter of fp32's bytes. On a 2-core AVX512 CPU a 49152x576 matmul (SmolLM2's LM head shape)
-at one row runs in 0.62 ms, against 6.8 ms in fp32 and 1.7 ms in bf16. A GPU backend would need
-its own fused kernel, so other backends refuse the method rather than run it slowly.
+a quarter of fp32's bytes, and at one row is several times faster than the fp32 and bf16
+matmuls (docs/benchmarks.md, "Int8 weights on the CPU"). A GPU backend would need its own fused
+kernel, so other backends refuse the method rather than run it slowly.
 """
 
 from __future__ import annotations
