@@ -78,6 +78,16 @@ class LLMEngine:
         self.scheduler.finish(seq, FinishReason.ABORTED)
         return self._finish_output(seq)
 
+    def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
+        """End a request with ``FinishReason.ERROR`` and ``message`` (its KV blocks are freed);
+        returns its final output, or None when the id is unknown (already finished)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.error = message
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        return self._finish_output(seq)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None

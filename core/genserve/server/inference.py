@@ -18,10 +18,7 @@ from genserve.engine.async_engine import EngineDeadError
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sequence import FinishReason, TokenInfo
 from genserve.server import errors
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before the answer was ready."""
+from genserve.server.errors import ClientDisconnected
 
 
 def new_request_id() -> str:

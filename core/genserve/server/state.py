@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from genserve import __version__
@@ -79,7 +80,7 @@ class ServerState:
         self.started = int(time.time())
         self.last_success = 0.0
         self._token_texts: dict[int, str] = {}
-        self._health_lock: asyncio.Lock | None = None
+        self._health_lock = asyncio.Lock()
         self._parked = threading.Event()
 
     # -- loading --------------------------------------------------------------------------
@@ -176,6 +177,55 @@ class ServerState:
             permit.shutting_down = True
             for rid in list(permit.request_ids):
                 self.engine.abort(rid)
+
+    # -- outcomes -------------------------------------------------------------------------
+    def record_validated(self, valid) -> float:
+        """Observe a validated request's prompt length and max_new_tokens; returns the time
+        validation ended (``time.monotonic()``)."""
+        self.metrics.input_length.observe(valid.input_length)
+        self.metrics.max_new_tokens.observe(valid.max_new_tokens)
+        return time.monotonic()
+
+    def record_success(self, *, start: float, validated: float, arrival: float,
+                       first_scheduled: float | None, generated: int) -> float:
+        """The one place a request's success is recorded (every route calls it): the
+        ``tgi_request_*`` histograms, and ``last_success`` that spares /health its probe.
+        Times are ``time.monotonic()``; returns the end time."""
+        self.last_success = time.monotonic()
+        self.metrics.request_succeeded(start=start, validated=validated, arrival=arrival,
+                                       first_scheduled=first_scheduled, end=self.last_success,
+                                       generated=generated)
+        return self.last_success
+
+    async def probe_health(self, fresh_s: float = 5.0, timeout_s: float = 30.0) -> bool:
+        """Whether the engine answers: true when a request succeeded in the last ``fresh_s``
+        seconds, else after a one-token generation (one probe at a time; concurrent callers
+        share its outcome)."""
+        from genserve.engine.sampling_params import SamplingParams
+        from genserve.server.inference import new_request_id
+
+        if time.monotonic() - self.last_success < fresh_s:
+            return True
+        async with self._health_lock:
+            if time.monotonic() - self.last_success < fresh_s:
+                return True
+            ids = self.probe_ids(self.tokenizer, self.vocab_size)
+
+            async def one_token() -> bool:
+                async with aclosing(self.engine.generate(f"health-{new_request_id()}", ids,
+                                                         SamplingParams(max_new_tokens=1))) as outs:
+                    async for out in outs:
+                        if out.finished:
+                            return out.error is None and out.finish_reason.value != "aborted"
+                return False
+
+            try:
+                ok = await asyncio.wait_for(one_token(), timeout_s)
+            except Exception:
+                return False
+            if ok:
+                self.last_success = time.monotonic()
+            return ok
 
     # -- facts ----------------------------------------------------------------------------
     @property
