@@ -26,6 +26,10 @@ class RequestOutput:
     seed: int | None = None
     prompt_tokens: list[PromptToken] | None = None  # once, with the first output, when asked
     error: str | None = None
+    # A stop string ended the request (finish_reason STOP): which one (vLLM's stop_reason), and
+    # how many characters at the end of the text it covers (TGI returns them, OpenAI trims them).
+    stop_reason: str | None = None
+    stop_chars: int = 0
     # Timestamps (time.monotonic) for metrics.
     arrival: float = 0.0
     first_scheduled: float | None = None

@@ -137,7 +137,8 @@ class CompletionRequest(_Sampling):
     echo: Optional[bool] = None
     logprobs: Optional[int] = doc("Return log-probabilities with this many alternatives", minimum=0)
     suffix: Optional[str] = doc("Not supported")
-    best_of: Optional[int] = None
+    best_of: Optional[int] = doc("Sequences generated per prompt, of which the `n` with the highest "
+                                 "log-probability sum are returned (>= n; not with stream)", minimum=1)
 
 
 # -- responses ------------------------------------------------------------------------------

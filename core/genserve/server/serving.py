@@ -38,6 +38,56 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def token_string(raw: bytes) -> str:
+    """A token's text as OpenAI-compatible servers show it in logprobs: its bytes as UTF-8, or,
+    for a piece of a character, vLLM's ``bytes:`` form with each byte escaped (``bytes:\\xf0\\x9f``);
+    the exact bytes are in the entry's ``bytes``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def without_stop(text: str, reason: FinishReason | None, stop_chars: int) -> str:
+    """``text`` without the stop string that ended it: OpenAI never returns the matched stop
+    (TGI's routes do, so the engine's text includes it)."""
+    if reason is FinishReason.STOP and stop_chars:
+        return text[:max(len(text) - stop_chars, 0)]
+    return text
+
+
+def stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string (could still
+    become one): what a stream must hold back."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class HeldText:
+    """One streamed choice's text, with whatever could still become a stop string held back
+    until the next output says (vLLM does the same): no character of a matched stop reaches
+    the client, even when the stop spans several tokens."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending = stops, ""
+
+    def feed(self, out: RequestOutput) -> str:
+        """The text of ``out`` (and of earlier outputs) that can be sent now."""
+        self.pending += out.text
+        if out.finished:
+            text, self.pending = without_stop(self.pending, out.finish_reason, out.stop_chars), ""
+            return text
+        keep = stop_prefix_len(self.pending, self.stops)
+        cut = len(self.pending) - keep
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text
+
+
 @dataclass
 class RequestTimes:
     """``time.monotonic()`` when the handler started and when validation ended (metrics)."""
@@ -57,6 +107,7 @@ class OpenAIContext:
         self.created = int(time.time())
         self.model = serving.model_name(req)
         self.fingerprint = serving.state.system_fingerprint
+        self.held = [HeldText(params.stop) for _, params in jobs]  # per choice, when streamed
 
     def header(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,

@@ -9,7 +9,7 @@ from genserve.server.chat import parse_tool_output, render_chat, response_format
 from genserve.server.inference import SeqResult, finite
 from genserve.server.schemas_openai import ChatRequest
 from genserve.server.serving import (BAD_LOGPROB, OpenAIContext, OpenAIServing, RequestTimes, finish_reason,
-                                     usage)
+                                     token_string, usage, without_stop)
 from genserve.server.tool_stream import ToolCallReader, ToolDelta, new_call_id
 from genserve.server.validation import validate
 
@@ -77,18 +77,23 @@ class OpenAIServingChat(OpenAIServing):
         for t in tokens:
             if t.special:
                 continue
-            top = [{"token": state.token_text(i), "logprob": lp, "bytes": list(state.token_text(i).encode())}
-                   for i, lp in t.top if finite(lp) is not None]
-            lp = finite(t.logprob)
-            content.append({"token": t.text, "logprob": BAD_LOGPROB if lp is None else lp,
-                            "bytes": list(t.text.encode()), "top_logprobs": top})
+            top = [self.logprob_entry(i, lp) for i, lp in t.top if finite(lp) is not None]
+            content.append({**self.logprob_entry(t.id, t.logprob), "top_logprobs": top})
         return {"content": content}
+
+    def logprob_entry(self, token_id: int, logprob: float) -> dict:
+        """OpenAI's ``{token, logprob, bytes}``: the token's own bytes, even when they are only
+        part of a character (OpenAI: "characters represented by multiple tokens")."""
+        raw = self.state.token_bytes(token_id)
+        lp = finite(logprob)
+        return {"token": token_string(raw), "logprob": BAD_LOGPROB if lp is None else lp, "bytes": list(raw)}
 
     def response(self, ctx: ChatContext, results: list[SeqResult]) -> dict:
         req = ctx.req
         choices = []
         for i, r in enumerate(results):
-            content, calls = parse_tool_output(r.text) if ctx.tools else (r.text, None)
+            text = without_stop(r.text, r.finish_reason, r.stop_chars)
+            content, calls = parse_tool_output(text) if ctx.tools else (text, None)
             choices.append({"index": i, "message": {"role": "assistant", "content": content, "tool_calls": calls},
                             "logprobs": self.logprobs(r.tokens) if req.logprobs else None,
                             "finish_reason": chat_finish_reason(r.finish_reason, bool(calls))})
@@ -105,12 +110,13 @@ class OpenAIServingChat(OpenAIServing):
 
     def chunks(self, ctx: ChatContext, i: int, out: RequestOutput) -> list[dict]:
         req, chunks = ctx.req, []
+        text = ctx.held[i].feed(out)
         if ctx.tools:
-            for d in tool_deltas(ctx.readers[i].feed(out.text, final=out.finished), ctx.call_ids[i]):
+            for d in tool_deltas(ctx.readers[i].feed(text, final=out.finished), ctx.call_ids[i]):
                 chunks.append(self.chunk(i, d))
-        elif out.text or (req.logprobs and out.tokens and not out.finished):
+        elif text or (req.logprobs and out.tokens and not out.finished):
             lp = self.logprobs(out.tokens) if req.logprobs else None
-            chunks.append(self.chunk(i, delta(out.text), logprobs=lp))
+            chunks.append(self.chunk(i, delta(text), logprobs=lp))
         if out.finished:
             reason = chat_finish_reason(out.finish_reason, ctx.tools and ctx.readers[i].is_call)
             chunks.append(self.chunk(i, {"role": "assistant", "content": None, "tool_calls": None}, reason))

@@ -80,6 +80,7 @@ class ServerState:
         self.started = int(time.time())
         self.last_success = 0.0
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
         self._health_lock = asyncio.Lock()
         self._parked = threading.Event()
 
@@ -247,6 +248,13 @@ class ServerState:
         if text is None:
             text = self._token_texts[token_id] = self.loaded.engine.detok.token_text(token_id)
         return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (possibly part of a UTF-8 character), cached."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = self.loaded.engine.detok.token_bytes(token_id)
+        return raw
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.loaded.engine.detok.special_ids

@@ -106,6 +106,22 @@ def _finite(name: str, value: float | None) -> None:
         raise validation(f"`{name}` must be a finite number")
 
 
+# The sampler divides float32 logits by the temperature (and by the repetition penalty): a
+# divisor below this turns any logit beyond +-3.4e8 into inf (NaN probabilities), and float32
+# rounds values under 1.2e-38 to subnormals or 0. Far below any useful setting (0.01 is already
+# near-greedy), so such values are refused rather than silently clamped.
+MIN_DIVISOR = 1e-30
+F32_MAX = 3.4028234663852886e38
+
+
+def _divisor(name: str, value: float | None) -> None:
+    if value is not None and 0.0 < value < MIN_DIVISOR:
+        raise validation(f"`{name}` must be >= {MIN_DIVISOR:g} (smaller values overflow the float32 "
+                         f"logits; use greedy decoding instead). Given: {value:g}")
+    if value is not None and value > F32_MAX:
+        raise validation(f"`{name}` must be <= {F32_MAX:g} (float32). Given: {value:g}")
+
+
 def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     """The checks TGI makes before tokenizing, in its order."""
     for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
@@ -125,6 +141,8 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
         raise validation("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
         raise validation("`repetition_penalty` must be strictly positive")
+    _divisor("temperature", p.temperature)
+    _divisor("repetition_penalty", p.repetition_penalty)
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise validation("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
