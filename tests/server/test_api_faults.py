@@ -279,3 +279,32 @@ def test_smollm2_emoji_logprobs(smol_server):
     for e in entries:
         assert e.bytes and token_bytes(e.token) == bytes(e.bytes)
         assert all(token_bytes(t.token) == bytes(t.bytes) and "\ufffd" not in t.token for t in e.top_logprobs)
+
+
+# -- 8 (and 4 with a leading-space marker): a tokenizer the grammar library cannot load -----------
+def test_grammar_support_is_known_at_startup(metaspace_server):
+    url = metaspace_server.url
+    assert httpx.get(url + "/info").json()["grammar_support"] is False
+    log = open(metaspace_server.log_path, errors="replace").read()
+    assert "grammar support: off, llguidance cannot load this tokenizer" in log
+    requests = [
+        ("/generate", {"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "[0-9]+"}}}),
+        ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", {"messages": HI, "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ]
+    for path, body in requests:
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith("grammar is not supported: llguidance cannot load this tokenizer")
+    ok = httpx.post(url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_logprob_bytes_with_a_leading_space_marker(metaspace_server):
+    r = httpx.post(metaspace_server.url + "/v1/completions", json={
+        "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0, "logprobs": 2}, timeout=60).json()
+    choice = r["choices"][0]
+    tokens = choice["logprobs"]["tokens"]
+    assert not any("\u2581" in t for t in tokens)  # "▁" is shown as the space it stands for
+    assert lossy(b"".join(token_bytes(t) for t in tokens)) == choice["text"]

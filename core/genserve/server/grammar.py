@@ -66,14 +66,34 @@ class GrammarCompiler:
         self._eos = sorted(eos_token_ids)
         self._lltok = None
         self._lock = threading.Lock()
+        self.unsupported: str | None = None  # why grammars cannot work, once ``check`` found out
 
     @property
     def available(self) -> bool:
+        """Grammars can be compiled for this tokenizer (as far as known: ``check`` loads it)."""
+        return self.unsupported is None and self._missing() is None
+
+    def _missing(self) -> str | None:
         try:
             import llguidance  # noqa: F401
         except ImportError:
-            return False
-        return self._hf_tokenizer is not None and hasattr(self._hf_tokenizer, "backend_tokenizer")
+            return "llguidance is not installed"
+        if self._hf_tokenizer is None or not hasattr(self._hf_tokenizer, "backend_tokenizer"):
+            return "grammars need a fast (tokenizers) tokenizer"
+        return None
+
+    def check(self) -> str | None:
+        """Load this tokenizer into llguidance now (about a second) instead of on the first
+        request; returns None when grammars work, else why not (kept in ``unsupported``).
+        llguidance refuses some tokenizers, e.g. a SentencePiece-style Metaspace decoder."""
+        reason = self._missing()
+        if reason is None:
+            try:
+                self._tokenizer()
+            except Exception as exc:  # llguidance's ValueError, or anything its loader raises
+                reason = f"llguidance cannot load this tokenizer: {exc}"
+        self.unsupported = reason
+        return reason
 
     def _tokenizer(self):
         with self._lock:
@@ -88,11 +108,6 @@ class GrammarCompiler:
                 self._lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=self._vocab_size,
                                                      eos_token=self._eos or None)
             return self._lltok
-
-    def warm(self) -> None:
-        """Build the llguidance tokenizer now (about a second) instead of on the first request."""
-        if self.available:
-            self._tokenizer()
 
     def grammar_text(self, kind: str, value: Any) -> str:
         from llguidance import LLMatcher
@@ -119,7 +134,7 @@ class GrammarCompiler:
     def compile(self, kind: str, value: Any) -> Callable[[], LLGuidanceConstraint]:
         """Validate a grammar; return a factory of fresh constraints. Raises ``GrammarError``."""
         if not self.available:
-            raise GrammarError("grammar support needs llguidance and a fast tokenizer")
+            raise GrammarError(f"grammar is not supported: {self.unsupported or self._missing()}")
         from llguidance import LLMatcher
 
         text = self.grammar_text(kind, value)

@@ -107,11 +107,12 @@ class ServerState:
                              a.max_client_batch_size, a.disable_grammar_support,
                              a.enable_prefill_logprobs)
         self.grammar = GrammarCompiler(loaded.tokenizer, vocab, engine.eos_token_ids)
-        if not a.disable_grammar_support:
-            try:
-                self.grammar.warm()
-            except Exception as exc:  # grammar requests will report it
-                logger.warning("grammar support unavailable: %s", exc)
+        if a.disable_grammar_support:
+            logger.info("grammar support: off (--disable-grammar-support)")
+        elif (reason := self.grammar.check()) is not None:  # /info and 422s say so too
+            logger.warning("grammar support: off, %s", reason)
+        else:
+            logger.info("grammar support: on")
         self.loaded, self.tokenizer, self.vocab_size = loaded, loaded.tokenizer, vocab
         self.engine = AsyncEngine(engine)
         self.engine.step_listeners.append(self.metrics.on_step)
@@ -249,6 +250,11 @@ class ServerState:
             text = self._token_texts[token_id] = self.loaded.engine.detok.token_text(token_id)
         return text
 
+    @property
+    def grammar_supported(self) -> bool:
+        """Grammar, tools and response_format requests can run (flag and tokenizer allow)."""
+        return not self.limits.disable_grammar and self.grammar is not None and self.grammar.available
+
     def token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes (possibly part of a UTF-8 character), cached."""
         raw = self._token_bytes.get(token_id)
@@ -292,6 +298,6 @@ class ServerState:
             "kv_blocks_total": blocks,
             "kv_cache_tokens": blocks * cfg.block_size,
             "lora_adapters": sorted(self.lora_adapters),
-            "grammar_support": not self.limits.disable_grammar and self.grammar.available,
+            "grammar_support": self.grammar_supported,
             "load_seconds": round(le.load_seconds, 3),
         }

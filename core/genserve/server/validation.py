@@ -232,6 +232,8 @@ async def compile_grammar(state, kind: str, value: Any):
 
     if state.limits.disable_grammar:
         raise validation("grammar is not supported")
+    if not state.grammar_supported:  # e.g. a tokenizer llguidance cannot load
+        raise validation(f"grammar is not supported: {state.grammar.unsupported or 'unavailable'}")
     try:
         return await asyncio.to_thread(state.grammar.compile, kind, value)
     except GrammarError as exc:
