@@ -308,3 +308,74 @@ def test_logprob_bytes_with_a_leading_space_marker(metaspace_server):
     tokens = choice["logprobs"]["tokens"]
     assert not any("\u2581" in t for t in tokens)  # "▁" is shown as the space it stands for
     assert lossy(b"".join(token_bytes(t) for t in tokens)) == choice["text"]
+
+
+# -- 12: heavy validation work does not stall other streams ---------------------------------------
+def stream_gaps_during(url: str, request) -> tuple[float, float]:
+    """(seconds ``request()`` took, longest pause between events of a stream running meanwhile)."""
+    import threading
+    import time
+
+    arrivals: list[float] = []
+
+    def stream():
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3000}}
+        with httpx.stream("POST", url + "/generate_stream", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    arrivals.append(time.monotonic())
+                    if done.is_set():
+                        return
+
+    done = threading.Event()
+    t = threading.Thread(target=stream)
+    t.start()
+    while len(arrivals) < 20:
+        time.sleep(0.01)
+    start = time.monotonic()
+    request()
+    end = time.monotonic()
+    done.set()
+    t.join()
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= start and a <= end]
+    return end - start, max(during)
+
+
+@pytest.mark.parametrize("kind", ["grammar", "tokenize"])
+def test_heavy_validation_does_not_stall_streams(tiny_server, kind):
+    url = tiny_server.url
+    if kind == "grammar":  # a 50,000-value enum: about a second of llguidance work
+        enum = {"type": "object", "properties": {"v": {"enum": [f"value-{i}" for i in range(50000)]}},
+                "required": ["v"]}
+        body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "grammar": {"type": "json", "value": enum}}}
+        took, gap = stream_gaps_during(url, lambda: httpx.post(url + "/generate", json=body, timeout=300)
+                                       .raise_for_status())
+    else:  # 400 KB to tokenize, and its answer to encode
+        text = ("The quick brown fox jumps over the lazy dog. " * 9000)[:400_000]
+        took, gap = stream_gaps_during(url, lambda: httpx.post(url + "/tokenize", json={"inputs": text},
+                                                               timeout=300).raise_for_status())
+    # Before the fix the stream stopped for most of the request (6-7 s of a 9-11 s grammar
+    # request); now it keeps flowing: no pause is more than a quarter of the request.
+    assert took > 0.5 and gap < took / 4, (took, gap)
+
+
+def test_grammar_compile_time_is_bounded(monkeypatch):
+    """A grammar that compiles for longer than the bound is refused (422), not waited on."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from genserve.server import validation
+    from genserve.server.errors import APIError
+    from genserve.server.state import ServerState
+
+    workers = ThreadPoolExecutor(1)
+    state = SimpleNamespace(limits=SimpleNamespace(disable_grammar=False), grammar_supported=True,
+                            grammar=SimpleNamespace(compile=lambda kind, value: time.sleep(1.0)), workers=workers)
+    state.in_worker = lambda fn, *args: ServerState.in_worker(state, fn, *args)
+    monkeypatch.setattr(validation, "GRAMMAR_COMPILE_TIMEOUT_S", 0.2)
+    with pytest.raises(APIError) as err:
+        asyncio.run(validation.compile_grammar(state, "regex", "x"))
+    assert err.value.status == 422 and "did not compile within 0.2 s" in err.value.message
+    workers.shutdown(wait=True)

@@ -93,7 +93,18 @@ class GrammarCompiler:
             except Exception as exc:  # llguidance's ValueError, or anything its loader raises
                 reason = f"llguidance cannot load this tokenizer: {exc}"
         self.unsupported = reason
+        if reason is None:
+            self._warm_masks()
         return reason
+
+    def _warm_masks(self) -> None:
+        """Fill one token mask now. The first fill imports ``llguidance.torch`` (seconds, holding
+        the GIL), which would otherwise happen inside the first grammar request's engine step
+        and stall every stream for as long (measured: 6.4 s on 2 cores)."""
+        import torch
+
+        make = self.compile("regex", "[0-9]")
+        make().fill_bitmask(torch.full((1, (self._vocab_size + 31) // 32), -1, dtype=torch.int32), 0)
 
     def _tokenizer(self):
         with self._lock:
@@ -143,11 +154,14 @@ class GrammarCompiler:
         if error:
             raise GrammarError(f"grammar is not valid: {error.splitlines()[0][:500]}")
 
-        def make() -> LLGuidanceConstraint:
-            matcher = LLMatcher(tok, text, log_level=0)
-            if matcher.is_error():
-                raise GrammarError(f"grammar is not valid: {matcher.get_error()}")
-            return LLGuidanceConstraint(matcher)
+        # Built here, on a validation worker: construction can take a second for a large grammar
+        # (a 50,000-value enum) and would stall every stream if the event loop did it. Each
+        # sequence gets a copy, which is cheap.
+        prototype = LLMatcher(tok, text, log_level=0)
+        if prototype.is_error():
+            raise GrammarError(f"grammar is not valid: {prototype.get_error()}")
 
-        make()  # surface construction errors now, as a 422
+        def make() -> LLGuidanceConstraint:
+            return LLGuidanceConstraint(prototype.deep_copy())
+
         return make

@@ -3,7 +3,7 @@ and the server facts /info, /health, /metrics."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
 from contextlib import aclosing
 
@@ -41,6 +41,15 @@ def tokenize_with_offsets(tokenizer, text: str, add_special_tokens: bool, trunca
         else:
             tokens.append({"id": tid, "text": "", "start": 0, "stop": 0})
     return tokens[-truncate:] if truncate else tokens
+
+
+def tokenize_json(tokenizer, text: str, add_special_tokens: bool, truncate: int | None,
+                  templated: bool = False) -> bytes:
+    """/tokenize's (or, ``templated``, /chat_tokenize's) JSON body, made on a validation worker:
+    for a megabyte of text both the tokens and their JSON are too much work for the event loop."""
+    tokens = tokenize_with_offsets(tokenizer, text, add_special_tokens, truncate)
+    body = {"tokenize_response": tokens, "templated_text": text} if templated else tokens
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class TGIServing:
@@ -175,17 +184,17 @@ class TGIServing:
         truncate = req.parameters.truncate if req.parameters else None
         if truncate is not None and truncate <= 0:
             raise errors.validation(f"`truncate` must be strictly positive. Given: {truncate}")
-        tokens = await asyncio.to_thread(tokenize_with_offsets, state.tokenizer, req.inputs,
-                                         req.add_special_tokens is not False, truncate)
-        return JSONResponse(tokens)
+        body = await state.in_worker(tokenize_json, state.tokenizer, req.inputs,
+                                     req.add_special_tokens is not False, truncate)
+        return Response(body, media_type="application/json")
 
     async def chat_tokenize(self, chat: ChatRequest) -> Response:
         state = self.state
         state.require_ready()
         text = render_chat(state, chat.messages, chat.tools if chat.tool_choice != "none" else None,
                            chat.tool_prompt)
-        tokens = await asyncio.to_thread(tokenize_with_offsets, state.tokenizer, text, False, None)
-        return JSONResponse({"tokenize_response": tokens, "templated_text": text})
+        body = await state.in_worker(tokenize_json, state.tokenizer, text, False, None, True)
+        return Response(body, media_type="application/json")
 
     # -- facts ----------------------------------------------------------------------------
     def info(self) -> Response:

@@ -8,7 +8,10 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from functools import partial
+from typing import Any, Callable
 from dataclasses import dataclass, field
 
 from genserve import __version__
@@ -83,6 +86,12 @@ class ServerState:
         self._token_bytes: dict[int, bytes] = {}
         self._health_lock = asyncio.Lock()
         self._parked = threading.Event()
+        # TGI's validation workers: tokenization and grammar compilation run here, never on the
+        # event loop (tokenizers and llguidance release the GIL while they work), and at most
+        # --validation-workers at a time, so a burst of heavy requests queues instead of
+        # filling the default executor.
+        self.workers = ThreadPoolExecutor(max_workers=max(1, int(getattr(args, "validation_workers", 2) or 2)),
+                                          thread_name_prefix="genserve-validation")
 
     # -- loading --------------------------------------------------------------------------
     def load(self) -> None:
@@ -150,6 +159,7 @@ class ServerState:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        self.workers.shutdown(wait=False, cancel_futures=True)
         self._parked.set()
 
     # -- admission ------------------------------------------------------------------------
@@ -179,6 +189,10 @@ class ServerState:
             permit.shutting_down = True
             for rid in list(permit.request_ids):
                 self.engine.abort(rid)
+
+    async def in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a validation worker thread, awaited without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, partial(fn, *args))
 
     # -- outcomes -------------------------------------------------------------------------
     def record_validated(self, valid) -> float:

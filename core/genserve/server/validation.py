@@ -17,7 +17,10 @@ from genserve.server.errors import APIError, validation
 
 DEFAULT_GENERATION_LENGTH = 1024
 U64_MAX = 2**64 - 1
-INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized in a worker thread
+INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a validation worker
+# The longest a request waits for its grammar (llguidance's own fuel limits bound the work; a
+# grammar that takes longer is refused rather than holding a validation worker's queue).
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -193,7 +196,7 @@ async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_
         if not inputs:
             raise validation("`inputs` cannot be empty")
         if len(inputs) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(tokenize, state.tokenizer, inputs, add_special_tokens)
+            ids = await state.in_worker(tokenize, state.tokenizer, inputs, add_special_tokens)
         else:
             ids = tokenize(state.tokenizer, inputs, add_special_tokens)
         text = inputs
@@ -235,8 +238,9 @@ async def compile_grammar(state, kind: str, value: Any):
     if not state.grammar_supported:  # e.g. a tokenizer llguidance cannot load
         raise validation(f"grammar is not supported: {state.grammar.unsupported or 'unavailable'}")
     try:
-        return await asyncio.to_thread(state.grammar.compile, kind, value)
+        return await asyncio.wait_for(state.in_worker(state.grammar.compile, kind, value),
+                                      GRAMMAR_COMPILE_TIMEOUT_S)
     except GrammarError as exc:
         raise validation(str(exc)) from None
-    except APIError:
-        raise
+    except asyncio.TimeoutError:
+        raise validation(f"grammar is too complex: it did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s") from None
