@@ -8,7 +8,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from serverkit import sse_events
 
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def spanning_stop(texts: list[str]) -> tuple[str, int]:
     full = "".join(texts)
     starts = [sum(len(t) for t in texts[:k]) for k in range(len(texts))]
     shown = [k for k, t in enumerate(texts) if t]
-    for a, b, c in zip(shown, shown[1:], shown[2:]):
+    for a, b, c in zip(shown, shown[1:], shown[2:], strict=False):
         stop = texts[a][-1] + full[starts[b]:starts[c]] + texts[c][0]
         start = starts[a] + len(texts[a]) - 1
         if full.find(stop) == start:
@@ -108,7 +107,7 @@ def test_chat_logprobs_carry_each_tokens_own_bytes(tiny):
     # also writes invalid UTF-8, which the text shows as U+FFFD, as Python's decoder does).
     assert lossy(b"".join(bytes(e["bytes"]) for e in entries)) == choice["message"]["content"]
     partial = 0
-    for e in [*entries, *(t for e in entries for t in e["top_logprobs"])]:
+    for e in [*entries, *(top for entry in entries for top in entry["top_logprobs"])]:
         assert token_bytes(e["token"]) == bytes(e["bytes"])
         try:
             bytes(e["bytes"]).decode()
@@ -126,7 +125,7 @@ def test_completion_logprobs_tokens_are_each_tokens_own_bytes(tiny):
     choice = r["choices"][0]
     lp = choice["logprobs"]
     assert lossy(b"".join(token_bytes(t) for t in lp["tokens"])) == choice["text"]
-    for tops, token in zip(lp["top_logprobs"], lp["tokens"]):
+    for tops, token in zip(lp["top_logprobs"], lp["tokens"], strict=True):
         assert len(tops) == 3 and token in tops  # greedy picks one of its top tokens
 
 
@@ -269,8 +268,9 @@ def test_smollm2_stops_as_in_the_reports(smol_server):
 
 def test_smollm2_emoji_logprobs(smol_server):
     oai = openai.OpenAI(base_url=smol_server.url + "/v1", api_key="unused", max_retries=0)
-    r = oai.chat.completions.create(model="tgi", messages=[{"role": "user", "content": "Reply with three emojis about the sun"}],
-                                    temperature=0, max_tokens=24, logprobs=True, top_logprobs=2)
+    sun = [{"role": "user", "content": "Reply with three emojis about the sun"}]
+    r = oai.chat.completions.create(model="tgi", messages=sun, temperature=0, max_tokens=24, logprobs=True,
+                                    top_logprobs=2)
     content = r.choices[0].message.content
     entries = r.choices[0].logprobs.content
     assert b"".join(bytes(e.bytes) for e in entries) == content.encode()
@@ -337,7 +337,7 @@ def stream_gaps_during(url: str, request) -> tuple[float, float]:
     end = time.monotonic()
     done.set()
     t.join()
-    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b >= start and a <= end]
+    during = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b >= start and a <= end]
     return end - start, max(during)
 
 

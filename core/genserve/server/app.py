@@ -13,10 +13,20 @@ from fastapi.responses import JSONResponse
 from genserve import __version__
 from genserve.server import routes_openai, routes_sagemaker, routes_tgi
 from genserve.server.errors import install_handlers
-from genserve.server.schemas_openai import (ChatCompletion, ChatCompletionChunk, ChatRequest, Completion,
-                                            CompletionRequest)
-from genserve.server.schemas_tgi import (CompatGenerateRequest, ErrorResponse, GenerateRequest, GenerateResponse,
-                                         StreamResponse)
+from genserve.server.schemas_openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+)
+from genserve.server.schemas_tgi import (
+    CompatGenerateRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    StreamResponse,
+)
 from genserve.server.security import BearerAuth, PayloadLimit
 from genserve.server.serving_chat import OpenAIServingChat
 from genserve.server.serving_completion import OpenAIServingCompletion

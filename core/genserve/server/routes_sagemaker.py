@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from genserve.server.common import (ERRORS, chat_serving, completion_serving, json_body, read_json, sse_schema,
-                                    tgi_serving, validated)
+from genserve.server.common import (
+    ERRORS,
+    chat_serving,
+    completion_serving,
+    json_body,
+    read_json,
+    sse_schema,
+    tgi_serving,
+    validated,
+)
 from genserve.server.schemas_openai import ChatRequest, CompletionRequest
 from genserve.server.schemas_tgi import CompatGenerateRequest
 

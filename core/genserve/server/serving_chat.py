@@ -8,8 +8,16 @@ from genserve.engine.sequence import FinishReason
 from genserve.server.chat import parse_tool_output, render_chat, response_format_grammar, tool_schema
 from genserve.server.inference import SeqResult, finite
 from genserve.server.schemas_openai import ChatRequest
-from genserve.server.serving import (BAD_LOGPROB, OpenAIContext, OpenAIServing, RequestTimes, finish_reason,
-                                     token_string, usage, without_stop)
+from genserve.server.serving import (
+    BAD_LOGPROB,
+    OpenAIContext,
+    OpenAIServing,
+    RequestTimes,
+    finish_reason,
+    token_string,
+    usage,
+    without_stop,
+)
 from genserve.server.tool_stream import ToolCallReader, ToolDelta, new_call_id
 from genserve.server.validation import validate
 
@@ -72,7 +80,6 @@ class OpenAIServingChat(OpenAIServing):
         return ChatContext(self, req, jobs, valid.input_length, times, schema is not None)
 
     def logprobs(self, tokens) -> dict:
-        state = self.state
         content = []
         for t in tokens:
             if t.special:

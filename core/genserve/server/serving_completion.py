@@ -10,8 +10,15 @@ from genserve.engine.outputs import RequestOutput
 from genserve.server import errors
 from genserve.server.inference import SeqResult, finite
 from genserve.server.schemas_openai import CompletionRequest
-from genserve.server.serving import (OpenAIContext, OpenAIServing, RequestTimes, finish_reason, token_string,
-                                     usage, without_stop)
+from genserve.server.serving import (
+    OpenAIContext,
+    OpenAIServing,
+    RequestTimes,
+    finish_reason,
+    token_string,
+    usage,
+    without_stop,
+)
 from genserve.server.validation import validate
 
 

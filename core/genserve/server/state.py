@@ -10,9 +10,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
-from dataclasses import dataclass, field
 
 from genserve import __version__
 

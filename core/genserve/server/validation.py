@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from genserve.engine.sampling_params import SamplingParams
-from genserve.server.errors import APIError, validation
+from genserve.server.errors import validation
 
 DEFAULT_GENERATION_LENGTH = 1024
 U64_MAX = 2**64 - 1
