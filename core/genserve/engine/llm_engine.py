@@ -194,7 +194,7 @@ class LLMEngine:
             first_scheduled=seq.first_scheduled,
         )
         if match is not None:
-            out.stop_reason, out.stop_chars = match.stop, match.visible
+            out.stop_chars = match.visible
         if len(seq.output_ids) == 1 and p.prompt_logprobs:
             out.prompt_tokens = self._prompt_tokens(seq)
         if reason is not None:

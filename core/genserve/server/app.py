@@ -13,20 +13,10 @@ from fastapi.responses import JSONResponse
 from genserve import __version__
 from genserve.server import routes_openai, routes_sagemaker, routes_tgi
 from genserve.server.errors import install_handlers
-from genserve.server.schemas_openai import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatRequest,
-    Completion,
-    CompletionRequest,
-)
-from genserve.server.schemas_tgi import (
-    CompatGenerateRequest,
-    ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
-    StreamResponse,
-)
+from genserve.server.schemas_openai import (ChatCompletion, ChatCompletionChunk, ChatRequest, ChatTokenizeRequest,
+                                            Completion, CompletionRequest)
+from genserve.server.schemas_tgi import (CompatGenerateRequest, ErrorResponse, GenerateRequest, GenerateResponse,
+                                         StreamResponse)
 from genserve.server.security import BearerAuth, PayloadLimit
 from genserve.server.serving_chat import OpenAIServingChat
 from genserve.server.serving_completion import OpenAIServingCompletion
@@ -37,7 +27,7 @@ logger = logging.getLogger(__name__)
 # routes read with common.parse_body (referenced from their openapi_extra).
 EXTRA_SCHEMAS = (StreamResponse, GenerateResponse, ChatCompletion, ChatCompletionChunk, Completion,
                  ErrorResponse)
-REQUEST_SCHEMAS = (GenerateRequest, CompatGenerateRequest, ChatRequest, CompletionRequest)
+REQUEST_SCHEMAS = (GenerateRequest, CompatGenerateRequest, ChatRequest, CompletionRequest, ChatTokenizeRequest)
 
 
 def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:

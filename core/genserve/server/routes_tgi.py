@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genserve.server.common import ERRORS, get_state, json_body, parse_body, sse_schema, tgi_serving
-from genserve.server.schemas_openai import ChatRequest
+from genserve.server.schemas_openai import ChatTokenizeRequest
 from genserve.server.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse,
                                          GenerateRequest, GenerateResponse, Info, SimpleToken)
 from genserve.server.sse import GenerationEvents
@@ -56,11 +56,11 @@ async def tokenize(request: Request):
 
 
 @router.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERRORS,
-             openapi_extra=json_body(ChatRequest))
+             openapi_extra=json_body(ChatTokenizeRequest))
 async def chat_tokenize(request: Request):
     """Render a chat request with the chat template and tokenize it."""
-    get_state(request).require_ready()
-    return await tgi_serving(request).chat_tokenize(await parse_body(request, ChatRequest))
+    get_state(request).require_ready()  # 503 while loading, before the body is read
+    return await tgi_serving(request).chat_tokenize(await parse_body(request, ChatTokenizeRequest))
 
 
 @router.get("/info", response_model=Info, responses={503: {"model": ErrorResponse}})

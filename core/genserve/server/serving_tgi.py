@@ -16,7 +16,7 @@ from genserve.server.admission import admitted, admitted_stream, run_to_completi
 from genserve.server.chat import render_chat
 from genserve.server.errors import APIError, counted
 from genserve.server.inference import SeqResult, engine_stream, finite, new_request_id
-from genserve.server.schemas_openai import ChatRequest
+from genserve.server.schemas_openai import ChatTokenizeRequest
 from genserve.server.schemas_tgi import CompatGenerateRequest, GenerateRequest
 from genserve.server.sse import event
 from genserve.server.validation import GenParams, ValidRequest, validate
@@ -188,7 +188,7 @@ class TGIServing:
                                      req.add_special_tokens is not False, truncate)
         return Response(body, media_type="application/json")
 
-    async def chat_tokenize(self, chat: ChatRequest) -> Response:
+    async def chat_tokenize(self, chat: ChatTokenizeRequest) -> Response:
         state = self.state
         state.require_ready()
         text = render_chat(state, chat.messages, chat.tools if chat.tool_choice != "none" else None,
