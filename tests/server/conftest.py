@@ -32,6 +32,8 @@ def model_dir(kind: str) -> Path:
             _dirs["lora"] = build_lora_adapter(root / "lora", _dirs["tiny"])
         elif kind == "lora":
             model_dir("tiny")
+        elif kind == "metaspace":  # a SentencePiece-style tokenizer llguidance cannot load
+            _dirs["metaspace"] = build_tiny_llama(root / "metaspace", metaspace=True)
         elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
             _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300,
                                                max_position_embeddings=16384)
@@ -52,6 +54,8 @@ def server_specs() -> dict:
         "faulty_server": lambda: ServerProcess("faulty", [
             "--model-id", str(model_dir("faulty")), "--disable-grammar-support",
             "--max-batch-total-tokens", "16384"], {**ONE_THREAD, "GENSERVE_GRACEFUL_SHUTDOWN_TIMEOUT": "3"}),
+        "metaspace_server": lambda: ServerProcess("metaspace", [
+            "--model-id", str(model_dir("metaspace")), "--max-batch-total-tokens", "8192"], ONE_THREAD),
         "smol_server": lambda: ServerProcess("smol", ["--max-batch-total-tokens", "8192"]),
     }
 
@@ -71,7 +75,7 @@ def pytest_collection_finish(session):
 
 def pytest_runtest_setup(item):
     """When the first server test is about to run, start every server the session will need."""
-    for name in ("smol_server", "tiny_server", "limited_server", "faulty_server"):
+    for name in ("smol_server", "tiny_server", "limited_server", "faulty_server", "metaspace_server"):
         if name in _wanted:
             start(name)
     _wanted.clear()
@@ -108,6 +112,12 @@ def limited_server() -> ServerProcess:
 def faulty_server() -> ServerProcess:
     """Tiny model whose vocabulary is smaller than its tokenizer's: some prompts fail in the engine."""
     return _ready("faulty_server")
+
+
+@pytest.fixture(scope="session")
+def metaspace_server() -> ServerProcess:
+    """Tiny model with a SentencePiece-style (Metaspace, byte-fallback) tokenizer."""
+    return _ready("metaspace_server")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ CONFIG = SchemathesisConfig.from_dict({
     "checks": {"positive_data_acceptance": {"enabled": False},
                # 413: a fuzzed body bigger than --payload-limit is refused before it is read.
                "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "406",
-                                                                 "413", "422", "428"]}},
+                                                                 "413", "415", "422", "428"]}},
 })
 
 

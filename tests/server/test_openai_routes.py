@@ -87,7 +87,8 @@ def test_stop_and_penalties(oai):
     stop = full[5:7]
     cut = oai.chat.completions.create(model="tgi", messages=HI, max_tokens=20, temperature=0, stop=stop)
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].message.content == full[: full.index(stop) + len(stop)]
+    # OpenAI never returns the matched stop (issue 16 item 1; TGI's /generate keeps it)
+    assert cut.choices[0].message.content == full[: full.index(stop)]
     for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
         other = oai.chat.completions.create(model="tgi", messages=HI, max_tokens=20, temperature=0, **kw)
         assert other.choices[0].message.content != full
@@ -101,7 +102,9 @@ def test_logprobs(oai):
     for tok in content:
         assert len(tok.top_logprobs) == 2 and tok.logprob <= 0
         assert tok.top_logprobs[0].logprob == pytest.approx(tok.logprob)  # greedy: the top token
-        assert bytes(tok.bytes).decode(errors="replace") == tok.token
+        # a token that is a piece of a character is shown in vLLM's "bytes:\\xNN" form (issue 16 item 4)
+        partial = "bytes:" + "".join(f"\\x{b:02x}" for b in tok.bytes)
+        assert bytes(tok.bytes).decode(errors="replace") == tok.token or tok.token == partial
 
 
 def test_completions(oai):

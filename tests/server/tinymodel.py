@@ -30,16 +30,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 400) -> int:
-    """Train a byte-level BPE on CORPUS; write tokenizer.json + tokenizer_config.json."""
+def build_tokenizer(folder: Path, vocab_size: int = 400, metaspace: bool = False) -> int:
+    """Train a byte-level BPE on CORPUS; write tokenizer.json + tokenizer_config.json. With
+    ``metaspace``, a SentencePiece-style one instead ("▁" marks spaces, a Metaspace decoder),
+    which llguidance cannot load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    if metaspace:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     tok.save(str(folder / "tokenizer.json"))
     config = {
@@ -57,7 +65,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 400) -> int:
 
 
 def build_tiny_llama(folder: Path, max_position_embeddings: int = 4096, seed: int = 0,
-                     model_vocab: int | None = None) -> Path:
+                     model_vocab: int | None = None, metaspace: bool = False) -> Path:
     """``model_vocab`` smaller than the tokenizer's makes a deliberately faulty model: prompts
     with the high token ids fail inside the engine (a real generation error, HTTP 424)."""
     import torch
@@ -65,7 +73,7 @@ def build_tiny_llama(folder: Path, max_position_embeddings: int = 4096, seed: in
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(folder)
+    vocab = build_tokenizer(folder, metaspace=metaspace)
     eos = SPECIALS.index("<|im_end|>")
     config = LlamaConfig(vocab_size=model_vocab or vocab, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -18,7 +18,6 @@ from typing import AsyncIterator, Callable
 from genserve.engine.llm_engine import LLMEngine
 from genserve.engine.outputs import RequestOutput
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.sequence import FinishReason
 from genserve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -159,8 +158,6 @@ class AsyncEngine:
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self.engine.seqs):
-            seq = self.engine.seqs[request_id]
-            seq.error = message
-            self.engine.scheduler.finish(seq, FinishReason.ERROR)
-            out = self.engine._finish_output(seq)
-            self._deliver(out, request_id)
+            out = self.engine.fail_request(request_id, message)
+            if out is not None:
+                self._deliver(out, request_id)

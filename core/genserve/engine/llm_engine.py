@@ -24,6 +24,7 @@ from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.model_runner import LaunchedStep, ModelRunner
 from genserve.engine.scheduler import Scheduler, SchedulerOutput
 from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
+from genserve.engine.stop_strings import StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.seqs: dict[str, Sequence] = {}
         self._decode: dict[str, DecodeState] = {}
-        self._texts: dict[str, str] = {}
+        self._stops: dict[str, StopMatcher] = {}
         self.last_step_stats: dict = {}
         self.overlap = runner.overlap_steps
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
@@ -79,7 +80,7 @@ class LLMEngine:
         if needs_host_history(params):
             self._num_host_history += 1
         self._decode[request_id] = self.detok.start(seq.prompt_ids)
-        self._texts[request_id] = ""
+        self._stops[request_id] = StopMatcher(params.stop)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -87,6 +88,16 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, FinishReason.ABORTED)
+        return self._finish_output(seq)
+
+    def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
+        """End a request with ``FinishReason.ERROR`` and ``message`` (its KV blocks are freed);
+        returns its final output, or None when the id is unknown (already finished)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.error = message
+        self.scheduler.finish(seq, FinishReason.ERROR)
         return self._finish_output(seq)
 
     @property
@@ -183,7 +194,7 @@ class LLMEngine:
         if p.constraint is not None:
             p.constraint.advance(token)
 
-        reason = None
+        reason, match = None, None
         if not p.ignore_eos and token in self.eos_token_ids:
             reason = FinishReason.EOS
         elif token in p.stop_token_ids:
@@ -191,20 +202,15 @@ class LLMEngine:
         elif p.constraint is not None and p.constraint.is_finished():
             reason = FinishReason.EOS
         else:
-            sofar = self._texts[seq.request_id] + text
-            for stop in p.stop:
-                # Only the tail can hold a new match: the stop text ends in this token's text.
-                idx = sofar.find(stop, max(0, len(sofar) - len(text) - len(stop)))
-                if idx != -1:
-                    cut = idx + len(stop)
-                    text = text[: max(0, len(text) - (len(sofar) - cut))]
-                    info.text = text if not special else info.text
-                    reason = FinishReason.STOP
-                    break
+            # Matched on the text with special tokens kept, as TGI does (engine/stop_strings.py).
+            match = self._stops[seq.request_id].feed(info.text if special else text, special)
+            if match is not None:
+                if not special:  # the text ends with the stop (TGI's answer includes it)
+                    text = info.text = text[: len(text) - match.after]
+                reason = FinishReason.STOP
             if reason is None and (len(seq.output_ids) >= p.max_new_tokens
                                    or len(seq.all_ids) >= self.config.max_total_tokens):
                 reason = FinishReason.LENGTH
-        self._texts[seq.request_id] += text
 
         out = RequestOutput(
             request_id=seq.request_id, tokens=[info], text=text,
@@ -212,13 +218,14 @@ class LLMEngine:
             seed=seq.seed if p.do_sample else None, arrival=seq.arrival,
             first_scheduled=seq.first_scheduled,
         )
+        if match is not None:
+            out.stop_chars = match.visible
         if len(seq.output_ids) == 1 and p.prompt_logprobs:
             out.prompt_tokens = self._prompt_tokens(seq)
         if reason is not None:
             if reason is not FinishReason.STOP:
                 tail = self.detok.flush(self._decode[seq.request_id], seq.all_ids)
                 out.text += tail
-                self._texts[seq.request_id] += tail
             self.scheduler.finish(seq, reason)
             out.finished, out.finish_reason = True, reason
             self._forget(seq)
@@ -243,7 +250,7 @@ class LLMEngine:
         if self.seqs.pop(seq.request_id, None) is not None and needs_host_history(seq.params):
             self._num_host_history -= 1
         self._decode.pop(seq.request_id, None)
-        self._texts.pop(seq.request_id, None)
+        self._stops.pop(seq.request_id, None)
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict:

@@ -26,6 +26,9 @@ class RequestOutput:
     seed: int | None = None
     prompt_tokens: list[PromptToken] | None = None  # once, with the first output, when asked
     error: str | None = None
+    # A stop string ended the request (finish_reason STOP): how many characters at the end of
+    # the text it covers (TGI's routes return them, the OpenAI routes trim them).
+    stop_chars: int = 0
     # Timestamps (time.monotonic) for metrics.
     arrival: float = 0.0
     first_scheduled: float | None = None

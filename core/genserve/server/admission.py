@@ -2,9 +2,10 @@
 
 ``admitted`` counts the request, takes a queue permit (429 when the queue is full) and hands
 the permit back if validation fails; ``run_to_completion`` runs a non-streaming request and
-always hands the permit back, turning a vanished client into a 499. ``admitted_stream`` does
-both for a streamed request: its permit goes to ``GenerationEvents``, which releases it when the
-stream ends, and an admission or validation error becomes the stream's one error event.
+always hands the permit back; a vanished client raises ``ClientDisconnected``, which the app
+answers once (errors.install_handlers, 499). ``admitted_stream`` does both for a streamed
+request: its permit goes to ``GenerationEvents``, which releases it when the stream ends, and
+an admission or validation error becomes the stream's one error event.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from fastapi.responses import Response
 
 from genserve.server.errors import APIError, counted
-from genserve.server.inference import ClientDisconnected, SeqResult, run_many, unless_disconnected
+from genserve.server.inference import SeqResult, run_many, unless_disconnected
 from genserve.server.sse import GenerationEvents, single_event
 
 
@@ -32,23 +33,21 @@ def admitted(state):
             raise
 
 
-async def run_to_completion(state, request, permit, jobs) -> list[SeqResult] | Response:
-    """Every job's result, or a 499 response when the client went away first."""
+async def run_to_completion(state, request, permit, jobs) -> list[SeqResult]:
+    """Every job's result, in job order. Raises ``APIError`` (engine failures) or
+    ``ClientDisconnected`` (the client went away first; its sequences are aborted)."""
     try:
         with counted(state.metrics):
             return await unless_disconnected(request, run_many(state, permit, jobs))
-    except ClientDisconnected:
-        state.metrics.request_failed("cancelled")
-        return Response(status_code=499)
     finally:
         permit.release()
 
 
 async def admitted_stream(state, prepare: Callable[[], Awaitable[Any]],
-                          events: Callable[..., AsyncIterator],
+                          events: Callable[[Any, Any], AsyncIterator],
                           headers: dict | None = None) -> Response:
-    """A streamed request: ``prepare()`` validates under ``admitted`` and returns a tuple,
-    ``events(permit, *prepared)`` makes the SSE events, and the permit is released when the
+    """A streamed request: ``prepare()`` validates under ``admitted`` and returns what
+    ``events(permit, prepared)`` needs to make the SSE events; the permit is released when the
     stream ends.
 
     Errors follow TGI (router/src/server.rs ``generate_stream_internal`` and
@@ -57,8 +56,8 @@ async def admitted_stream(state, prepare: Callable[[], Awaitable[Any]],
     a dead engine (424) is a 200 ``text/event-stream`` whose one event is
     ``{"error", "error_type"}``, and later generation errors end the stream the same way. A
     server that is loading or draining (503) still answers with its status: that is the server's
-    state, not the request's, and load balancers read it. Malformed bodies (422), auth (401) and
-    payload size (413) are refused before any route runs.
+    state, not the request's, and load balancers read it. Malformed bodies (422), wrong content
+    types (415), auth (401) and payload size (413) are refused before the request is admitted.
     """
     try:
         with admitted(state) as permit:  # counts the failure and releases the permit
@@ -67,4 +66,4 @@ async def admitted_stream(state, prepare: Callable[[], Awaitable[Any]],
         if exc.status == 503:
             raise
         return GenerationEvents(single_event(exc.body()), lambda: None, headers)
-    return GenerationEvents(events(permit, *prepared), permit.release, headers)
+    return GenerationEvents(events(permit, prepared), permit.release, headers)

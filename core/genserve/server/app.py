@@ -13,13 +13,21 @@ from fastapi.responses import JSONResponse
 from genserve import __version__
 from genserve.server import routes_openai, routes_sagemaker, routes_tgi
 from genserve.server.errors import install_handlers
-from genserve.server.schemas_openai import ChatCompletion, ChatCompletionChunk, Completion
-from genserve.server.schemas_tgi import ErrorResponse, GenerateResponse, StreamResponse
+from genserve.server.schemas_openai import (ChatCompletion, ChatCompletionChunk, ChatRequest, ChatTokenizeRequest,
+                                            Completion, CompletionRequest)
+from genserve.server.schemas_tgi import (CompatGenerateRequest, ErrorResponse, GenerateRequest, GenerateResponse,
+                                         StreamResponse)
 from genserve.server.security import BearerAuth, PayloadLimit
+from genserve.server.serving_chat import OpenAIServingChat
+from genserve.server.serving_completion import OpenAIServingCompletion
+from genserve.server.serving_tgi import TGIServing
 
 logger = logging.getLogger(__name__)
+# Documented by hand: response schemas of SSE and list answers, and the request bodies that
+# routes read with common.parse_body (referenced from their openapi_extra).
 EXTRA_SCHEMAS = (StreamResponse, GenerateResponse, ChatCompletion, ChatCompletionChunk, Completion,
                  ErrorResponse)
+REQUEST_SCHEMAS = (GenerateRequest, CompatGenerateRequest, ChatRequest, CompletionRequest, ChatTokenizeRequest)
 
 
 def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
@@ -38,6 +46,10 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan,
                   description="Text Generation Inference's API (and OpenAI's) served by genserve")
     app.state.genserve = state
+    # One serving object per API (vLLM's app.state.openai_serving_*); routers look them up.
+    app.state.openai_serving_chat = OpenAIServingChat(state)
+    app.state.openai_serving_completion = OpenAIServingCompletion(state)
+    app.state.tgi_serving = TGIServing(state)
     install_handlers(app)
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
@@ -52,9 +64,9 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
             doc = get_openapi(title=app.title, version=app.version, description=app.description,
                               routes=app.routes)
             components = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in EXTRA_SCHEMAS:
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}",
-                                                 mode="serialization")
+            for model, mode in [(m, "serialization") for m in EXTRA_SCHEMAS] + [
+                    (m, "validation") for m in REQUEST_SCHEMAS]:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
                 for name, sub in schema.pop("$defs", {}).items():
                     components.setdefault(name, sub)
                 components.setdefault(model.__name__, schema)

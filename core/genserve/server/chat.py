@@ -100,7 +100,11 @@ def render_chat(state, messages, tools=None, tool_prompt: str | None = None) -> 
 
 # -- tools --------------------------------------------------------------------------------
 def tool_schema(tools, tool_choice) -> dict | None:
-    """The JSON Schema that constrains a tool-calling answer, or None for a plain answer."""
+    """The JSON Schema that constrains a tool-calling answer, or None for a plain answer.
+    A ``tool_choice`` that demands a call ("required" or a named tool) needs ``tools`` (422)."""
+    if not tools and tool_choice not in (None, "auto", "none"):
+        shown = tool_choice if isinstance(tool_choice, str) else f"function `{tool_choice.function.name}`"
+        raise validation(f"`tool_choice` {shown} needs `tools`: no tools were given")
     if not tools or tool_choice == "none":
         return None
     by_name = {t.function.name: t for t in tools}

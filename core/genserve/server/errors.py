@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,21 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before a non-streamed answer was ready. Raised by
+    ``admission.run_to_completion`` and answered once, by ``install_handlers``, with 499
+    (nginx's "client closed request"; nobody reads it) counted as ``err="cancelled"``."""
+
+
 def validation(message: str) -> APIError:
     return APIError(422, message, "validation")
+
+
+def unsupported_media_type(content_type: str) -> APIError:
+    """TGI (axum's ``Json`` extractor) refuses a body not declared ``application/json``: a web
+    page can send ``text/plain`` cross-site without a CORS preflight, JSON it cannot."""
+    return APIError(415, f"Expected request with `Content-Type: application/json`, got "
+                         f"`{content_type or 'none'}`", "unsupported_media_type")
 
 
 def overloaded() -> APIError:
@@ -63,6 +76,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_disconnected(request: Request, exc: ClientDisconnected):
+        request.app.state.genserve.metrics.request_failed("cancelled")
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError):

@@ -18,10 +18,7 @@ from genserve.engine.async_engine import EngineDeadError
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sequence import FinishReason, TokenInfo
 from genserve.server import errors
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before the answer was ready."""
+from genserve.server.errors import ClientDisconnected
 
 
 def new_request_id() -> str:
@@ -44,6 +41,7 @@ class SeqResult:
     num_prompt_tokens: int = 0
     arrival: float = 0.0
     first_scheduled: float | None = None
+    stop_chars: int = 0  # characters at the end of ``text`` that are the matched stop string
 
     @property
     def logprob_sum(self) -> float:
@@ -92,6 +90,7 @@ async def run_sequence(state, permit, request_id: str, prompt_ids: list[int], pa
             result.arrival, result.first_scheduled = out.arrival, out.first_scheduled
             if out.finished:
                 result.finish_reason, result.seed = out.finish_reason, out.seed
+                result.stop_chars = out.stop_chars
                 finished = True
     if not finished:
         raise errors.incomplete()

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 
-from genserve.server.routes_openai import chat_impl, completions_impl, parse_body
-from genserve.server.routes_tgi import ERRORS, compat_generate_impl, get_state, sse_schema
+from genserve.server.common import (
+    ERRORS,
+    chat_serving,
+    completion_serving,
+    json_body,
+    read_json,
+    sse_schema,
+    tgi_serving,
+    validated,
+)
 from genserve.server.schemas_openai import ChatRequest, CompletionRequest
 from genserve.server.schemas_tgi import CompatGenerateRequest
 
 router = APIRouter(tags=["SageMaker"])
-BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"anyOf": [
-    {"$ref": "#/components/schemas/CompatGenerateRequest"},
-    {"$ref": "#/components/schemas/ChatRequest"},
-    {"$ref": "#/components/schemas/CompletionRequest"}]}}}}}
 RESPONSES = {200: {"description": "As the chosen route", "content": {
     "application/json": {"schema": {"anyOf": [
         {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}},
@@ -25,18 +27,13 @@ RESPONSES = {200: {"description": "As the chosen route", "content": {
                                                done=True)}}}, **ERRORS}
 
 
-@router.post("/invocations", openapi_extra=BODY, responses=RESPONSES, response_model=None)
+@router.post("/invocations", openapi_extra=json_body(CompatGenerateRequest, ChatRequest, CompletionRequest),
+             responses=RESPONSES, response_model=None)
 async def invocations(request: Request):
     """`messages` -> /v1/chat/completions, `prompt` -> /v1/completions, else TGI's /."""
-    state = get_state(request)
-    body = await request.body()
-
-    try:
-        keys = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        keys = None
-    if isinstance(keys, dict) and "messages" in keys:
-        return await chat_impl(state, request, await parse_body(request, ChatRequest))
-    if isinstance(keys, dict) and "prompt" in keys:
-        return await completions_impl(state, request, await parse_body(request, CompletionRequest))
-    return await compat_generate_impl(state, request, await parse_body(request, CompatGenerateRequest))
+    body = await read_json(request)
+    if isinstance(body, dict) and "messages" in body:
+        return await chat_serving(request).create(request, validated(ChatRequest, body))
+    if isinstance(body, dict) and "prompt" in body:
+        return await completion_serving(request).create(request, validated(CompletionRequest, body))
+    return await tgi_serving(request).compat_generate(request, validated(CompatGenerateRequest, body))

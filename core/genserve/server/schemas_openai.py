@@ -129,6 +129,18 @@ class ChatRequest(_Sampling):
     response_format: Optional[ResponseFormat] = None
 
 
+class ChatTokenizeRequest(BaseModel):
+    """/chat_tokenize's body: the parts of a chat request that make its prompt (the sampling
+    fields of a full chat request are ignored there)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"example": {
+        "messages": [{"role": "user", "content": "What is deep learning?"}]}})
+    messages: list[Message] = Field(description="The conversation so far")
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, str, None] = None
+    tool_prompt: Optional[str] = doc("Text added after the tools when the template cannot show them")
+
+
 class CompletionRequest(_Sampling):
     model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"example": {
         "model": "tgi", "prompt": "What is deep learning?", "max_tokens": 20}})
@@ -137,7 +149,8 @@ class CompletionRequest(_Sampling):
     echo: Optional[bool] = None
     logprobs: Optional[int] = doc("Return log-probabilities with this many alternatives", minimum=0)
     suffix: Optional[str] = doc("Not supported")
-    best_of: Optional[int] = None
+    best_of: Optional[int] = doc("Sequences generated per prompt, of which the `n` with the highest "
+                                 "log-probability sum are returned (>= n; not with stream)", minimum=1)
 
 
 # -- responses ------------------------------------------------------------------------------

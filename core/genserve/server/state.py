@@ -8,7 +8,11 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
 
 from genserve import __version__
 
@@ -79,8 +83,15 @@ class ServerState:
         self.started = int(time.time())
         self.last_success = 0.0
         self._token_texts: dict[int, str] = {}
-        self._health_lock: asyncio.Lock | None = None
+        self._token_bytes: dict[int, bytes] = {}
+        self._health_lock = asyncio.Lock()
         self._parked = threading.Event()
+        # TGI's validation workers: tokenization and grammar compilation run here, never on the
+        # event loop (tokenizers and llguidance release the GIL while they work), and at most
+        # --validation-workers at a time, so a burst of heavy requests queues instead of
+        # filling the default executor.
+        self.workers = ThreadPoolExecutor(max_workers=max(1, int(getattr(args, "validation_workers", 2) or 2)),
+                                          thread_name_prefix="genserve-validation")
 
     # -- loading --------------------------------------------------------------------------
     def load(self) -> None:
@@ -105,11 +116,12 @@ class ServerState:
                              a.max_client_batch_size, a.disable_grammar_support,
                              a.enable_prefill_logprobs)
         self.grammar = GrammarCompiler(loaded.tokenizer, vocab, engine.eos_token_ids)
-        if not a.disable_grammar_support:
-            try:
-                self.grammar.warm()
-            except Exception as exc:  # grammar requests will report it
-                logger.warning("grammar support unavailable: %s", exc)
+        if a.disable_grammar_support:
+            logger.info("grammar support: off (--disable-grammar-support)")
+        elif (reason := self.grammar.check()) is not None:  # /info and 422s say so too
+            logger.warning("grammar support: off, %s", reason)
+        else:
+            logger.info("grammar support: on")
         self.loaded, self.tokenizer, self.vocab_size = loaded, loaded.tokenizer, vocab
         self.engine = AsyncEngine(engine)
         self.engine.step_listeners.append(self.metrics.on_step)
@@ -147,6 +159,7 @@ class ServerState:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        self.workers.shutdown(wait=False, cancel_futures=True)
         self._parked.set()
 
     # -- admission ------------------------------------------------------------------------
@@ -177,6 +190,59 @@ class ServerState:
             for rid in list(permit.request_ids):
                 self.engine.abort(rid)
 
+    async def in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a validation worker thread, awaited without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, partial(fn, *args))
+
+    # -- outcomes -------------------------------------------------------------------------
+    def record_validated(self, valid) -> float:
+        """Observe a validated request's prompt length and max_new_tokens; returns the time
+        validation ended (``time.monotonic()``)."""
+        self.metrics.input_length.observe(valid.input_length)
+        self.metrics.max_new_tokens.observe(valid.max_new_tokens)
+        return time.monotonic()
+
+    def record_success(self, *, start: float, validated: float, arrival: float,
+                       first_scheduled: float | None, generated: int) -> float:
+        """The one place a request's success is recorded (every route calls it): the
+        ``tgi_request_*`` histograms, and ``last_success`` that spares /health its probe.
+        Times are ``time.monotonic()``; returns the end time."""
+        self.last_success = time.monotonic()
+        self.metrics.request_succeeded(start=start, validated=validated, arrival=arrival,
+                                       first_scheduled=first_scheduled, end=self.last_success,
+                                       generated=generated)
+        return self.last_success
+
+    async def probe_health(self, fresh_s: float = 5.0, timeout_s: float = 30.0) -> bool:
+        """Whether the engine answers: true when a request succeeded in the last ``fresh_s``
+        seconds, else after a one-token generation (one probe at a time; concurrent callers
+        share its outcome)."""
+        from genserve.engine.sampling_params import SamplingParams
+        from genserve.server.inference import new_request_id
+
+        if time.monotonic() - self.last_success < fresh_s:
+            return True
+        async with self._health_lock:
+            if time.monotonic() - self.last_success < fresh_s:
+                return True
+            ids = self.probe_ids(self.tokenizer, self.vocab_size)
+
+            async def one_token() -> bool:
+                async with aclosing(self.engine.generate(f"health-{new_request_id()}", ids,
+                                                         SamplingParams(max_new_tokens=1))) as outs:
+                    async for out in outs:
+                        if out.finished:
+                            return out.error is None and out.finish_reason.value != "aborted"
+                return False
+
+            try:
+                ok = await asyncio.wait_for(one_token(), timeout_s)
+            except Exception:
+                return False
+            if ok:
+                self.last_success = time.monotonic()
+            return ok
+
     # -- facts ----------------------------------------------------------------------------
     @property
     def model_id(self) -> str:
@@ -197,6 +263,18 @@ class ServerState:
         if text is None:
             text = self._token_texts[token_id] = self.loaded.engine.detok.token_text(token_id)
         return text
+
+    @property
+    def grammar_supported(self) -> bool:
+        """Grammar, tools and response_format requests can run (flag and tokenizer allow)."""
+        return not self.limits.disable_grammar and self.grammar is not None and self.grammar.available
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (possibly part of a UTF-8 character), cached."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = self.loaded.engine.detok.token_bytes(token_id)
+        return raw
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.loaded.engine.detok.special_ids
@@ -234,6 +312,6 @@ class ServerState:
             "kv_blocks_total": blocks,
             "kv_cache_tokens": blocks * cfg.block_size,
             "lora_adapters": sorted(self.lora_adapters),
-            "grammar_support": not self.limits.disable_grammar and self.grammar.available,
+            "grammar_support": self.grammar_supported,
             "load_seconds": round(le.load_seconds, 3),
         }

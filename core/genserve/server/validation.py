@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from genserve.engine.sampling_params import SamplingParams
-from genserve.server.errors import APIError, validation
+from genserve.server.errors import validation
 
 DEFAULT_GENERATION_LENGTH = 1024
 U64_MAX = 2**64 - 1
-INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized in a worker thread
+INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized on a validation worker
+# The longest a request waits for its grammar (llguidance's own fuel limits bound the work; a
+# grammar that takes longer is refused rather than holding a validation worker's queue).
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -106,6 +109,22 @@ def _finite(name: str, value: float | None) -> None:
         raise validation(f"`{name}` must be a finite number")
 
 
+# The sampler divides float32 logits by the temperature (and by the repetition penalty): a
+# divisor below this turns any logit beyond +-3.4e8 into inf (NaN probabilities), and float32
+# rounds values under 1.2e-38 to subnormals or 0. Far below any useful setting (0.01 is already
+# near-greedy), so such values are refused rather than silently clamped.
+MIN_DIVISOR = 1e-30
+F32_MAX = 3.4028234663852886e38
+
+
+def _divisor(name: str, value: float | None) -> None:
+    if value is not None and 0.0 < value < MIN_DIVISOR:
+        raise validation(f"`{name}` must be >= {MIN_DIVISOR:g} (smaller values overflow the float32 "
+                         f"logits; use greedy decoding instead). Given: {value:g}")
+    if value is not None and value > F32_MAX:
+        raise validation(f"`{name}` must be <= {F32_MAX:g} (float32). Given: {value:g}")
+
+
 def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     """The checks TGI makes before tokenizing, in its order."""
     for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
@@ -125,6 +144,8 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
         raise validation("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
         raise validation("`repetition_penalty` must be strictly positive")
+    _divisor("temperature", p.temperature)
+    _divisor("repetition_penalty", p.repetition_penalty)
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise validation("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
@@ -175,7 +196,7 @@ async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_
         if not inputs:
             raise validation("`inputs` cannot be empty")
         if len(inputs) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(tokenize, state.tokenizer, inputs, add_special_tokens)
+            ids = await state.in_worker(tokenize, state.tokenizer, inputs, add_special_tokens)
         else:
             ids = tokenize(state.tokenizer, inputs, add_special_tokens)
         text = inputs
@@ -214,9 +235,12 @@ async def compile_grammar(state, kind: str, value: Any):
 
     if state.limits.disable_grammar:
         raise validation("grammar is not supported")
+    if not state.grammar_supported:  # e.g. a tokenizer llguidance cannot load
+        raise validation(f"grammar is not supported: {state.grammar.unsupported or 'unavailable'}")
     try:
-        return await asyncio.to_thread(state.grammar.compile, kind, value)
+        return await asyncio.wait_for(state.in_worker(state.grammar.compile, kind, value),
+                                      GRAMMAR_COMPILE_TIMEOUT_S)
     except GrammarError as exc:
         raise validation(str(exc)) from None
-    except APIError:
-        raise
+    except asyncio.TimeoutError:
+        raise validation(f"grammar is too complex: it did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s") from None
