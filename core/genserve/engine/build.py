@@ -139,14 +139,7 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     model_cls = plugins.architectures.get(config.model_type)
     dtype = DTYPES[args.dtype] if args.dtype else backend.default_dtype
 
-    quant_name = args.quantize or (getattr(config, "quantization_config", None) or {}).get("quant_method")
-    quant_factory = lambda: None  # noqa: E731
-    if quant_name:
-        qcls = plugins.quantizers.get(quant_name)
-        if qcls.backends is not None and backend.name not in qcls.backends:
-            raise ConfigError(f"quantizer {quant_name!r} does not run on backend {backend.name!r}")
-        qconf = getattr(config, "quantization_config", None)
-        quant_factory = lambda: qcls(qconf)  # noqa: E731
+    quant_name, quant_config = _quantization(plugins, args, config, src, backend)
 
     from genserve.attention.base import AttentionSpec
 
@@ -162,7 +155,7 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
     fallbacks = () if forced else tuple(
         plugins.attention.get(n) for n in backend.attention_preference
         if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
-    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
+    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_config,
                        attention_fallbacks=fallbacks)
     with torch.device(backend.device):
         model = model_cls(config, ctx)
@@ -205,6 +198,19 @@ def build_engine(args, plugins: Plugins | None = None) -> LoadedEngine:
                         time.perf_counter() - t0)
 
 
+def _quantization(plugins: Plugins, args, config, src, backend):
+    """(--quantize name, QuantizationConfig) from the flag and the checkpoint (layers/quantization/detect.py)."""
+    from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError
+    from genserve.layers.quantization.detect import build_quantization
+
+    kernels = LinearKernelChooser(backend.device, backend.linear_kernel_preference, plugins.linear_kernels)
+    try:
+        return build_quantization(plugins.quantizers, args.quantize, config, None if src.is_gguf else src.path,
+                                  kernels, backend.name, backend.supported_quantizers)
+    except QuantizationError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _load_lora(spec: str, plugins: Plugins, model, backend, dtype):
     """The LoRAManager for ``--lora-adapters``, its layers attached to ``model``. The method
     (``plugins.lora``) is "torch" unless GENSERVE_LORA_METHOD names another."""
@@ -242,7 +248,10 @@ def _load_weights(model, src, config, args, dtype) -> None:
 def _random_init(model) -> None:
     """Small random weights (norm weights at 1) so dummy models produce finite, varied logits."""
     gen = torch.Generator(device="cpu").manual_seed(0)
+    filled = model.init_dummy_quantized(gen)  # packed integer weights: their quant method's job
     for name, p in model.named_parameters():
+        if id(p) in filled:
+            continue
         if "norm" in name or p.dim() == 1:
             p.fill_(1.0 if "norm" in name and "bias" not in name else 0.0)
         else:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
 from genserve.distributed.state import TPGroup, get_tp_group
-from genserve.layers.quantization.base import QuantMethod
+from genserve.layers.quantization.base import QuantizationConfig
 
 
 @dataclass
@@ -20,7 +20,9 @@ class ModelContext:
     dtype: torch.dtype
     device: torch.device
     attention_cls: type[AttentionImpl]
-    quant: Callable[[], QuantMethod | None] = lambda: None
+    # The checkpoint's quantization, asked per linear layer with its checkpoint prefix
+    # (``quant.get_quant_method(layer, prefix)``); None: every layer dense.
+    quant: QuantizationConfig | None = None
     tp: TPGroup = field(default_factory=get_tp_group)
     # Next choices, in the backend's order, for layers the first one cannot serve
     # (e.g. a kernel without softcap under Gemma-2).
@@ -130,8 +132,23 @@ class CausalLM(nn.Module):
                 loaded.add(name)
         return loaded
 
-    def process_weights_after_loading(self) -> None:
+    def quantized_modules(self) -> Iterable[tuple[nn.Module, object]]:
+        """``(module, QuantMethod)`` for every module whose parameters a quant method owns."""
+        from genserve.layers.quantization.base import QuantMethod
+
         for module in self.modules():
             quant = getattr(module, "quant", None)
-            if quant is not None:
-                quant.process_after_loading(module)
+            if isinstance(quant, QuantMethod):
+                yield module, quant
+
+    def process_weights_after_loading(self) -> None:
+        for module, quant in list(self.quantized_modules()):
+            quant.process_after_loading(module)
+
+    def init_dummy_quantized(self, generator: torch.Generator) -> set[int]:
+        """``--load-format dummy``: let each quant method fill its own parameters with valid
+        random values (packed integers, positive scales); returns the ``id()``s it filled."""
+        filled: set[int] = set()
+        for module, quant in self.quantized_modules():
+            filled |= quant.init_dummy(module, generator)
+        return filled
