@@ -25,8 +25,8 @@ import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import decide, matches
-from genserve.layers.quantization.wna16 import (WNA16LinearMethod, WNA16Scheme, dummy_g_idx,
-                                                pack_int32, unpack_int32)
+from genserve.layers.quantization.wna16 import (WNA16LinearMethod, WNA16Scheme, dummy_g_idx, pack_int32,
+                                                same_for_every_part, unpack_int32)
 
 
 class CompressedTensorsWNA16Method(WNA16LinearMethod):
@@ -48,6 +48,8 @@ class CompressedTensorsWNA16Method(WNA16LinearMethod):
             self.add_param(layer, "weight_zero_point", (out_features // pf, group_rows), torch.int32, loader,
                            input_dim=group_dim, output_dim=0, packed_dim=0, packed_factor=pf)
         if self.wconfig.act_order:
+            if len(layer.output_partition_sizes) > 1:
+                loader = same_for_every_part(loader, "weight_g_idx", self.prefix)
             self.add_param(layer, "weight_g_idx", (in_features,), torch.int32, loader, input_dim=0,
                            output_dim=None)
 

@@ -32,7 +32,7 @@ import torch
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import contains_module, decide
 from genserve.layers.quantization.wna16 import (WNA16LinearMethod, WNA16Scheme, dummy_g_idx,
-                                                unpack_int32)
+                                                same_for_every_part, unpack_int32)
 
 GROUP_SIZES = (-1, 32, 64, 128)
 
@@ -63,6 +63,8 @@ class GPTQLinearMethod(WNA16LinearMethod):
         self.add_param(layer, "scales", (group_rows, out_features), torch.float32, loader,
                        input_dim=group_dim, output_dim=1)
         if self.wconfig.act_order:
+            if len(layer.output_partition_sizes) > 1:
+                loader = same_for_every_part(loader, "g_idx", self.prefix)
             self.add_param(layer, "g_idx", (in_features,), torch.int32, loader, input_dim=0, output_dim=None)
 
     def unpack(self, layer):

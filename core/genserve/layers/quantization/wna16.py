@@ -22,7 +22,7 @@ from torch import nn
 
 from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError, QuantMethod
 from genserve.layers.quantization.kernels import WNA16Config, WNA16Weights
-from genserve.layers.weights import set_weight_dims
+from genserve.layers.weights import materialize, set_weight_dims
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,24 @@ class WNA16LinearMethod(QuantMethod):
             param.copy_(value)
             filled.add(id(param))
         return filled
+
+
+def same_for_every_part(loader, name: str, prefix: str):
+    """Wrap the weight loader of a tensor every part of a fused layer must agree on (GPTQ's
+    ``g_idx``: q, k and v see the same input, so GPTQ orders their features alike): a part whose
+    tensor differs from an earlier part's is refused rather than silently overwriting it."""
+    seen: list[torch.Tensor] = []
+
+    def load(param, loaded, shard_id=None):
+        tensor = materialize(loaded)
+        if seen and not torch.equal(seen[0], tensor):
+            raise QuantizationError(f"layer {prefix}: the fused parts' {name} differ (part {shard_id!r}); "
+                                    f"one matmul needs one input order")
+        if not seen:
+            seen.append(tensor.clone())
+        loader(param, tensor, shard_id)
+
+    return load
 
 
 def dummy_g_idx(layer: nn.Module, param: torch.Tensor, group_size: int) -> torch.Tensor:
