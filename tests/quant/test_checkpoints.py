@@ -104,3 +104,13 @@ def _assert_parity(folder, ref, atol=2e-3):
     assert [generate_greedy(engine, [p], 12)[0] for p in prompts] == want
     assert generate_greedy(engine, prompts, 12, join_every=3) == want
     return engine
+
+
+def test_half_quantized_fused_layer_is_refused_naming_it():
+    """auto-round left k/v dense (``dynamic`` "-:" rules) but quantized q: one qkv matmul cannot
+    hold both, and the startup error says which layer and why."""
+    from genserve.engine.build import ConfigError
+    from genserve.layers.quantization.base import QuantizationError
+
+    with pytest.raises((ConfigError, QuantizationError), match=r"model.layers.0.self_attn.qkv_proj: its parts"):
+        load_genserve(FIXTURES / "gptq" / "w4-g32-asym-partial-kv")
