@@ -2,8 +2,8 @@
 narrow packed tensors from their declared dimensions (GPTQ packs the input, AWQ the output)."""
 
 import pytest
-
 from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits
+
 from tests.quant.ckpt import write_quantized
 
 from .conftest import tiny_llama

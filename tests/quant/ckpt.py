@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from genserve.testing import save_reference
+from safetensors.torch import save_file
 
 from .packers import awq_tensors, ct_tensors, gptq_tensors, marlin_tensors, quantize
 

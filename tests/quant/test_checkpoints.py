@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from genserve.testing import generate_greedy, load_genserve, prompt_logits
 from safetensors.torch import load_file
 from transformers import LlamaConfig, MixtralConfig
-
-from genserve.testing import generate_greedy, load_genserve, prompt_logits
 
 from .ckpt import write_quantized
 

@@ -4,12 +4,18 @@ fused layers and odd shapes."""
 
 import pytest
 import torch
-
-from genserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from genserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from genserve.layers.quantization.awq import AWQConfig
 from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError
 from genserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
-from genserve.layers.quantization.cpu_kernels import CpuInt4PackKernel, CpuInt8PackKernel
+from genserve.layers.quantization.cpu_kernels import (
+    CpuInt4PackKernel,
+    CpuInt8PackKernel,
+)
 from genserve.layers.quantization.gptq import GPTQConfig
 from genserve.layers.quantization.kernels import TorchWNA16Kernel
 from genserve.layers.quantization.marlin import MarlinConfig

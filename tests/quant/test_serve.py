@@ -14,9 +14,8 @@ pytestmark = pytest.mark.skipif(not (FIXTURE / "tokenizer.json").exists(), reaso
 
 
 def test_serve_gptq_over_http():
-    from transformers import AutoTokenizer
-
     from genserve.testing import generate_greedy, load_genserve
+    from transformers import AutoTokenizer
 
     server = ServerProcess("gptq", ["--model-id", str(FIXTURE), "--backend", "cpu", "--dtype", "float32",
                                     "--max-batch-total-tokens", "2048", "--max-total-tokens", "200"])
@@ -49,9 +48,8 @@ def test_flag_that_contradicts_the_checkpoint_is_a_startup_error(flag, message):
 
 
 def test_gptq_flag_on_an_unquantized_checkpoint_is_a_startup_error(tmp_path):
-    from transformers import LlamaConfig
-
     from genserve.testing import save_reference
+    from transformers import LlamaConfig
 
     save_reference(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1), tmp_path)

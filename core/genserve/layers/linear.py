@@ -18,9 +18,20 @@ import torch
 from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
-from genserve.layers.quantization.base import QuantizationConfig, QuantMethod, UnquantizedLinear
-from genserve.layers.weights import (copy_into, expect_dim, in_param_units, narrow, set_weight_dims,
-                                     shape_of, weight_dims)
+from genserve.layers.quantization.base import (
+    QuantizationConfig,
+    QuantMethod,
+    UnquantizedLinear,
+)
+from genserve.layers.weights import (
+    copy_into,
+    expect_dim,
+    in_param_units,
+    narrow,
+    set_weight_dims,
+    shape_of,
+    weight_dims,
+)
 
 
 class LinearBase(nn.Module):

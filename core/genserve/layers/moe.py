@@ -31,7 +31,11 @@ from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
 from genserve.layers.activation import GatedActivation
-from genserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from genserve.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from genserve.layers.weights import copy_into, narrow
 
 # (device type, dtype) -> whether grouped_mm runs there, learnt on first use: CPU and Hopper
@@ -140,10 +144,11 @@ def quantized_experts(x: torch.Tensor, experts: list[nn.Module], topk_weights: t
         for e, expert in enumerate(experts):
             out += expert(x).float() * mix[:, e:e + 1]
         return out.to(x.dtype)
-    for e, rows in enumerate((mix > 0).t().tolist() if E else []):
-        idx = torch.tensor([i for i, r in enumerate(rows) if r], dtype=torch.long, device=x.device)
+    routed = mix > 0
+    for e, expert in enumerate(experts):
+        idx = routed[:, e].nonzero().squeeze(1)
         if idx.numel():
-            out.index_add_(0, idx, experts[e](x[idx]).float() * mix[idx, e:e + 1])
+            out.index_add_(0, idx, expert(x[idx]).float() * mix[idx, e:e + 1])
     return out.to(x.dtype)
 
 

@@ -19,7 +19,12 @@ import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import contains_module, decide
-from genserve.layers.quantization.wna16 import WNA16LinearMethod, WNA16Scheme, pack_int32, unpack_int32
+from genserve.layers.quantization.wna16 import (
+    WNA16LinearMethod,
+    WNA16Scheme,
+    pack_int32,
+    unpack_int32,
+)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)            # field i of a word holds column ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)    # column c sits in field REVERSE[c]

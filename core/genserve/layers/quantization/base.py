@@ -112,8 +112,8 @@ class LinearKernelChooser:
             why = self.registry.get(first).can_implement(config, self.device)
             if (cls.name, why) not in self._logged:
                 self._logged.add((cls.name, why))
-                logger.info("linear kernel %s for layers %s cannot take (%s, e.g. %s): using %s",
-                            first, "like this one", why, prefix, cls.name)
+                logger.info("linear kernel %s cannot take layers like %s (%s): they use %s",
+                            first, prefix, why, cls.name)
         return cls
 
 
@@ -136,7 +136,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_config(cls, config: dict | None, kernels: LinearKernelChooser | None = None
-                    ) -> "QuantizationConfig":
+                    ) -> QuantizationConfig:
         """Build from the checkpoint's quantization config (None when it has none). Raises
         QuantizationError for settings the format does not support (bits, group size, ...)."""
         return cls(kernels)

@@ -3,7 +3,10 @@
 from genserve.hookspecs import hookimpl
 from genserve.layers.quantization.awq import AWQConfig
 from genserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
-from genserve.layers.quantization.cpu_kernels import CpuInt4PackKernel, CpuInt8PackKernel
+from genserve.layers.quantization.cpu_kernels import (
+    CpuInt4PackKernel,
+    CpuInt8PackKernel,
+)
 from genserve.layers.quantization.fp8 import FP8Config
 from genserve.layers.quantization.gptq import GPTQConfig
 from genserve.layers.quantization.int8 import EETQConfig

@@ -25,8 +25,14 @@ import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import decide, matches
-from genserve.layers.quantization.wna16 import (WNA16LinearMethod, WNA16Scheme, dummy_g_idx, pack_int32,
-                                                same_for_every_part, unpack_int32)
+from genserve.layers.quantization.wna16 import (
+    WNA16LinearMethod,
+    WNA16Scheme,
+    dummy_g_idx,
+    pack_int32,
+    same_for_every_part,
+    unpack_int32,
+)
 
 
 class CompressedTensorsWNA16Method(WNA16LinearMethod):

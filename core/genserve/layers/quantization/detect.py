@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genserve.layers.quantization.base import LinearKernelChooser, QuantizationConfig, QuantizationError
+from genserve.layers.quantization.base import (
+    LinearKernelChooser,
+    QuantizationConfig,
+    QuantizationError,
+)
 
 # Checkpoint spellings of TGI's --quantize names.
 ALIASES = {"compressed_tensors": "compressed-tensors"}

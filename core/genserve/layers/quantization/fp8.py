@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from genserve.layers.quantization.base import PerLayerQuantConfig, UnquantizedLinear
 

@@ -31,8 +31,13 @@ import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import contains_module, decide
-from genserve.layers.quantization.wna16 import (WNA16LinearMethod, WNA16Scheme, dummy_g_idx,
-                                                same_for_every_part, unpack_int32)
+from genserve.layers.quantization.wna16 import (
+    WNA16LinearMethod,
+    WNA16Scheme,
+    dummy_g_idx,
+    same_for_every_part,
+    unpack_int32,
+)
 
 GROUP_SIZES = (-1, 32, 64, 128)
 

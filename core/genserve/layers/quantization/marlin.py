@@ -24,7 +24,12 @@ import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
 from genserve.layers.quantization.targets import contains_module, decide
-from genserve.layers.quantization.wna16 import WNA16LinearMethod, WNA16Scheme, pack_int32, unpack_int32
+from genserve.layers.quantization.wna16 import (
+    WNA16LinearMethod,
+    WNA16Scheme,
+    pack_int32,
+    unpack_int32,
+)
 
 TILE = 16
 

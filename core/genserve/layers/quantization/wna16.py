@@ -20,7 +20,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError, QuantMethod
+from genserve.layers.quantization.base import (
+    LinearKernelChooser,
+    QuantizationError,
+    QuantMethod,
+)
 from genserve.layers.quantization.kernels import WNA16Config, WNA16Weights
 from genserve.layers.weights import materialize, set_weight_dims
 
