@@ -67,7 +67,6 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    rows = []
     for shape in args.shapes.split(","):
         k, n = SHAPES[shape]
         for dtype in (torch.float32, torch.bfloat16):
@@ -83,12 +82,10 @@ def main():
                            "kernel": name, "dtype": str(dtype).removeprefix("torch."), "K": k, "N": n,
                            "device": "cpu", "threads": torch.get_num_threads(), "commit": commit,
                            "date": time.strftime("%Y-%m-%d")}
-                    rows.append(row)
-                    print(f"{shape:18s} {row['dtype']:9s} b{batch:<3d} {name:24s} {ms:8.3f} ms")
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+                    print(f"{shape:18s} {row['dtype']:9s} b{batch:<3d} {name:24s} {ms:8.3f} ms", flush=True)
+                    if args.json:  # row by row: a long run that is stopped keeps what it measured
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
