@@ -182,6 +182,8 @@ def test_refusals_name_the_layer_and_reason():
     cfg = CompressedTensorsConfig.from_config(ct)
     with pytest.raises(QuantizationError, match=r"model.layers.0.mlp.down_proj.*activations"):
         RowParallelLinear(128, 128, False, torch.float32, cfg, prefix="model.layers.0.mlp.down_proj")
+    with pytest.raises(QuantizationError, match="kv_cache_scheme"):
+        CompressedTensorsConfig.from_config({**ct, "kv_cache_scheme": {"num_bits": 8, "type": "float"}})
     cfg = GPTQConfig.from_config({"bits": 4, "group_size": 32})
     with pytest.raises(QuantizationError, match=r"layer model.layers.0.x .*pack"):
         RowParallelLinear(100, 128, False, torch.float32, cfg, prefix="model.layers.0.x")

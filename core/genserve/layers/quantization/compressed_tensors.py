@@ -15,8 +15,8 @@ Which layers: ``config_groups`` each name ``targets`` (``Linear``, exact names, 
 and a weights scheme; ``ignore`` (names and ``re:`` patterns) leaves layers dense. Refused, with
 the layer named: a format other than ``pack-quantized``, quantized activations (W8A8, W4A8),
 float weights (FP8/NVFP4), bits other than 4 and 8, strategies other than ``group`` and
-``channel``, and a layer no group targets while others are quantized is left dense as the
-checkpoint has it.
+``channel``, a quantized KV cache, sparsity and transform configs. A layer that no group targets
+stays dense, as the checkpoint holds it.
 """
 
 from __future__ import annotations
@@ -117,6 +117,11 @@ class CompressedTensorsConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config, kernels=None):
         config = config or {}
+        # Parts of the config genserve would otherwise drop without a word.
+        for key, what in (("kv_cache_scheme", "a quantized KV cache (use --kv-cache-dtype)"),
+                          ("sparsity_config", "sparse weights"), ("transform_config", "weight transforms")):
+            if config.get(key):
+                raise QuantizationError(f"compressed-tensors {key}: {what} is not supported")
         default_format = config.get("format", "pack-quantized")
         groups = []
         for name, group in (config.get("config_groups") or {}).items():
