@@ -22,11 +22,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's configuration, reported as one line without a traceback."""
     from genserve.backends.select import BackendError
     from genserve.errors import ConfigError
+    from genserve.layers.quantization.base import QuantizationError
     from genserve.loader.source import ModelNotFoundError
     from genserve.plugins import PluginLoadError
     from genserve.registry import UnknownEntryError
 
-    return (ConfigError, BackendError, ModelNotFoundError, PluginLoadError, UnknownEntryError)
+    return (ConfigError, BackendError, ModelNotFoundError, PluginLoadError, UnknownEntryError,
+            QuantizationError)
 
 
 def fail(exc: BaseException) -> int:

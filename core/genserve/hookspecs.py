@@ -78,11 +78,12 @@ def genserve_register_architectures(register):
 
 @_registry_hook("quantizer")
 def genserve_register_quantizers(register):
-    """Register weight quantization methods: ``register("gptq", GPTQMethod)``.
+    """Register weight quantization methods: ``register("gptq", GPTQConfig)``.
 
     The key is the name taken by ``--quantize`` and found in a checkpoint's
     ``quantization_config.quant_method``; the class follows
-    ``genserve.layers.quantization.QuantMethod``.
+    ``genserve.layers.quantization.QuantizationConfig`` (built once per model, asked per layer
+    for a ``QuantMethod``).
     """
 
 

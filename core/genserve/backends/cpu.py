@@ -14,6 +14,8 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 0
     attention_preference = ("torch", "reference")
+    # torch's packed int4/int8 CPU matmuls first; the dequantizing reference takes the rest.
+    linear_kernel_preference = ("cpu_int4pack", "cpu_int8pack", "torch_wna16")
     distributed_backend = "gloo"
 
     @classmethod

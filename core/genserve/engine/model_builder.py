@@ -56,25 +56,26 @@ def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type[Cau
         raise ConfigError(str(exc)) from None
 
 
-def quantizer(plugins: Plugins, backend, args, config):
-    """(name, factory) of the weight quantizer: --quantize, else the checkpoint's
-    ``quantization_config.quant_method``; (None, a factory of None) for none."""
-    quant_name = args.quantize or (getattr(config, "quantization_config", None) or {}).get("quant_method")
-    quant_factory = lambda: None  # noqa: E731
-    if quant_name:
-        qcls = plugins.quantizers.get(quant_name)
-        if qcls.backends is not None and backend.name not in qcls.backends:
-            raise ConfigError(f"quantizer {quant_name!r} does not run on backend {backend.name!r}")
-        qconf = getattr(config, "quantization_config", None)
-        quant_factory = lambda: qcls(qconf)  # noqa: E731
-    return quant_name, quant_factory
+def quantizer(plugins: Plugins, backend, args, config, src: ModelSource):
+    """(--quantize name or None, ``QuantizationConfig`` or None) from the flag and the
+    checkpoint (``layers/quantization/detect.py``), its linear kernels chosen in the backend's
+    ``linear_kernel_preference``. Raises ``ConfigError`` for a mismatch or a refused setting."""
+    from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError
+    from genserve.layers.quantization.detect import build_quantization
+
+    kernels = LinearKernelChooser(backend.device, backend.linear_kernel_preference, plugins.linear_kernels)
+    try:
+        return build_quantization(plugins.quantizers, args.quantize, config,
+                                  None if src.is_gguf else src.path, kernels, backend.name)
+    except QuantizationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype: torch.dtype):
     """(model, attention class, quantizer name): the model constructed on ``backend.device``,
     its weights loaded and processed, in eval mode (the backend told: ``after_weights_loaded``)."""
     model_cls = architecture(plugins, config, args.model_impl)
-    quant_name, quant_factory = quantizer(plugins, backend, args, config)
+    quant_name, quant_config = quantizer(plugins, backend, args, config, src)
     forced = "torch" if not backend.options.custom_kernels else getattr(args, "attention", None)
     attn_cls = choose_attention(plugins, backend, forced, attention_probe(config), dtype)
     logger.info("backend %s, attention %s, dtype %s", backend.name, attn_cls.name, dtype)
@@ -82,7 +83,7 @@ def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype
     fallbacks = () if forced else tuple(
         plugins.attention.get(n) for n in backend.attention_preference
         if n in plugins.attention and plugins.attention.get(n) is not attn_cls)
-    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_factory,
+    ctx = ModelContext(dtype=dtype, device=backend.device, attention_cls=attn_cls, quant=quant_config,
                        attention_fallbacks=fallbacks, layer_ops=backend.layer_ops())
     try:
         model = construct_model(model_cls, config, ctx)

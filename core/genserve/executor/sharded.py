@@ -18,7 +18,6 @@ import logging
 import multiprocessing as mp
 import time
 
-import torch
 import torch.distributed as dist
 
 from genserve.args import FLAGS

@@ -14,6 +14,13 @@ Tensor parallelism over the TP group, chosen by ``shard``:
   routed to them.
 
 Either way each rank's output is a partial sum and one all-reduce finishes the layer.
+
+Quantized checkpoints (GPTQ, AWQ, ... Mixtral): with a ``QuantizationConfig`` the experts are
+``ExpertMLP``s, one gated MLP of ordinary linear layers per local expert, each asking the
+config for its method with its checkpoint prefix (``...experts.3.w1``) like any linear layer, so
+every format and kernel serves experts through the one linear contract. Their loaders narrow
+the intermediate dimension as column (w1, w3) and row (w2) parallel layers do; the router stays
+dense.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
 from genserve.layers.activation import GatedActivation
-from genserve.layers.linear import ReplicatedLinear
+from genserve.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from genserve.layers.weights import copy_into, narrow
 
 # (device type, dtype) -> whether grouped_mm runs there, learnt on first use: CPU and Hopper
@@ -99,6 +110,48 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+class ExpertMLP(nn.Module):
+    """One expert's gated MLP from linear layers (w1 gate, w3 up, w2 down), for quantized experts.
+
+    ``sharded``: split the intermediate dimension over the TP ranks (``shard="intermediate"``);
+    otherwise the rank holds the whole expert. No all-reduce here: ``FusedMoE`` does one for all.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: nn.Module, dtype, quant_config,
+                 prefix: str, sharded: bool):
+        super().__init__()
+        up_cls = ColumnParallelLinear if sharded else ReplicatedLinear
+        down_cls = RowParallelLinear if sharded else ReplicatedLinear
+        self.w1 = up_cls(hidden_size, intermediate_size, False, dtype, quant_config, prefix=f"{prefix}.w1")
+        self.w3 = up_cls(hidden_size, intermediate_size, False, dtype, quant_config, prefix=f"{prefix}.w3")
+        self.w2 = down_cls(intermediate_size, hidden_size, False, dtype, quant_config, prefix=f"{prefix}.w2")
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(torch.cat([self.w1.quant.apply(self.w1, x, None), self.w3.quant.apply(self.w3, x, None)], -1))
+        return self.w2.quant.apply(self.w2, h, None)  # this rank's partial sum when sharded
+
+
+def quantized_experts(x: torch.Tensor, experts: list[nn.Module], topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor:
+    """``fused_experts`` over ``ExpertMLP``s: each expert runs on the rows routed to it; while a
+    CUDA graph is captured, every expert runs on every row (no data-dependent shapes)."""
+    E = len(experts)
+    mix = torch.zeros(x.shape[0], E + 1, dtype=torch.float32, device=x.device)
+    mix = mix.scatter_add_(1, topk_ids.clamp(max=E), topk_weights.float())[:, :E]  # [T, E]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if _capturing(x):
+        for e, expert in enumerate(experts):
+            out += expert(x).float() * mix[:, e:e + 1]
+        return out.to(x.dtype)
+    routed = mix > 0
+    for e, expert in enumerate(experts):
+        idx = routed[:, e].nonzero().squeeze(1)
+        if idx.numel():
+            out.index_add_(0, idx, expert(x[idx]).float() * mix[idx, e:e + 1])
+    return out.to(x.dtype)
+
+
 class FusedMoE(nn.Module):
     """Router + ``num_experts`` gated MLPs (w1 gate, w3 up, w2 down), top-k per token.
 
@@ -109,7 +162,9 @@ class FusedMoE(nn.Module):
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
                  renormalize: bool = True, activation: str = "silu", dtype=torch.float32,
-                 shard: str = "intermediate"):
+                 shard: str = "intermediate", quant_config=None, prefix: str = ""):
+        """``quant_config``/``prefix``: the model's quantization and this block's checkpoint name
+        (``model.layers.0.block_sparse_moe``); with a config the experts are ``ExpertMLP``s."""
         super().__init__()
         if shard not in ("intermediate", "experts"):
             raise ValueError(f"shard must be 'intermediate' or 'experts', not {shard!r}")
@@ -124,10 +179,18 @@ class FusedMoE(nn.Module):
             self.local_intermediate = divide(intermediate_size, self.tp.size)
         E, I = self.num_local_experts, self.local_intermediate
         self.gate = ReplicatedLinear(hidden_size, num_experts, False, dtype, None)
+        self.act = GatedActivation(activation)
+        self.experts = None
+        if quant_config is not None:
+            # Keyed by the global expert id, so ``experts.<e>.w1.qweight`` names it on every rank.
+            self.experts = nn.ModuleDict({
+                str(e): ExpertMLP(hidden_size, intermediate_size, self.act, dtype, quant_config,
+                                  f"{prefix}.experts.{e}", shard == "intermediate")
+                for e in range(self.expert_start, self.expert_start + E)})
+            return
         self.w13_weight = nn.Parameter(torch.empty(E, 2 * I, hidden_size, dtype=dtype), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(E, hidden_size, I, dtype=dtype), requires_grad=False)
         self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.weight_loader
-        self.act = GatedActivation(activation)
         self.experts_fn = fused_experts  # a backend may swap in a fused kernel with this contract
 
     @staticmethod
@@ -166,5 +229,9 @@ class FusedMoE(nn.Module):
         if self.shard == "experts":  # remote experts map to ids >= num_local_experts
             ids = ids - self.expert_start
             ids = ids.masked_fill((ids < 0) | (ids >= self.num_local_experts), self.num_local_experts)
-        out = self.experts_fn(x, self.w13_weight, self.w2_weight, weights, ids, self.act)
+        if self.experts is not None:
+            out = quantized_experts(x, list(self.experts.values()), weights, ids)
+        else:
+            out = self.experts_fn(x, self.w13_weight, self.w2_weight, weights, ids, self.act)
         return self.tp.all_reduce(out)
+

@@ -37,7 +37,10 @@ def load_weights(model, src: ModelSource, config, load_format: str, dtype: torch
 def random_init(model) -> None:
     """Small random weights (norm weights at 1) so dummy models produce finite, varied logits."""
     gen = torch.Generator(device="cpu").manual_seed(0)
+    filled = model.init_dummy_quantized(gen)  # packed integer weights: their quant method's job
     for name, p in model.named_parameters():
+        if id(p) in filled:
+            continue
         if "norm" in name or p.dim() == 1:
             p.fill_(1.0 if "norm" in name and "bias" not in name else 0.0)
         else:

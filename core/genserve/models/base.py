@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from genserve.attention.base import AttentionImpl, AttentionMetadata, AttentionSpec
 from genserve.distributed.state import TPGroup, get_tp_group
 from genserve.layers.custom_op import LayerOps, use_layer_ops
-from genserve.layers.quantization.base import QuantMethod
+from genserve.layers.quantization.base import QuantizationConfig, QuantMethod
 from genserve.layers.weights import weight_loader_of
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ class ModelContext:
     dtype: torch.dtype
     device: torch.device
     attention_cls: type[AttentionImpl]
-    quant: Callable[[], QuantMethod | None] = lambda: None
+    # The checkpoint's quantization, asked per linear layer with its checkpoint prefix
+    # (``quant.get_quant_method(layer, prefix)``); None: every layer dense.
+    quant: QuantizationConfig | None = None
     tp: TPGroup = field(default_factory=get_tp_group)
     # Next choices, in the backend's order, for layers the first one cannot serve
     # (e.g. a kernel without softcap under Gemma-2).
@@ -139,12 +142,24 @@ class CausalLM(nn.Module):
                 loaded.add(name)
         return loaded
 
-    def process_weights_after_loading(self) -> None:
-        """Let each quantized layer repack its loaded weights (``QuantMethod.process_after_loading``)."""
+    def quantized_modules(self) -> Iterable[tuple[nn.Module, QuantMethod]]:
+        """``(module, QuantMethod)`` for every module whose parameters a quant method owns."""
         for module in self.modules():
             quant = getattr(module, "quant", None)
-            if quant is not None:
-                quant.process_after_loading(module)
+            if isinstance(quant, QuantMethod):
+                yield module, quant
+
+    def process_weights_after_loading(self) -> None:
+        for module, quant in list(self.quantized_modules()):
+            quant.process_after_loading(module)
+
+    def init_dummy_quantized(self, generator: torch.Generator) -> set[int]:
+        """``--load-format dummy``: let each quant method fill its own parameters with valid
+        random values (packed integers, positive scales); returns the ``id()``s it filled."""
+        filled: set[int] = set()
+        for module, quant in self.quantized_modules():
+            filled |= quant.init_dummy(module, generator)
+        return filled
 
 
 M = TypeVar("M", bound=CausalLM)

@@ -17,9 +17,10 @@ class BloomBlock(nn.Module):
         self.input_layernorm = LayerNorm(h, eps, dtype=ctx.dtype)
         # query_key_value rows are [head, (q, k, v), head_dim].
         self.self_attention = SelfAttention(layer_idx, ctx, hidden_size=h, num_heads=config.n_head,
-                                            grouped=True, alibi=alibi_slopes(config.n_head))
+                                            grouped=True, alibi=alibi_slopes(config.n_head),
+                                            prefix=f"transformer.h.{layer_idx}.self_attention")
         self.post_attention_layernorm = LayerNorm(h, eps, dtype=ctx.dtype)
-        self.mlp = MLP(h, 4 * h, "gelu_pytorch_tanh", ctx)  # BLOOM's gelu is the tanh approximation
+        self.mlp = MLP(h, 4 * h, "gelu_pytorch_tanh", ctx, prefix=f"transformer.h.{layer_idx}.mlp")  # BLOOM's gelu is the tanh approximation
         # Some BLOOM variants add the residual after the norm rather than before it.
         self.residual_after_norm = config.apply_residual_connection_post_layernorm
 

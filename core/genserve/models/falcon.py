@@ -41,8 +41,10 @@ class FalconDecoderLayer(nn.Module):
             layer_idx, ctx, hidden_size=h, num_heads=config.num_attention_heads,
             num_kv_heads=falcon_kv_heads(config), bias=bias, grouped=True,
             rotary=None if config.alibi else RotaryEmbedding.from_config(config, hd),
-            alibi=falcon_alibi(config) if config.alibi else None)
-        self.mlp = MLP(h, config.ffn_hidden_size, config.activation, ctx, bias=bias)
+            alibi=falcon_alibi(config) if config.alibi else None,
+            prefix=f"transformer.h.{layer_idx}.self_attention")
+        self.mlp = MLP(h, config.ffn_hidden_size, config.activation, ctx, bias=bias,
+                       prefix=f"transformer.h.{layer_idx}.mlp")
         self.parallel = config.new_decoder_architecture or config.parallel_attn
         # Only the new architecture gives attention and MLP separate norms (num_ln_in_parallel_attn).
         self.two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2

@@ -13,7 +13,7 @@ from torch import nn
 
 from genserve.layers.norm import RMSNorm
 from genserve.models.base import ModelContext
-from genserve.models.llama import LlamaAttention, LlamaForCausalLM
+from genserve.models.llama import LlamaAttention, LlamaForCausalLM, layer_prefix
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
@@ -34,7 +34,7 @@ class Gemma2DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, ctx: ModelContext, mlp: nn.Module, norm_offset: float):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, layer_idx, ctx)
+        self.self_attn = LlamaAttention(config, layer_idx, ctx, prefix=layer_prefix(layer_idx, "self_attn"))
         self.mlp = mlp
         self.input_layernorm = RMSNorm(h, eps, ctx.dtype, norm_offset)
         self.post_attention_layernorm = RMSNorm(h, eps, ctx.dtype, norm_offset)

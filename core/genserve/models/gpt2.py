@@ -48,9 +48,11 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(h, eps, dtype=ctx.dtype)
         self.attn = SelfAttention(layer_idx, ctx, hidden_size=h, num_heads=heads,
                                   num_kv_heads=1 if multi_query else heads, names=("c_attn", "c_proj"),
-                                  grouped=config.model_type == "gpt_bigcode", scale=scale)
+                                  grouped=config.model_type == "gpt_bigcode", scale=scale,
+                                  prefix=f"transformer.h.{layer_idx}.attn")
         self.ln_2 = LayerNorm(h, eps, dtype=ctx.dtype)
-        self.mlp = MLP(h, config.n_inner or 4 * h, config.activation_function, ctx, names=("c_fc", "c_proj"))
+        self.mlp = MLP(h, config.n_inner or 4 * h, config.activation_function, ctx, names=("c_fc", "c_proj"),
+                       prefix=f"transformer.h.{layer_idx}.mlp")
 
     def forward(self, positions, x, batch):
         x = x + self.attn(positions, self.ln_1(x), batch)

@@ -77,15 +77,18 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> list[float]:
 class MLP(nn.Module):
     """Column-parallel up projection, activation, row-parallel down projection.
 
-    ``names`` are the checkpoint's names for the two projections (e.g. GPT-2's ``c_fc, c_proj``).
+    ``names`` are the checkpoint's names for the two projections (e.g. GPT-2's ``c_fc, c_proj``);
+    ``prefix`` the checkpoint name of the module holding them.
     """
 
     def __init__(self, hidden_size: int, inner_size: int, act: str, ctx: ModelContext, bias: bool = True,
-                 names: tuple[str, str] = ("dense_h_to_4h", "dense_4h_to_h")):
+                 names: tuple[str, str] = ("dense_h_to_4h", "dense_4h_to_h"), prefix: str = ""):
         super().__init__()
         self.names = names
-        self.add_module(names[0], ColumnParallelLinear(hidden_size, inner_size, bias, ctx.dtype, ctx.quant()))
-        self.add_module(names[1], RowParallelLinear(inner_size, hidden_size, bias, ctx.dtype, ctx.quant()))
+        self.add_module(names[0], ColumnParallelLinear(hidden_size, inner_size, bias, ctx.dtype, ctx.quant,
+                                                       prefix=f"{prefix}.{names[0]}"))
+        self.add_module(names[1], RowParallelLinear(inner_size, hidden_size, bias, ctx.dtype, ctx.quant,
+                                                    prefix=f"{prefix}.{names[1]}"))
         self.act = get_activation(act)
 
     def forward(self, x):
@@ -106,12 +109,13 @@ class SelfAttention(nn.Module):
                  num_kv_heads: int | None = None, bias: bool = True,
                  names: tuple[str, str] = ("query_key_value", "dense"), grouped: bool = False,
                  rotary: nn.Module | None = None, alibi: list[float] | None = None,
-                 scale: float | None = None, clip_qkv: float | None = None):
+                 scale: float | None = None, clip_qkv: float | None = None, prefix: str = ""):
         super().__init__()
         hd = hidden_size // num_heads
         cls = GroupedQKVParallelLinear if grouped else QKVParallelLinear
-        qkv = cls(hidden_size, hd, num_heads, num_kv_heads or num_heads, bias, ctx.dtype, ctx.quant())
-        out = RowParallelLinear(num_heads * hd, hidden_size, bias, ctx.dtype, ctx.quant())
+        qkv = cls(hidden_size, hd, num_heads, num_kv_heads or num_heads, bias, ctx.dtype, ctx.quant,
+                  prefix=f"{prefix}.{names[0]}")
+        out = RowParallelLinear(num_heads * hd, hidden_size, bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.{names[1]}")
         self.names = names
         self.add_module(names[0], qkv)
         self.add_module(names[1], out)

@@ -25,9 +25,10 @@ class GPTNeoXLayer(nn.Module):
         # query_key_value rows are [head, (q, k, v), head_dim].
         self.attention = SelfAttention(layer_idx, ctx, hidden_size=h, num_heads=heads, grouped=True,
                                        bias=getattr(config, "attention_bias", True),
-                                       rotary=RotaryEmbedding.from_config(config, hd, int(hd * pct)))
+                                       rotary=RotaryEmbedding.from_config(config, hd, int(hd * pct)),
+                                       prefix=f"gpt_neox.layers.{layer_idx}.attention")
         self.post_attention_layernorm = LayerNorm(h, eps, dtype=ctx.dtype)
-        self.mlp = MLP(h, config.intermediate_size, config.hidden_act, ctx)
+        self.mlp = MLP(h, config.intermediate_size, config.hidden_act, ctx, prefix=f"gpt_neox.layers.{layer_idx}.mlp")
         self.parallel = config.use_parallel_residual
 
     def forward(self, positions, x, batch):

@@ -7,11 +7,9 @@ swap the norm, embedding scale, decoder layer or MLP (``make_layer`` / ``make_ml
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from genserve.attention.base import AttentionSpec
-from genserve.distributed.state import divide
 from genserve.layers.activation import GatedActivation
 from genserve.layers.attention import Attention
 from genserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -19,6 +17,11 @@ from genserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from genserve.layers.norm import RMSNorm
 from genserve.layers.rotary import RotaryEmbedding, rope_parameters
 from genserve.models.base import CausalLM, ForwardBatch, KVCacheSpec, ModelContext
+
+
+def layer_prefix(layer_idx: int, module: str) -> str:
+    """The checkpoint name of a decoder layer's sub-module (what quantizers match against)."""
+    return f"model.layers.{layer_idx}.{module}"
 
 
 def head_dim_of(config) -> int:
@@ -44,11 +47,12 @@ def rotary_dim_of(config, head_dim: int) -> int:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, ctx: ModelContext, bias: bool = False):
+    def __init__(self, config, ctx: ModelContext, bias: bool = False, prefix: str = ""):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(h, [i, i], bias, ctx.dtype, ctx.quant())
-        self.down_proj = RowParallelLinear(i, h, bias, ctx.dtype, ctx.quant())
+        self.gate_up_proj = MergedColumnParallelLinear(h, [i, i], bias, ctx.dtype, ctx.quant,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(i, h, bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.down_proj")
         # Gemma 2 names its activation ``hidden_activation``.
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
         self.act = GatedActivation(act)
@@ -58,15 +62,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         hd = head_dim_of(config)
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, config.num_attention_heads, n_kv,
-                                          qkv_bias, ctx.dtype, ctx.quant())
+                                          qkv_bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size,
-                                        getattr(config, "attention_bias", False), ctx.dtype, ctx.quant())
+                                        getattr(config, "attention_bias", False), ctx.dtype, ctx.quant,
+                                        prefix=f"{prefix}.o_proj")
         self.rotary_emb = RotaryEmbedding.from_config(config, hd, rotary_dim_of(config, hd))
         # Gemma 2 scales queries by query_pre_attn_scalar instead of head_dim, and softcaps scores.
         scalar = getattr(config, "query_pre_attn_scalar", None) or hd
@@ -90,7 +95,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, ctx: ModelContext, mlp: nn.Module, norm_offset: float = 0.0):
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, layer_idx, ctx)
+        self.self_attn = LlamaAttention(config, layer_idx, ctx, prefix=layer_prefix(layer_idx, "self_attn"))
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
@@ -136,7 +141,7 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head.tie_to(self.embed_tokens)
 
     def make_mlp(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
-        return LlamaMLP(config, ctx, getattr(config, "mlp_bias", False))
+        return LlamaMLP(config, ctx, getattr(config, "mlp_bias", False), prefix=layer_prefix(layer_idx, "mlp"))
 
     def make_layer(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
         return LlamaDecoderLayer(config, layer_idx, ctx, self.make_mlp(config, layer_idx, ctx),

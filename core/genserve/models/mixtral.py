@@ -15,7 +15,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
     def make_mlp(self, config, layer_idx, ctx):
         return FusedMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
-                        config.intermediate_size, activation=config.hidden_act, dtype=ctx.dtype)
+                        config.intermediate_size, activation=config.hidden_act, dtype=ctx.dtype,
+                        quant_config=ctx.quant, prefix=f"model.layers.{layer_idx}.block_sparse_moe")
 
     def rename_weight(self, name):
         # Checkpoints call the MoE block "block_sparse_moe"; it sits where Llama's MLP does.

@@ -19,9 +19,10 @@ class MptBlock(nn.Module):
         self.attn = SelfAttention(layer_idx, ctx, hidden_size=h, num_heads=config.n_heads, bias=bias,
                                   names=("Wqkv", "out_proj"), scale=attn_cfg.softmax_scale,
                                   alibi=alibi_slopes(config.n_heads, attn_cfg.alibi_bias_max),
-                                  clip_qkv=attn_cfg.clip_qkv)
+                                  clip_qkv=attn_cfg.clip_qkv, prefix=f"transformer.blocks.{layer_idx}.attn")
         self.norm_2 = LayerNorm(h, eps, bias=bias, dtype=ctx.dtype)
-        self.ffn = MLP(h, config.expansion_ratio * h, "gelu", ctx, bias=bias, names=("up_proj", "down_proj"))
+        self.ffn = MLP(h, config.expansion_ratio * h, "gelu", ctx, bias=bias, names=("up_proj", "down_proj"),
+                       prefix=f"transformer.blocks.{layer_idx}.ffn")
 
     def forward(self, positions, x, batch):
         x = x + self.attn(positions, self.norm_1(x), batch)

@@ -31,10 +31,12 @@ class OPTDecoderLayer(nn.Module):
         super().__init__()
         h, bias = config.hidden_size, getattr(config, "enable_bias", True)
         self.self_attn = SelfAttention(layer_idx, ctx, hidden_size=h, num_heads=config.num_attention_heads,
-                                       bias=bias, names=("qkv_proj", "out_proj"))
+                                       bias=bias, names=("qkv_proj", "out_proj"),
+                                       prefix=f"model.decoder.layers.{layer_idx}.self_attn")
         self.self_attn_layer_norm = opt_layer_norm(config, ctx)
-        self.fc1 = ColumnParallelLinear(h, config.ffn_dim, bias, ctx.dtype, ctx.quant())
-        self.fc2 = RowParallelLinear(config.ffn_dim, h, bias, ctx.dtype, ctx.quant())
+        prefix = f"model.decoder.layers.{layer_idx}"
+        self.fc1 = ColumnParallelLinear(h, config.ffn_dim, bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.fc1")
+        self.fc2 = RowParallelLinear(config.ffn_dim, h, bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.fc2")
         self.act = get_activation(config.activation_function)
         self.final_layer_norm = opt_layer_norm(config, ctx)
         self.pre_norm = config.do_layer_norm_before
@@ -65,8 +67,10 @@ class OPTForCausalLM(GPTStyleLM):
                                                       ctx.dtype)
         self.project_in = self.project_out = None
         if word_dim != h:
-            self.project_in = ReplicatedLinear(word_dim, h, False, ctx.dtype, ctx.quant())
-            self.project_out = ReplicatedLinear(h, word_dim, False, ctx.dtype, ctx.quant())
+            self.project_in = ReplicatedLinear(word_dim, h, False, ctx.dtype, ctx.quant,
+                                               prefix="model.decoder.project_in")
+            self.project_out = ReplicatedLinear(h, word_dim, False, ctx.dtype, ctx.quant,
+                                                prefix="model.decoder.project_out")
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i, ctx) for i in range(config.num_hidden_layers))
         self.final_layer_norm = None
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):

@@ -19,14 +19,14 @@ from genserve.models.llama import head_dim_of, rotary_dim_of
 
 
 class PhiAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         hd = head_dim_of(config)
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, config.num_attention_heads, n_kv,
-                                          True, ctx.dtype, ctx.quant())
+                                          True, ctx.dtype, ctx.quant, prefix=f"{prefix}.qkv_proj")
         self.dense = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, True,
-                                       ctx.dtype, ctx.quant())
+                                       ctx.dtype, ctx.quant, prefix=f"{prefix}.dense")
         self.rotary_emb = RotaryEmbedding.from_config(config, hd, rotary_dim_of(config, hd))
         self.qk_layernorm = getattr(config, "qk_layernorm", False)
         if self.qk_layernorm:  # per head, before the rotation
@@ -48,10 +48,12 @@ class PhiAttention(nn.Module):
 
 
 class PhiMLP(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, True, ctx.dtype, ctx.quant())
-        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, ctx.dtype, ctx.quant())
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, True, ctx.dtype, ctx.quant,
+                                        prefix=f"{prefix}.fc1")
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, True, ctx.dtype, ctx.quant,
+                                     prefix=f"{prefix}.fc2")
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x):
@@ -62,8 +64,8 @@ class PhiDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, ctx: ModelContext):
         super().__init__()
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype=ctx.dtype)
-        self.self_attn = PhiAttention(config, layer_idx, ctx)
-        self.mlp = PhiMLP(config, ctx)
+        self.self_attn = PhiAttention(config, layer_idx, ctx, prefix=f"model.layers.{layer_idx}.self_attn")
+        self.mlp = PhiMLP(config, ctx, prefix=f"model.layers.{layer_idx}.mlp")
 
     def forward(self, positions, x, residual, batch):
         if residual is None:

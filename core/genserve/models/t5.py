@@ -75,27 +75,28 @@ class RelativeBias(nn.Module):
 class T5FeedForward(nn.Module):
     """``relu`` (T5) or gated ``gelu_new`` (T5 v1.1, FLAN-T5, mT5) MLP."""
 
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         d, ff = config.d_model, config.d_ff
         if config.is_gated_act:
-            self.wi = MergedColumnParallelLinear(d, [ff, ff], False, ctx.dtype, ctx.quant())
+            self.wi = MergedColumnParallelLinear(d, [ff, ff], False, ctx.dtype, ctx.quant, prefix=f"{prefix}.wi")
             self.act = GatedActivation(config.dense_act_fn)
         else:
-            self.wi = ColumnParallelLinear(d, ff, False, ctx.dtype, ctx.quant())
+            self.wi = ColumnParallelLinear(d, ff, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.wi")
             self.act = get_activation(config.dense_act_fn)
-        self.wo = RowParallelLinear(ff, d, False, ctx.dtype, ctx.quant())
+        self.wo = RowParallelLinear(ff, d, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.wo")
 
     def forward(self, x):
         return self.wo(self.act(self.wi(x)))
 
 
 class T5SelfAttention(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         self.qkv = QKVParallelLinear(config.d_model, config.d_kv, config.num_heads, config.num_heads,
-                                     False, ctx.dtype, ctx.quant())
-        self.o = RowParallelLinear(config.num_heads * config.d_kv, config.d_model, False, ctx.dtype, ctx.quant())
+                                     False, ctx.dtype, ctx.quant, prefix=f"{prefix}.qkv")
+        self.o = RowParallelLinear(config.num_heads * config.d_kv, config.d_model, False, ctx.dtype, ctx.quant,
+                                   prefix=f"{prefix}.o")
         self.num_heads, self.head_dim = self.qkv.num_heads, config.d_kv
 
     def qkv_heads(self, x):
@@ -107,22 +108,23 @@ class T5SelfAttention(nn.Module):
 class T5CrossAttention(nn.Module):
     """Queries from the decoder; keys and values projected once from the encoder output."""
 
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         inner = config.num_heads * config.d_kv
-        self.q = ColumnParallelLinear(config.d_model, inner, False, ctx.dtype, ctx.quant())
-        self.kv = MergedColumnParallelLinear(config.d_model, [inner, inner], False, ctx.dtype, ctx.quant())
-        self.o = RowParallelLinear(inner, config.d_model, False, ctx.dtype, ctx.quant())
+        self.q = ColumnParallelLinear(config.d_model, inner, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.q")
+        self.kv = MergedColumnParallelLinear(config.d_model, [inner, inner], False, ctx.dtype, ctx.quant,
+                                             prefix=f"{prefix}.kv")
+        self.o = RowParallelLinear(inner, config.d_model, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.o")
 
 
 class T5EncoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.self_attn_norm = RMSNorm(config.d_model, eps, ctx.dtype)
-        self.self_attn = T5SelfAttention(config, ctx)
+        self.self_attn = T5SelfAttention(config, ctx, prefix=f"{prefix}.layer.0.SelfAttention")
         self.mlp_norm = RMSNorm(config.d_model, eps, ctx.dtype)
-        self.mlp = T5FeedForward(config, ctx)
+        self.mlp = T5FeedForward(config, ctx, prefix=f"{prefix}.layer.1.DenseReluDense")
 
     def forward(self, x, mask):
         """``x`` [B, S, d]; ``mask`` [B, H, S, S]: position bias plus key padding."""
@@ -133,15 +135,15 @@ class T5EncoderLayer(nn.Module):
 
 
 class T5DecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.self_attn_norm = RMSNorm(config.d_model, eps, ctx.dtype)
-        self.self_attn = T5SelfAttention(config, ctx)
+        self.self_attn = T5SelfAttention(config, ctx, prefix=f"{prefix}.layer.0.SelfAttention")
         self.cross_attn_norm = RMSNorm(config.d_model, eps, ctx.dtype)
-        self.cross_attn = T5CrossAttention(config, ctx)
+        self.cross_attn = T5CrossAttention(config, ctx, prefix=f"{prefix}.layer.1.EncDecAttention")
         self.mlp_norm = RMSNorm(config.d_model, eps, ctx.dtype)
-        self.mlp = T5FeedForward(config, ctx)
+        self.mlp = T5FeedForward(config, ctx, prefix=f"{prefix}.layer.2.DenseReluDense")
 
     def forward(self, x, residual, step: "_DecoderStep", layer_idx: int):
         if residual is None:
@@ -225,7 +227,8 @@ class T5Stack(nn.Module):
         super().__init__()
         n = config.num_decoder_layers if is_decoder else config.num_layers
         layer_cls = T5DecoderLayer if is_decoder else T5EncoderLayer
-        self.layers = nn.ModuleList(layer_cls(config, ctx) for _ in range(n))
+        stack = "decoder" if is_decoder else "encoder"
+        self.layers = nn.ModuleList(layer_cls(config, ctx, prefix=f"{stack}.block.{i}") for i in range(n))
         heads = self.layers[0].self_attn.num_heads
         self.relative_bias = RelativeBias(config, not is_decoder, heads, ctx.dtype)
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, ctx.dtype)

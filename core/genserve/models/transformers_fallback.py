@@ -119,7 +119,7 @@ def unsupported_reason(config, ctx: ModelContext | None = None) -> str | None:
     if ctx is not None:
         if ctx.tp.size > 1:
             return "tensor parallelism is not available through the transformers fallback"
-        if ctx.quant() is not None:
+        if ctx.quant is not None:
             return "quantized weights are not available through the transformers fallback"
     return None
 

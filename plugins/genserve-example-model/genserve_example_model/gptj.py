@@ -20,13 +20,14 @@ from genserve.models.base import CausalLM, ForwardBatch, KVCacheSpec, ModelConte
 
 
 class GPTJAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, ctx: ModelContext):
+    def __init__(self, config, layer_idx: int, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         h, heads = config.hidden_size, config.num_attention_heads
         hd = h // heads
         # q_proj, k_proj and v_proj load into one column-parallel matmul (see stacked_params).
-        self.qkv_proj = QKVParallelLinear(h, hd, heads, heads, False, ctx.dtype, ctx.quant())
-        self.out_proj = RowParallelLinear(h, h, False, ctx.dtype, ctx.quant())
+        # ``prefix``: the checkpoint name quantizers match (e.g. ``transformer.h.0.attn``).
+        self.qkv_proj = QKVParallelLinear(h, hd, heads, heads, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.qkv_proj")
+        self.out_proj = RowParallelLinear(h, h, False, ctx.dtype, ctx.quant, prefix=f"{prefix}.out_proj")
         # GPT-J rotates adjacent pairs of the first rotary_dim features of each head.
         self.rotary_emb = RotaryEmbedding.from_config(config, hd, config.rotary_dim or hd, interleaved=True)
         spec = AttentionSpec(num_heads=self.qkv_proj.num_heads, head_dim=hd,
@@ -41,11 +42,11 @@ class GPTJAttention(nn.Module):
 
 
 class GPTJMLP(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, prefix: str = ""):
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.fc_in = ColumnParallelLinear(config.hidden_size, inner, True, ctx.dtype, ctx.quant())
-        self.fc_out = RowParallelLinear(inner, config.hidden_size, True, ctx.dtype, ctx.quant())
+        self.fc_in = ColumnParallelLinear(config.hidden_size, inner, True, ctx.dtype, ctx.quant, prefix=f"{prefix}.fc_in")
+        self.fc_out = RowParallelLinear(inner, config.hidden_size, True, ctx.dtype, ctx.quant, prefix=f"{prefix}.fc_out")
         self.act = get_activation(config.activation_function)
 
     def forward(self, x):
@@ -56,8 +57,8 @@ class GPTJBlock(nn.Module):
     def __init__(self, config, layer_idx: int, ctx: ModelContext):
         super().__init__()
         self.ln_1 = LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype=ctx.dtype)
-        self.attn = GPTJAttention(config, layer_idx, ctx)
-        self.mlp = GPTJMLP(config, ctx)
+        self.attn = GPTJAttention(config, layer_idx, ctx, prefix=f"transformer.h.{layer_idx}.attn")
+        self.mlp = GPTJMLP(config, ctx, prefix=f"transformer.h.{layer_idx}.mlp")
 
     def forward(self, positions, x, residual, batch):
         # genserve norms take (x, residual) and return (norm(x + residual), x + residual), so the

@@ -1,5 +1,12 @@
-"""Weight quantization methods: the interface and the built-in registrations."""
+"""Weight quantization: per-layer configs and methods, checkpoint formats, mixed-precision kernels."""
 
-from genserve.layers.quantization.base import QuantMethod, UnquantizedLinear
+from genserve.layers.quantization.base import (
+                                               LinearKernelChooser,
+                                               QuantizationConfig,
+                                               QuantizationError,
+                                               QuantMethod,
+                                               UnquantizedLinear,
+)
 
-__all__ = ["QuantMethod", "UnquantizedLinear"]
+__all__ = ["LinearKernelChooser", "QuantMethod", "QuantizationConfig", "QuantizationError",
+           "UnquantizedLinear"]

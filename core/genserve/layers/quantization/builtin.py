@@ -1,19 +1,26 @@
-"""Quantizers that ship with the core, registered like any plugin's."""
+"""Quantizers and linear kernels that ship with the core, registered like any plugin's."""
 
 from genserve.hookspecs import hookimpl
-from genserve.layers.quantization.base import UnquantizedLinear
-from genserve.layers.quantization.fp8 import FP8WeightOnly
-from genserve.layers.quantization.int8 import Int8WeightOnly
+from genserve.layers.quantization.awq import AWQConfig
+from genserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from genserve.layers.quantization.cpu_kernels import (
+    CpuInt4PackKernel,
+    CpuInt8PackKernel,
+)
+from genserve.layers.quantization.fp8 import FP8Config
+from genserve.layers.quantization.gptq import GPTQConfig
+from genserve.layers.quantization.int8 import EETQConfig
 from genserve.layers.quantization.kernels import TorchWNA16Kernel
+from genserve.layers.quantization.marlin import MarlinConfig
 
 
 @hookimpl
 def genserve_register_quantizers(register):
-    register(UnquantizedLinear.name, UnquantizedLinear)
-    register(FP8WeightOnly.name, FP8WeightOnly)
-    register(Int8WeightOnly.name, Int8WeightOnly)
+    for cls in (FP8Config, EETQConfig, GPTQConfig, AWQConfig, CompressedTensorsConfig, MarlinConfig):
+        register(cls.name, cls)
 
 
 @hookimpl
 def genserve_register_linear_kernels(register):
-    register(TorchWNA16Kernel.name, TorchWNA16Kernel)
+    for cls in (TorchWNA16Kernel, CpuInt4PackKernel, CpuInt8PackKernel):
+        register(cls.name, cls)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from genserve.layers.quantization.base import UnquantizedLinear
+from genserve.layers.quantization.base import PerLayerQuantConfig, UnquantizedLinear
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -35,3 +34,10 @@ class FP8WeightOnly(UnquantizedLinear):
     def apply(self, layer, x, bias):
         w = layer.weight_fp8.to(x.dtype) * layer.weight_scale
         return F.linear(x, w, bias)
+
+
+class FP8Config(PerLayerQuantConfig):
+    """``--quantize fp8``: every linear layer quantized at load (``lm_head`` stays dense)."""
+
+    name = "fp8"
+    method_cls = FP8WeightOnly

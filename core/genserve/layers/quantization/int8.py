@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from genserve.layers.quantization.base import UnquantizedLinear
+from genserve.layers.quantization.base import PerLayerQuantConfig, UnquantizedLinear
 
 INT8_MAX = 127.0
 
@@ -42,3 +42,11 @@ class Int8WeightOnly(UnquantizedLinear):
         y = torch.ops.aten._weight_int8pack_mm(rows, layer.weight_int8, layer.weight_scale)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if bias is None else y + bias
+
+
+class EETQConfig(PerLayerQuantConfig):
+    """``--quantize eetq``: every linear layer quantized at load (``lm_head`` stays dense)."""
+
+    name = "eetq"
+    backends = Int8WeightOnly.backends
+    method_cls = Int8WeightOnly

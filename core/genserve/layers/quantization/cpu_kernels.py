@@ -1,0 +1,105 @@
+"""Fast CPU mixed-precision kernels: torch's own packed low-bit matmuls.
+
+* ``cpu_int4pack``: ``aten._weight_int4pack_mm_for_cpu`` over weights packed once by
+  ``aten._convert_weight_to_int4pack_for_cpu`` (the ops torchao's int4 CPU layout uses). The op
+  dequantizes ``w = (q - 8) * scale + zero`` with a float ``zero`` per group, so the canonical
+  ``(q - z) * s`` becomes ``zero = (8 - z) * s``. Constraints (what the op checks): 4 bits,
+  ``N % 16 == 0``, even ``K``, ``K % group_size == 0``, group size a multiple of 32 (16 for
+  per-channel layers whose K is); act-order layers gather the activations' columns
+  (``x[:, perm]``) before the op.
+* ``cpu_int8pack``: ``aten._weight_int8pack_mm`` for 8-bit per-channel weights (``y = x @ (q8 *
+  s).T``); asymmetric zero points fold into a rank-one correction
+  ``y -= rowsum(x) * (z - 128) * s``.
+
+Both run the activations' dtype (fp32, bf16, fp16). Measured in bench/cpu_wna16.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genserve.layers.quantization.kernels import MPLinearKernel
+
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rows(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if perm is None else rows.index_select(1, perm)
+
+
+class CpuInt4PackKernel(MPLinearKernel):
+    name = "cpu_int4pack"
+
+    @classmethod
+    def can_implement(cls, config, device):
+        if torch.device(device).type != "cpu":
+            return "CPU only"
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this torch has no _weight_int4pack_mm_for_cpu"
+        if config.bits != 4:
+            return f"{config.bits}-bit weights (4 only)"
+        if config.act_dtype not in _ACT_DTYPES:
+            return f"activations in {config.act_dtype}"
+        k, n, g = config.in_features, config.out_features, config.group_size
+        if n % 16 or k % 2:
+            return f"{k}x{n} weight (needs N % 16 == 0 and an even K)"
+        if k % g or g % 16 or (g % 32 and g != k):
+            return f"group size {g} for K={k} (needs a multiple of 32 dividing K)"
+        return None
+
+    def process_weights(self, layer, weights):
+        c = self.config
+        q = weights.qweight.t().to(torch.int32).contiguous()               # [N, K]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        s = weights.scales.float()
+        zero = (8.0 - weights.zero_points(c.bits).float()) * s              # [G, N]
+        layer.register_buffer("int4_weight", packed, persistent=False)
+        layer.register_buffer("int4_scales_zeros", torch.stack([s, zero], -1).to(c.act_dtype).contiguous(),
+                              persistent=False)
+        layer.register_buffer("int4_perm", weights.perm, persistent=False)
+
+    def apply(self, layer, x, bias):
+        c = self.config
+        rows = _rows(x, layer.int4_perm).to(c.act_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.int4_weight, c.group_size,
+                                                      layer.int4_scales_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+
+
+class CpuInt8PackKernel(MPLinearKernel):
+    name = "cpu_int8pack"
+
+    @classmethod
+    def can_implement(cls, config, device):
+        if torch.device(device).type != "cpu":
+            return "CPU only"
+        if config.bits != 8:
+            return f"{config.bits}-bit weights (8 only)"
+        if config.group_size != config.in_features:
+            return "grouped weights (per-channel only)"
+        if config.act_dtype not in _ACT_DTYPES:
+            return f"activations in {config.act_dtype}"
+        return None
+
+    def process_weights(self, layer, weights):
+        c = self.config
+        q8 = (weights.qweight.to(torch.int16) - 128).to(torch.int8).t().contiguous()   # [N, K]
+        s = weights.scales.float()[0]                                                   # [N]
+        layer.register_buffer("int8_weight", q8, persistent=False)
+        layer.register_buffer("int8_scales", s.to(c.act_dtype), persistent=False)
+        shift = None
+        if weights.zeros is not None:
+            shift = ((weights.zeros[0].float() - 128.0) * s).to(c.act_dtype)
+        layer.register_buffer("int8_zero_shift", shift, persistent=False)
+        layer.register_buffer("int8_perm", weights.perm, persistent=False)
+
+    def apply(self, layer, x, bias):
+        c = self.config
+        rows = _rows(x, layer.int8_perm).to(c.act_dtype)
+        y = torch.ops.aten._weight_int8pack_mm(rows, layer.int8_weight, layer.int8_scales)
+        if layer.int8_zero_shift is not None:
+            y = y - rows.sum(-1, keepdim=True) * layer.int8_zero_shift
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
