@@ -106,11 +106,33 @@ def _finite(name: str, value: float | None) -> None:
         raise validation(f"`{name}` must be a finite number")
 
 
+FLOAT_FIELDS = ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                "top_p", "typical_p")
+I32_MAX = 2**31 - 1  # TGI's top_k is an i32
+F32_TINY, F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's normal range
+
+
+def check_engine_ranges(p: GenParams) -> None:
+    """Refuse numbers the engine cannot hold (issue 16, item 10): the sampler keeps every
+    request's parameters in float32 and int64 columns shared by its batch, so a value outside
+    them must never reach it. A non-zero float must be a normal float32 (1e-320 would become 0,
+    1e39 infinity); ``top_k`` fits TGI's i32. Other integers are bounded by the checks below
+    (``max_new_tokens`` by ``max_total_tokens``, ``seed`` by u64, ``best_of``, ``top_n_tokens``,
+    ``truncate`` by their limits)."""
+    for name in FLOAT_FIELDS:
+        value = getattr(p, name)
+        if value is not None and value != 0 and not F32_TINY <= abs(value) <= F32_MAX:
+            raise validation(f"`{name}` must be 0 or a float32 between {F32_TINY:.6g} and {F32_MAX:.6g} "
+                             f"in magnitude. Given: {value!r}")
+    if p.top_k is not None and p.top_k > I32_MAX:
+        raise validation(f"`top_k` must be <= {I32_MAX}. Given: {p.top_k}")
+
+
 def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     """The checks TGI makes before tokenizing, in its order."""
-    for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                 "top_p", "typical_p"):
+    for name in FLOAT_FIELDS:
         _finite(name, getattr(p, name))
+    check_engine_ranges(p)
     best_of = 1 if p.best_of is None else p.best_of
     if best_of != 1:
         if limits.max_best_of == 1:
