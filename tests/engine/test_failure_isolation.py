@@ -8,11 +8,15 @@ engine reads the token.
 """
 
 import pytest
-from transformers import LlamaConfig
-
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
-from genserve.testing import load_genserve, make_prompts, reference_greedy, save_reference
+from genserve.testing import (
+    load_genserve,
+    make_prompts,
+    reference_greedy,
+    save_reference,
+)
+from transformers import LlamaConfig
 
 VOCAB = 256
 
@@ -126,7 +130,7 @@ def test_a_bad_request_fails_alone(checkpoint, alone, case, overlap):
     requests = goods[:2] + [make_bad()] + goods[2:]
     got = drive(engine, requests, poison)
 
-    tokens, reason, error = got["bad"]
+    _, reason, error = got["bad"]
     assert reason is FinishReason.ERROR
     assert error.startswith("generation failed: ") and len(error) > len("generation failed: ")
     for rid, _, _ in goods:

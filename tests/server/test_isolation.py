@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from test_failures import poison, safe  # noqa: F401  (fixtures)
 
 GOOD = {"inputs": "The sun", "parameters": {"max_new_tokens": 24, "details": True}}
