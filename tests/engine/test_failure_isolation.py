@@ -8,15 +8,11 @@ engine reads the token.
 """
 
 import pytest
+from transformers import LlamaConfig
+
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
-from genserve.testing import (
-    load_genserve,
-    make_prompts,
-    reference_greedy,
-    save_reference,
-)
-from transformers import LlamaConfig
+from genserve.testing import load_genserve, make_prompts, reference_greedy, save_reference
 
 VOCAB = 256
 
