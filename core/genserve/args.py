@@ -76,7 +76,9 @@ FLAGS: list[Flag] = [
          "Wait for each step's tokens before launching the next (GPUs overlap them by default)",
          env="GENSERVE_DISABLE_OVERLAP_STEPS"),
     Flag("--speculate", int, None, "Speculative tokens per step"),
-    Flag("--enable-prefill-logprobs", bool, False, "Allow decoder_input_details"),
+    Flag("--enable-prefill-logprobs", bool, False,
+         "Accepted for TGI compatibility and changes nothing: prompt logprobs (decoder_input_details) "
+         "are always available, computed in chunks of bounded memory"),
     Flag("--disable-grammar-support", bool, False, "Refuse grammar parameters"),
     Flag("--watermark-gamma", float, 0.5, "Watermark green-list fraction"),
     Flag("--watermark-delta", float, 2.0, "Watermark logit bias"),

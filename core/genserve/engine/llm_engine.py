@@ -189,7 +189,8 @@ class LLMEngine:
         if seq.block_table is s.block_table:  # not preempted since: publish full blocks
             self.blocks.mark_computed(seq, s.start, s.start + s.num_tokens)
         if r.prompt_logprobs:
-            seq.prompt_logprobs.extend(r.prompt_logprobs)
+            # By position: a request preempted mid-prompt computes its first rows again.
+            seq.prompt_logprobs[s.start:s.start + len(r.prompt_logprobs)] = r.prompt_logprobs
         if r.token is None:
             return None
         seq.num_pending -= 1

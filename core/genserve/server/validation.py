@@ -175,12 +175,9 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
         raise validation(f"`truncate` must be strictly positive and less than "
                          f"{limits.max_input_tokens}. Given: {p.truncate}")
-    if p.decoder_input_details:
-        if stream:
-            raise validation("`decoder_input_details` == true is not supported when streaming tokens")
-        if not limits.enable_prefill_logprobs:
-            raise validation("`decoder_input_details` == true needs the server to be started "
-                             "with --enable-prefill-logprobs")
+    # Prompt logprobs need no flag: the runner computes them in bounded chunks (model_runner).
+    if p.decoder_input_details and stream:
+        raise validation("`decoder_input_details` == true is not supported when streaming tokens")
 
 
 def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
