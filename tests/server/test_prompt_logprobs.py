@@ -43,8 +43,10 @@ def reference(model, ids: list[int]) -> list[float]:
 def test_text_generation_client_gets_prompt_logprobs_without_the_flag(plain_server, reference_model):
     text_generation = pytest.importorskip("text_generation")
     client = text_generation.Client(plain_server.url, timeout=60)
-    tokenize = lambda text: [t["id"] for t in httpx.post(plain_server.url + "/tokenize",  # noqa: E731
-                                                          json={"inputs": text}).json()]
+
+    def tokenize(text: str) -> list[int]:
+        return [t["id"] for t in httpx.post(plain_server.url + "/tokenize", json={"inputs": text}).json()]
+
     ids = tokenize(PROMPT)
     expected = reference(reference_model, ids)
     # First without details (the prompt's blocks go to the prefix cache), then twice with them:
