@@ -90,8 +90,9 @@ FLAGS: list[Flag] = [
     Flag("--cors-allow-origin", str, None, "Comma-separated allowed origins"),
     Flag("--payload-limit", int, 2_000_000, "Largest request body in bytes"),
     Flag("--json-output", bool, False, "Log as JSON lines"),
-    Flag("--otlp-endpoint", str, None, "OpenTelemetry endpoint (accepted; tracing not exported)"),
-    Flag("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name"),
+    Flag("--otlp-endpoint", str, None, "Export OpenTelemetry traces (TGI's spans) to this OTLP endpoint "
+         "(gRPC; OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf for OTLP/HTTP); needs genserve[otel]"),
+    Flag("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name (service.name of the traces)"),
     Flag("--usage-stats", str, "on", "Accepted for TGI compatibility; genserve collects nothing"),
     Flag("--served-model-name", str, None, "Model name reported to OpenAI clients"),
 ]

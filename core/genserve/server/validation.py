@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from genserve.engine.sampling_params import SamplingParams
+from genserve.server import tracing
 from genserve.server.errors import APIError, validation
 
 DEFAULT_GENERATION_LENGTH = 1024
@@ -188,6 +189,14 @@ def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
 
 async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool = True,
                    stream: bool = False) -> ValidRequest:
+    """Check, tokenize and compile one request (TGI's ``validate`` span when tracing)."""
+    with tracing.child("validate"):
+        tracing.record_parameters(p)
+        return await _validate(state, inputs, p, add_special_tokens=add_special_tokens, stream=stream)
+
+
+async def _validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool,
+                    stream: bool) -> ValidRequest:
     limits = state.limits
     check_parameters(limits, p, stream=stream)
     if isinstance(inputs, str):
