@@ -161,3 +161,25 @@ def test_greedy_requests_ignore_sampling_only_values(checkpoint):
     engine = load_genserve(folder)
     engine.add_request("ok", [3, 4, 5], SamplingParams(max_new_tokens=2, top_k=2**70, temperature=1e-320))
     assert engine.has_work
+
+
+def test_an_engine_failure_is_not_blamed_on_a_request(checkpoint, monkeypatch):
+    """A lost tensor-parallel shard (EngineDeadError) stops the engine: the step does not retry
+    request by request, so AsyncEngine marks the engine dead instead of failing one request at a
+    time on a broken device."""
+    from genserve.engine.async_engine import EngineDeadError
+
+    folder, _ = checkpoint
+    engine = load_genserve(folder)
+    calls = []
+
+    def dead(scheduled):
+        calls.append(len(scheduled))
+        raise EngineDeadError("rank 1 died")
+
+    monkeypatch.setattr(engine.runner, "launch", dead)
+    for rid, prompt, params in good_requests():
+        engine.add_request(rid, prompt, params)
+    with pytest.raises(EngineDeadError):
+        engine.step()
+    assert calls == [len(good_requests())]  # one launch, no bisection

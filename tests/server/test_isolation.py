@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_failures import poison, safe  # noqa: F401  (fixtures)
+from conftest import ONE_THREAD, model_dir
+from serverkit import ServerProcess
 
 GOOD = {"inputs": "The sun", "parameters": {"max_new_tokens": 24, "details": True}}
 
@@ -19,6 +20,12 @@ GOOD = {"inputs": "The sun", "parameters": {"max_new_tokens": 24, "details": Tru
 def tokens(response) -> list[int]:
     assert response.status_code == 200, response.text
     return [t["id"] for t in response.json()["details"]["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_server) -> list[int]:
+    """The good request's tokens when it runs by itself."""
+    return tokens(httpx.post(tiny_server.url + "/generate", json=GOOD, timeout=60))
 
 
 @pytest.mark.parametrize("route, body, field", [
@@ -33,9 +40,16 @@ def tokens(response) -> list[int]:
                               "temperature": 1e39}, "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                               "presence_penalty": -1e-310}, "presence_penalty"),
+    # integers beyond any machine type: each bounded by its own rule
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2**64}}, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 2**64, "do_sample": True}}, "best_of"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 2**64}}, "top_n_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"truncate": 2**64}}, "truncate"),
+    ("/generate", {"inputs": "hi", "parameters": {"seed": 2**64}}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "n": 2**64}, "n"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2**64}, "max_new_tokens"),
 ])
-def test_numbers_outside_the_engine_are_422(tiny, route, body, field):
-    alone = tokens(tiny.post("/generate", json=GOOD))
+def test_numbers_outside_the_engine_are_422(tiny, alone, route, body, field):
     with ThreadPoolExecutor(2) as pool:
         mate = pool.submit(tiny.post, "/generate", json=GOOD)
         bad = tiny.post(route, json=body)
@@ -51,11 +65,42 @@ def test_the_issue_input_in_its_largest_legal_form_works(tiny):
     assert r.status_code == 200, r.text
 
 
+@pytest.fixture(scope="module")
+def faulty():
+    """The faulty tiny model (ids its tokenizer has but its embedding lacks), in a server of this
+    module's own: test_failures stops the shared one with SIGTERM."""
+    server = ServerProcess("faulty-isolation", ["--model-id", str(model_dir("faulty")),
+                                                "--max-batch-total-tokens", "4096"], ONE_THREAD)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def token_ids(url: str, text: str) -> list[int]:
+    return [t["id"] for t in httpx.post(url + "/tokenize", json={"inputs": text}, timeout=60).json()]
+
+
+def poisoned_text(url: str) -> str:
+    """A text whose tokens include ids the faulty model's embedding does not have (>= 300)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir("faulty") / "tokenizer.json"))
+    for i in range(tok.get_vocab_size() - 1, 300, -1):
+        text = tok.decode([i])
+        if text.strip() and any(t >= 300 for t in token_ids(url, text)):
+            return text
+    pytest.skip("no poisonous token found")
+
+
 @pytest.mark.slow
-def test_a_step_failure_fails_only_its_request(faulty_server, poison, safe):  # noqa: F811
+def test_a_step_failure_fails_only_its_request(faulty):
     """Poisoned prompts share the engine's steps with a good request: they get 424, it gets
     exactly the tokens it gets alone, and the KV cache returns to where it was."""
-    url = faulty_server.url
+    url = faulty.url
+    poison = poisoned_text(url)
+    safe = next((t for t in ("a", "e", "x y z") if all(i < 300 for i in token_ids(url, t))), None)
+    assert safe is not None
     body = {"inputs": safe, "parameters": {"max_new_tokens": 24, "details": True}}
     alone = tokens(httpx.post(url + "/generate", json=body, timeout=60))
     used_before = _kv_used(url)

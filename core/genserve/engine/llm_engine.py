@@ -36,6 +36,14 @@ def needs_host_history(p: SamplingParams) -> bool:
             or p.watermark or p.constraint is not None)
 
 
+def engine_failure(exc: BaseException) -> bool:
+    """The engine itself failed (a tensor-parallel shard died): no request is to blame, and no
+    retry without one can help, so the step's failure goes up to stop serving."""
+    from genserve.engine.async_engine import EngineDeadError  # imported here: async_engine imports us
+
+    return isinstance(exc, EngineDeadError)
+
+
 class LLMEngine:
     def __init__(self, runner, tokenizer, config: EngineConfig, num_blocks: int,
                  eos_token_ids: set[int], decoder_start_token_id: int | None = None):
@@ -100,6 +108,8 @@ class LLMEngine:
             try:
                 launched = (plan, self._launch(plan))
             except Exception as exc:
+                if engine_failure(exc):
+                    raise
                 if in_flight is not None:  # the retries read every input token on the host
                     outputs += self._complete(*in_flight)
                     in_flight = None
@@ -150,6 +160,8 @@ class LLMEngine:
             try:
                 step = self._launch(plan)
             except Exception as err:
+                if engine_failure(err):
+                    raise
                 exc = err
             else:
                 return self._complete(plan, step)
