@@ -106,7 +106,9 @@ FLAGS: list[Flag] = [
          "Wait for each step's tokens before launching the next (GPUs overlap them by default)",
          env="GENSERVE_DISABLE_OVERLAP_STEPS"),
     Flag("--speculate", int, None, "Speculative tokens per step"),
-    Flag("--enable-prefill-logprobs", bool, False, "Allow decoder_input_details"),
+    Flag("--enable-prefill-logprobs", bool, False,
+         "Accepted for TGI compatibility and changes nothing: prompt logprobs (decoder_input_details) "
+         "are always available, computed in chunks of bounded memory"),
     Flag("--disable-grammar-support", bool, False, "Refuse grammar parameters"),
     Flag("--watermark-gamma", float, 0.5, "Watermark green-list fraction"),
     Flag("--watermark-delta", float, 2.0, "Watermark logit bias"),
@@ -118,8 +120,9 @@ FLAGS: list[Flag] = [
     Flag("--cors-allow-origin", str, None, "Comma-separated allowed origins"),
     Flag("--payload-limit", int, 2_000_000, "Largest request body in bytes"),
     Flag("--json-output", bool, False, "Log as JSON lines"),
-    Flag("--otlp-endpoint", str, None, "OpenTelemetry endpoint (accepted; tracing not exported)"),
-    Flag("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name"),
+    Flag("--otlp-endpoint", str, None, "Export OpenTelemetry traces (TGI's spans) to this OTLP endpoint "
+         "(gRPC; OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf for OTLP/HTTP); needs genserve[otel]"),
+    Flag("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name (service.name of the traces)"),
     Flag("--usage-stats", str, "on", "Accepted for TGI compatibility; genserve collects nothing"),
     Flag("--served-model-name", str, None, "Model name reported to OpenAI clients"),
 ]

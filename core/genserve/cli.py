@@ -26,9 +26,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from genserve.loader.source import ModelNotFoundError
     from genserve.plugins import PluginLoadError
     from genserve.registry import UnknownEntryError
+    from genserve.server.tracing import TracingError
 
     return (ConfigError, BackendError, ModelNotFoundError, PluginLoadError, UnknownEntryError,
-            QuantizationError)
+            QuantizationError, TracingError)
 
 
 def fail(exc: BaseException) -> int:
@@ -135,7 +136,10 @@ def serve(args) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(state, on_fatal=on_fatal)
+    try:
+        app = create_app(state, on_fatal=on_fatal)
+    except Exception as exc:  # e.g. --otlp-endpoint without the otel extra
+        return fail(exc)
     server = holder["server"] = make_server(state, app, args)
     log.info("genserve %s: loading %s; serving on http://%s:%d (/health answers 503 until ready)",
              __version__, args.model_id or "the embedded SmolLM2-135M-Instruct", args.hostname, args.port)

@@ -102,9 +102,14 @@ def test_token_limits(limited):
     assert r.status_code == 200
 
 
-def test_prefill_logprobs_need_the_flag(limited):
-    r = limited.post("/generate", json={"inputs": "Hi", "parameters": {"decoder_input_details": True}})
-    assert r.status_code == 422 and "--enable-prefill-logprobs" in r.json()["error"]
+def test_prefill_logprobs_need_no_flag(limited):
+    """Issue 16 item 9: TGI refused decoder_input_details without --enable-prefill-logprobs;
+    genserve computes them in bounded memory, so this server (no flag) answers them."""
+    r = limited.post("/generate", json={"inputs": "Hi", "parameters": {"decoder_input_details": True,
+                                                                       "details": True, "max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+    prefill = r.json()["details"]["prefill"]
+    assert prefill and prefill[0]["logprob"] is None and all(t["logprob"] <= 0 for t in prefill[1:])
 
 
 def test_lora_adapters(limited_server, limited):

@@ -151,7 +151,9 @@ class AsyncEngine:
                 self._fail_all(f"the engine stopped: {exc}")
                 return
             except Exception:
-                # A failed step fails the requests in it, not the server.
+                # LLMEngine.step fails the one request a failure belongs to (it retries the step
+                # in halves); what reaches here could not be pinned on one (the device's results
+                # could not be read, the scheduler broke): fail every request, not the server.
                 detail = traceback.format_exc()
                 logger.error("engine step failed:\n%s", detail)
                 self._fail_all(f"generation failed: {detail.strip().splitlines()[-1]}")

@@ -20,11 +20,13 @@ from genserve.engine.block_manager import BlockManager
 from genserve.engine.config import EngineConfig
 from genserve.engine.detokenizer import DecodeState, Detokenizer
 from genserve.engine.outputs import PromptToken, RequestOutput
+from genserve.engine.sampler import check_rows
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.model_runner import LaunchedStep, ModelRunner
-from genserve.engine.scheduler import Scheduler, SchedulerOutput
+from genserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
 from genserve.engine.stop_strings import StopMatcher
+from genserve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,12 @@ def needs_host_history(p: SamplingParams) -> bool:
     before the previous step's tokens are back."""
     return (p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
             or p.watermark or p.constraint is not None)
+
+
+def engine_failure(exc: BaseException) -> bool:
+    """The engine itself failed (a tensor-parallel shard died): no request is to blame, and no
+    retry without one can help, so the step's failure goes up to stop serving."""
+    return isinstance(exc, EngineDeadError)
 
 
 class LLMEngine:
@@ -73,6 +81,7 @@ class LLMEngine:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
+        check_rows(params, seed)  # a value the sampler can't take fails here, not in a shared step
         seq = Sequence(request_id, list(prompt_ids), params, seed=seed)
         if self.decoder_start_token_id is not None:
             seq.encoder_ids, seq.prompt_ids = seq.prompt_ids, [self.decoder_start_token_id]
@@ -129,7 +138,17 @@ class LLMEngine:
             in_flight = None
         plan = self.scheduler.schedule()
         outputs += [self._finish_output(seq) for seq in plan.failed]
-        launched = None if plan.is_empty else (plan, self._launch(plan))
+        launched = None
+        if not plan.is_empty:
+            try:
+                launched = (plan, self._launch(plan))
+            except Exception as exc:
+                if engine_failure(exc):
+                    raise
+                if in_flight is not None:  # the retries read every input token on the host
+                    outputs += self._complete(*in_flight)
+                    in_flight = None
+                outputs += self._isolate(plan.scheduled, exc)
         if in_flight is not None:
             outputs += self._complete(*in_flight)
         if launched is not None:
@@ -158,8 +177,47 @@ class LLMEngine:
             s.seq.num_computed += s.num_tokens
         return step
 
+    def _isolate(self, scheduled: list[ScheduledSeq], exc: Exception | None) -> list[RequestOutput]:
+        """Run a step that raised ``exc`` again in halves, waiting for each, until every request
+        that makes it raise is alone in its batch: those fail, the others compute this step's
+        tokens as they would have (sampling is a pure function of seed and step, and rewriting
+        a K/V slot with the same values is harmless). Failed requests free their blocks.
+
+        ``exc`` is the failure of ``scheduled`` as given (None: not run yet); a group is split
+        without a retry only while it is still that batch (requests finished in between are
+        left out)."""
+        live = [s for s in scheduled if not s.seq.is_finished]
+        if not live:
+            return []
+        if len(live) != len(scheduled):
+            exc = None
+        if exc is None:
+            plan = SchedulerOutput(scheduled=live)
+            try:
+                step = self._launch(plan)
+            except Exception as err:
+                if engine_failure(err):
+                    raise
+                exc = err
+            else:
+                return self._complete(plan, step)
+        assert exc is not None  # the group raised, as given or retried just above
+        if len(live) == 1:
+            return [self._fail(live[0].seq, exc)]
+        mid = len(live) // 2
+        return self._isolate(live[:mid], None) + self._isolate(live[mid:], None)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Finish one request with an error caused by it alone; its blocks are freed."""
+        logger.error("request %s failed: %s", seq.request_id, exc, exc_info=exc)
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        seq.error = f"generation failed: {type(exc).__name__}: {detail}"
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        return self._finish_output(seq)
+
     def _complete(self, plan: SchedulerOutput, step: LaunchedStep) -> list[RequestOutput]:
-        """Read a launched step's tokens and turn them into outputs."""
+        """Read a launched step's tokens and turn them into outputs. A request whose output
+        handling raises (its grammar, its detokenization) fails alone."""
         outputs = []
         results = step.results()
         now = time.monotonic()
@@ -167,19 +225,27 @@ class LLMEngine:
             seq = s.seq
             if seq.is_finished:  # aborted, or finished by the previous step: a wasted token
                 continue
-            if seq.block_table is s.block_table:  # not preempted since: publish full blocks
-                self.blocks.mark_computed(seq, s.start, s.start + s.num_tokens)
-            if r.prompt_logprobs:
-                seq.prompt_logprobs.extend(r.prompt_logprobs)
-            if r.token is None:
-                continue
-            seq.num_pending -= 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            out = self._append_token(seq, r.token, r.logprob, r.top)
+            try:
+                out = self._take_result(s, r, now)
+            except Exception as exc:
+                out = self._fail(seq, exc)
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _take_result(self, s: ScheduledSeq, r, now: float) -> RequestOutput | None:
+        seq = s.seq
+        if seq.block_table is s.block_table:  # not preempted since: publish full blocks
+            self.blocks.mark_computed(seq, s.start, s.start + s.num_tokens)
+        if r.prompt_logprobs:
+            # By position: a request preempted mid-prompt computes its first rows again.
+            seq.prompt_logprobs[s.start:s.start + len(r.prompt_logprobs)] = r.prompt_logprobs
+        if r.token is None:
+            return None
+        seq.num_pending -= 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        return self._append_token(seq, r.token, r.logprob, r.top)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput | None:
         p = seq.params

@@ -39,6 +39,11 @@ class RunnerBackend(Protocol):
     def device(self) -> torch.device: ...
 
 
+# The most logits prompt logprobs hold at once: 2**25 float32 values (128 MiB; with the
+# log-softmax and the LM head's own output, under 0.5 GiB), 220 rows of a 152k vocabulary.
+PROMPT_LOGPROBS_CHUNK_ELEMENTS = 1 << 25
+
+
 @dataclass
 class StepResult:
     """What one step produced for one scheduled sequence."""
@@ -331,13 +336,28 @@ class ModelRunner:
         return self.peers.finish(step)
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[float]:
-        """Log-probability of each prompt token given the ones before it (rows of this chunk)."""
+        """Log-probability of each prompt token given the ones before it, for the rows of this
+        chunk (``hidden``: [n, hidden_size], the rows of this request only).
+
+        Row j predicts prompt token ``start + j + 1``. The LM head and the full-vocabulary
+        log-softmax run over at most ``prompt_logprobs_rows()`` rows at a time, so a long prompt
+        never holds more than ``PROMPT_LOGPROBS_CHUNK_ELEMENTS`` logits: the memory is bounded
+        whatever the prompt length and the prefill budget (TGI needed --enable-prefill-logprobs
+        because it computed them all at once)."""
         seq, start = s.seq, s.seq.num_computed
         prompt = seq.prompt_ids
-        logprobs = self.compute_logits(hidden).float().log_softmax(-1)
-        # Row j predicts token start + j + 1, which is a prompt token while < len(prompt).
-        targets = [prompt[p + 1] for p in range(start, start + s.num_tokens) if p + 1 < len(prompt)]
+        targets = prompt[start + 1:start + s.num_tokens + 1]  # those of this chunk's rows
         if not targets:
             return []
-        idx = torch.tensor(targets, device=logprobs.device)
-        return logprobs[: len(targets)].gather(1, idx[:, None])[:, 0].tolist()
+        idx = torch.tensor(targets, device=hidden.device)
+        step = self.prompt_logprobs_rows()
+        picked = []
+        for r0 in range(0, len(targets), step):
+            # Through compute_logits: under tensor parallelism every rank makes each LM-head call.
+            logprobs = self.compute_logits(hidden[r0:r0 + step]).float().log_softmax(-1)
+            picked.append(logprobs.gather(1, idx[r0:r0 + step, None])[:, 0])
+        return torch.cat(picked).tolist()
+
+    def prompt_logprobs_rows(self) -> int:
+        """Rows per LM-head chunk of prompt logprobs: ``PROMPT_LOGPROBS_CHUNK_ELEMENTS`` logits."""
+        return max(1, PROMPT_LOGPROBS_CHUNK_ELEMENTS // self.vocab_size)

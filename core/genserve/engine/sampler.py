@@ -8,6 +8,7 @@ are, and no per-request generator or host sync is needed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from genserve.engine.sampling_params import SamplingParams
 from genserve.device import upload
 
 _MASK62 = (1 << 62) - 1
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # dividing by less overflows
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,43 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     key = _mix(_mix(seeds) + steps)  # [B]
     bits = _mix(key[:, None] + token[None, :] * 7146287779082805273) & _MASK62
     return (bits.double() + 0.5) / float(1 << 62)
+
+
+def float_row(p: SamplingParams) -> list[float]:
+    """A request's float32 sampler columns: temperature, top_p, typical_p, repetition,
+    frequency and presence penalties (neutral values where it does not sample)."""
+    return [p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
+            p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
+            p.frequency_penalty, p.presence_penalty]
+
+
+def long_row(p: SamplingParams, seed: int, step: int, prev_token: int) -> list[int]:
+    """A request's int64 sampler columns: top_k, do_sample, seed, step, watermark, previous token."""
+    return [p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
+            int(p.watermark), prev_token]
+
+
+def check_rows(p: SamplingParams, seed: int) -> None:
+    """Build one request's sampler rows on the host, as ``SamplingBatch.build`` will every step,
+    so a value the sampler cannot take fails that request when it is added instead of failing
+    every request of the step it would join.
+
+    Raises ``ValueError`` for a value that does not fit its column (an integer outside int64,
+    e.g. ``top_k`` = 2**63) or that float32 turns into something else: a non-finite number, or
+    a divisor (temperature, repetition penalty) that becomes zero or infinite.
+    """
+    try:
+        floats = torch.tensor([float_row(p)], dtype=torch.float32)
+        torch.tensor([long_row(p, seed, 0, 0)], dtype=torch.long)
+    except (RuntimeError, TypeError, OverflowError, ValueError) as exc:  # "Overflow when unpacking long long"
+        raise ValueError(f"sampling parameters out of the engine's range: {exc}") from None
+    names = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty",
+             "presence_penalty")
+    for name, value, original in zip(names, floats[0].tolist(), float_row(p)):
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` = {original!r} is not a finite float32")
+        if name in ("temperature", "repetition_penalty") and value < FLOAT32_TINY:
+            raise ValueError(f"`{name}` = {original!r} is below float32's smallest normal number")
 
 
 @dataclass
@@ -77,11 +116,8 @@ class SamplingBatch:
         need_rep = any(p.repetition_penalty != 1.0 for p in params)
         need_freq = any(p.frequency_penalty or p.presence_penalty for p in params)
         need_wm = any(p.watermark for p in params)
-        floats = rows_on_device([[p.temperature if p.do_sample else 1.0, p.top_p if p.do_sample else 1.0,
-                                  p.typical_p if p.do_sample else 1.0, p.repetition_penalty,
-                                  p.frequency_penalty, p.presence_penalty] for p in params], torch.float32)
-        longs = rows_on_device([[p.top_k if p.do_sample else 0, int(p.do_sample), seed & ((1 << 63) - 1), step,
-                                 int(p.watermark), h[-1] if h else 0]
+        floats = rows_on_device([float_row(p) for p in params], torch.float32)
+        longs = rows_on_device([long_row(p, seed, step, h[-1] if h else 0)
                                 for p, seed, step, h in zip(params, seeds, steps, histories)], torch.long)
         return cls(
             temperature=floats[:, 0], top_p=floats[:, 1], typical_p=floats[:, 2],

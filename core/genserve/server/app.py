@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from genserve import __version__
-from genserve.server import routes_openai, routes_sagemaker, routes_tgi
+from genserve.server import routes_openai, routes_sagemaker, routes_tgi, tracing
 from genserve.server.errors import install_handlers
 from genserve.server.schemas_openai import (ChatCompletion, ChatCompletionChunk, ChatRequest, ChatTokenizeRequest,
                                             Completion, CompletionRequest)
@@ -83,4 +83,6 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
         origins = [o.strip() for o in args.cors_allow_origin.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "authorization"])
+    tracing.install(app, getattr(args, "otlp_endpoint", None),  # outermost: every request's span
+                    getattr(args, "otlp_service_name", None) or "text-generation-inference.router")
     return app

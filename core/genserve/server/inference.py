@@ -14,10 +14,10 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from genserve.engine.async_engine import EngineDeadError
+from genserve.errors import EngineDeadError
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sequence import FinishReason, TokenInfo
-from genserve.server import errors
+from genserve.server import errors, tracing
 from genserve.server.errors import ClientDisconnected
 
 
@@ -66,6 +66,7 @@ async def engine_stream(state, permit, request_id: str, prompt_ids: list[int],
     try:
         async with aclosing(state.engine.generate(request_id, prompt_ids, params)) as outputs:
             async for out in outputs:
+                tracing.engine_output(out)  # the queued and infer spans, when tracing
                 check_output(out, permit)
                 yield out
     except EngineDeadError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from genserve.engine.sampling_params import SamplingParams
+from genserve.server import tracing
 from genserve.server.errors import validation
 
 DEFAULT_GENERATION_LENGTH = 1024
@@ -124,12 +125,33 @@ def _divisor(name: str, value: float | None) -> None:
     if value is not None and value > F32_MAX:
         raise validation(f"`{name}` must be <= {F32_MAX:g} (float32). Given: {value:g}")
 
+FLOAT_FIELDS = ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                "top_p", "typical_p")
+I32_MAX = 2**31 - 1  # TGI's top_k is an i32
+F32_TINY = 1.1754943508222875e-38  # float32's smallest normal (F32_MAX above)
+
+
+def check_engine_ranges(p: GenParams) -> None:
+    """Refuse numbers the engine cannot hold (issue 16, item 10): the sampler keeps every
+    request's parameters in float32 and int64 columns shared by its batch, so a value outside
+    them must never reach it. A non-zero float must be a normal float32 (1e-320 would become 0,
+    1e39 infinity); ``top_k`` fits TGI's i32. Other integers are bounded by the checks below
+    (``max_new_tokens`` by ``max_total_tokens``, ``seed`` by u64, ``best_of``, ``top_n_tokens``,
+    ``truncate`` by their limits)."""
+    for name in FLOAT_FIELDS:
+        value = getattr(p, name)
+        if value is not None and value != 0 and not F32_TINY <= abs(value) <= F32_MAX:
+            raise validation(f"`{name}` must be 0 or a float32 between {F32_TINY:.6g} and {F32_MAX:.6g} "
+                             f"in magnitude. Given: {value!r}")
+    if p.top_k is not None and p.top_k > I32_MAX:
+        raise validation(f"`top_k` must be <= {I32_MAX}. Given: {p.top_k}")
+
 
 def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     """The checks TGI makes before tokenizing, in its order."""
-    for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty",
-                 "top_p", "typical_p"):
+    for name in FLOAT_FIELDS:
         _finite(name, getattr(p, name))
+    check_engine_ranges(p)
     best_of = 1 if p.best_of is None else p.best_of
     if best_of != 1:
         if limits.max_best_of == 1:
@@ -174,12 +196,9 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
         raise validation(f"`truncate` must be strictly positive and less than "
                          f"{limits.max_input_tokens}. Given: {p.truncate}")
-    if p.decoder_input_details:
-        if stream:
-            raise validation("`decoder_input_details` == true is not supported when streaming tokens")
-        if not limits.enable_prefill_logprobs:
-            raise validation("`decoder_input_details` == true needs the server to be started "
-                             "with --enable-prefill-logprobs")
+    # Prompt logprobs need no flag: the runner computes them in bounded chunks (model_runner).
+    if p.decoder_input_details and stream:
+        raise validation("`decoder_input_details` == true is not supported when streaming tokens")
 
 
 def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
@@ -190,6 +209,14 @@ def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
 
 async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool = True,
                    stream: bool = False) -> ValidRequest:
+    """Check, tokenize and compile one request (TGI's ``validate`` span when tracing)."""
+    with tracing.child("validate"):
+        tracing.record_parameters(p)
+        return await _validate(state, inputs, p, add_special_tokens=add_special_tokens, stream=stream)
+
+
+async def _validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool,
+                    stream: bool) -> ValidRequest:
     limits = state.limits
     check_parameters(limits, p, stream=stream)
     if isinstance(inputs, str):
