@@ -37,6 +37,9 @@ VARIANTS = {
     "bf16": ("", None),
     "w4a16": ("_w4a16", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                          "sym": True, "checkpoint_format": "gptq"}),
+    # Online: the bf16 dummy weights quantized at load (--quantize fp8), no quantization_config
+    # written (an fp8 checkpoint config would make the flag refuse the model).
+    "fp8": ("_fp8", {"quant_method": "fp8", "online": True}),
 }
 
 
@@ -231,12 +234,15 @@ def roofline(config, rec, only, variants):
 
     bf16: every weight at 2 bytes (the embedding counts as the LM head's twin). w4a16: the
     linear layers' packed 4-bit weights plus one bf16 scale per group of 128, the LM head in
-    bf16 (it stays unquantized), the embedding row gather ignored."""
+    bf16 (it stays unquantized), the embedding row gather ignored. fp8: the linear layers at one
+    byte per weight plus a float32 scale per output channel, the LM head in bf16."""
     bw = copy_bandwidth()
     h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     linear = L * (h * (h + 2 * kv) + h * h + 3 * h * i)
-    weight_bytes = {"bf16": 2 * (linear + 2 * V * h), "w4a16": linear // 2 + linear // 128 * 2 + 2 * V * h}
+    out_channels = L * ((h + 2 * kv) + h + 2 * i + h)
+    weight_bytes = {"bf16": 2 * (linear + 2 * V * h), "w4a16": linear // 2 + linear // 128 * 2 + 2 * V * h,
+                    "fp8": linear + 4 * out_channels + 2 * V * h}
     rec("copy_bandwidth_gb_s", bw / 1e9, "GB/s", "roofline")
     if "tpot_b1_ms" in only:
         for v in variants:
@@ -281,7 +287,7 @@ def main():
     for variant in variants:
         suffix, quant = VARIANTS[variant]
         vdir = model_dir
-        if quant:
+        if quant and not quant.get("online"):
             vdir = tempfile.mkdtemp(prefix=f"genserve-bench-{variant}-")
             qconfig = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
             qconfig.quantization_config = quant

@@ -50,7 +50,7 @@ def test_plugins_register_backends_and_attention(plugins):
     assert plugins.attention.get("triton") is TritonPagedAttention
     assert plugins.attention.get("flash_attn") is FlashAttnPaged
     assert plugins.linear_kernels.get("triton_w4a16") is TritonW4A16Kernel
-    assert CudaBackend.linear_kernel_preference == ("triton_w4a16", "torch_wna16")
+    assert CudaBackend.linear_kernel_preference == ("triton_w4a16", "torch_wna16", "cuda_fp8_scaled_mm")
     assert CudaBackend(BackendOptions(custom_kernels=False)).linear_kernel_preference == ("torch_wna16",)
     assert plugins.backends.owner("cuda") == "cuda" and plugins.backends.owner("rocm") == "rocm"
     assert not plugins.failed()

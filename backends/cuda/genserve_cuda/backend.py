@@ -28,7 +28,10 @@ class CudaBackend(Backend):
     priority = 100
     attention_preference = ("flash_attn", "triton", "torch")
     # The Triton W4A16 GEMM first; layers whose shape it can't take fall back to the reference.
-    linear_kernel_preference = ("triton_w4a16", "torch_wna16")
+    # FP8 layers consider only the FP8 kernels in this list (the W8A8 cuBLASLt one, then the
+    # dequantizing reference ``fp8.py`` falls back to), so its place after the WNA16 ones only
+    # keeps WNA16 layers from asking it.
+    linear_kernel_preference = ("triton_w4a16", "torch_wna16", "cuda_fp8_scaled_mm")
     distributed_backend = "nccl"
 
     def __init__(self, options: BackendOptions | None = None):

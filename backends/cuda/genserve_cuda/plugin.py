@@ -9,6 +9,7 @@ from genserve.hookspecs import hookimpl
 from genserve_cuda.attention.flash_attn import FlashAttnPaged
 from genserve_cuda.attention.triton_paged import TritonPagedAttention
 from genserve_cuda.backend import CudaBackend
+from genserve_cuda.quant.scaled_mm_fp8 import CudaScaledMMFP8Kernel
 from genserve_cuda.quant.triton_w4a16 import TritonW4A16Kernel
 
 
@@ -26,3 +27,4 @@ def genserve_register_attention(register):
 @hookimpl
 def genserve_register_linear_kernels(register):
     register(TritonW4A16Kernel.name, TritonW4A16Kernel)
+    register(CudaScaledMMFP8Kernel.name, CudaScaledMMFP8Kernel)

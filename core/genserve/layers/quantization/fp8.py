@@ -1,39 +1,89 @@
-"""FP8 weight-only quantization: weights stored as float8_e4m3fn with a per-channel scale.
+"""FP8 quantization (``--quantize fp8``): weights stored as float8_e4m3fn with a per-channel scale.
 
-Weights load in the model's dtype and are quantized once after loading, halving the bytes
-a decode step reads. Compute upcasts to the activation dtype (a fused FP8 GEMM is a backend's
-business), so this method runs anywhere torch has float8 types.
+Weights load in the model's dtype and are quantized once after loading, halving the bytes a
+decode step reads. The matmul is an ``FP8LinearKernel`` (``fp8_kernels.py``) picked from the
+backend's ``linear_kernel_preference``: on CUDA (sm89+) genserve-cuda's W8A8 ``torch._scaled_mm``
+kernel, elsewhere (and for shapes the fast kernels refuse) the dequantizing reference.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-import torch.nn.functional as F
 
-from genserve.layers.quantization.base import PerLayerQuantConfig, UnquantizedLinear
+from genserve.layers.quantization.base import (
+    LinearKernelChooser,
+    PerLayerQuantConfig,
+    QuantizationError,
+    UnquantizedLinear,
+)
+from genserve.layers.quantization.fp8_kernels import (
+    FP8_MAX,
+    FP8LinearConfig,
+    FP8LinearKernel,
+    TorchFP8Kernel,
+    quantize_fp8_per_channel,
+)
+from genserve.layers.quantization.kernels import choose_linear_kernel
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+__all__ = ["FP8_MAX", "FP8Config", "FP8WeightOnly", "choose_fp8_kernel", "quantize_fp8_per_channel"]
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 
-def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    q = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+def choose_fp8_kernel(kernels: LinearKernelChooser | None, config: FP8LinearConfig,
+                      prefix: str) -> type[FP8LinearKernel]:
+    """The first ``FP8LinearKernel`` in the backend's preference that implements ``config``;
+    ``TorchFP8Kernel`` when none does (the reasons are logged once per kernel and reason)."""
+    if kernels is None:
+        return TorchFP8Kernel
+    registry = kernels.registry
+    names = tuple(n for n in kernels.preference
+                  if n in registry and isinstance(registry.get(n), type)
+                  and issubclass(registry.get(n), FP8LinearKernel))
+    try:
+        return choose_linear_kernel(config, kernels.device, names, registry)
+    except ValueError as exc:
+        if names:
+            key = (str(exc), "")
+            if key not in _logged:
+                _logged.add(key)
+                logger.info("FP8 layers like %s use the dequantizing reference: %s", prefix, exc)
+        return TorchFP8Kernel
 
 
 class FP8WeightOnly(UnquantizedLinear):
+    """One layer's FP8 weights; the kernel is chosen in ``create_weights`` (the reference when
+    built without a chooser, or before ``create_weights`` ran)."""
+
     name = "fp8"
 
+    def __init__(self, quant_config: dict | None = None, kernels: LinearKernelChooser | None = None,
+                 prefix: str = ""):
+        super().__init__(quant_config)
+        self.kernels, self.prefix = kernels, prefix
+        self.kernel: FP8LinearKernel | None = None
+
+    def create_weights(self, layer, in_features, out_features, dtype, weight_loader):
+        super().create_weights(layer, in_features, out_features, dtype, weight_loader)
+        config = FP8LinearConfig(in_features, out_features, dtype)
+        self.kernel = choose_fp8_kernel(self.kernels, config, self.prefix)(config)
+
     def process_after_loading(self, layer):
-        q, scale = quantize_fp8_per_channel(layer.weight.data)
-        dtype = layer.weight.dtype
+        weight = layer.weight.data
+        if self.kernel is None:  # built outside a model (tests): the reference
+            out_features, in_features = weight.shape
+            self.kernel = TorchFP8Kernel(FP8LinearConfig(in_features, out_features, weight.dtype))
+        q, scale = quantize_fp8_per_channel(weight)
         del layer.weight
-        layer.register_buffer("weight_fp8", q)
-        layer.register_buffer("weight_scale", scale.to(dtype))
+        self.kernel.process_weights(layer, q, scale)
 
     def apply(self, layer, x, bias):
-        w = layer.weight_fp8.to(x.dtype) * layer.weight_scale
-        return F.linear(x, w, bias)
+        if self.kernel is None:
+            raise QuantizationError(f"layer {self.prefix or '?'}: FP8 weights used before loading")
+        return self.kernel.apply(layer, x, bias)
 
 
 class FP8Config(PerLayerQuantConfig):
@@ -41,3 +91,6 @@ class FP8Config(PerLayerQuantConfig):
 
     name = "fp8"
     method_cls = FP8WeightOnly
+
+    def get_quant_method(self, layer, prefix):
+        return FP8WeightOnly(self.config, self.kernels, prefix)
