@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-
 from genserve.layers.quantization.base import (
     LinearKernelChooser,
     PerLayerQuantConfig,
