@@ -151,6 +151,10 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
     """The checks TGI makes before tokenizing, in its order."""
     for name in FLOAT_FIELDS:
         _finite(name, getattr(p, name))
+    # The divisors first: their message says why (and what to use instead) for the values that
+    # the general float32 range check would also refuse.
+    _divisor("temperature", p.temperature)
+    _divisor("repetition_penalty", p.repetition_penalty)
     check_engine_ranges(p)
     best_of = 1 if p.best_of is None else p.best_of
     if best_of != 1:
@@ -166,8 +170,6 @@ def check_parameters(limits, p: GenParams, *, stream: bool = False) -> None:
         raise validation("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
         raise validation("`repetition_penalty` must be strictly positive")
-    _divisor("temperature", p.temperature)
-    _divisor("repetition_penalty", p.repetition_penalty)
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise validation("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.presence_penalty is not None and not -2.0 <= p.presence_penalty <= 2.0:
