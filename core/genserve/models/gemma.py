@@ -13,7 +13,12 @@ from torch import nn
 
 from genserve.layers.norm import RMSNorm
 from genserve.models.base import ModelContext
-from genserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaLayer, layer_prefix
+from genserve.models.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaLayer,
+    layer_prefix,
+)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
