@@ -166,7 +166,8 @@ class _StandIn:
         for caller in checker.get_hookcallers(module) or ():
             kind = caller.name.removeprefix(hookspecs.HOOK_PREFIX)
             for i, impl in enumerate(caller.get_hookimpls()):
-                opts = {**impl.opts, "specname": caller.name}
+                opts = impl.opts.copy()  # a HookimplOpts, so it still types as hookimpl's keywords
+                opts["specname"] = caller.name
                 setattr(self, f"impl_{kind}_{i}", hookspecs.hookimpl(**opts)(_attributed(plugin, kind, impl)))
 
     def __repr__(self) -> str:

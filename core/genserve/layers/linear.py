@@ -26,6 +26,7 @@ from genserve.layers.weights import (
     in_param_units,
     narrow,
     set_weight_dims,
+    set_weight_loader,
     shape_of,
     weight_dims,
 )
@@ -58,7 +59,7 @@ class LinearBase(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             set_weight_dims(self.bias, input_dim=None, output_dim=0)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
         else:
             self.register_parameter("bias", None)
 

@@ -36,7 +36,7 @@ from genserve.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from genserve.layers.weights import copy_into, narrow
+from genserve.layers.weights import copy_into, narrow, set_weight_loader
 
 # (device type, dtype) -> whether grouped_mm runs there, learnt on first use: CPU and Hopper
 # run it; where it raises (older GPUs, older torch) the per-expert loop takes over for good.
@@ -190,7 +190,8 @@ class FusedMoE(nn.Module):
             return
         self.w13_weight = nn.Parameter(torch.empty(E, 2 * I, hidden_size, dtype=dtype), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(E, hidden_size, I, dtype=dtype), requires_grad=False)
-        self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.weight_loader
+        set_weight_loader(self.w13_weight, self.weight_loader)
+        set_weight_loader(self.w2_weight, self.weight_loader)
         self.experts_fn = fused_experts  # a backend may swap in a fused kernel with this contract
 
     @staticmethod

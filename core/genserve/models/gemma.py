@@ -13,7 +13,12 @@ from torch import nn
 
 from genserve.layers.norm import RMSNorm
 from genserve.models.base import ModelContext
-from genserve.models.llama import LlamaAttention, LlamaForCausalLM, layer_prefix
+from genserve.models.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaLayer,
+    layer_prefix,
+)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
@@ -28,7 +33,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         return self.embed_tokens(input_ids) * self.embed_scale
 
 
-class Gemma2DecoderLayer(nn.Module):
+class Gemma2DecoderLayer(LlamaLayer):
     """Pre- and post-norms around both sublayers; the post-norms act before the residual add."""
 
     def __init__(self, config, layer_idx: int, ctx: ModelContext, mlp: nn.Module, norm_offset: float):
@@ -52,7 +57,7 @@ class Gemma2DecoderLayer(nn.Module):
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):
-    def make_layer(self, config, layer_idx, ctx):
+    def make_layer(self, config, layer_idx, ctx) -> Gemma2DecoderLayer:
         return Gemma2DecoderLayer(config, layer_idx, ctx, self.make_mlp(config, layer_idx, ctx),
                                   self.norm_offset)
 

@@ -122,11 +122,12 @@ class SelfAttention(nn.Module):
         self.rotary_emb = rotary
         self.clip_qkv = clip_qkv
         self.sizes = [qkv.q_size, qkv.kv_size, qkv.kv_size]
+        slopes = None  # this rank's heads' slopes
         if alibi is not None:
             first = ctx.tp.rank * qkv.num_heads
-            alibi = tuple(alibi[first:first + qkv.num_heads])
+            slopes = tuple(alibi[first:first + qkv.num_heads])
         spec = AttentionSpec(num_heads=qkv.num_heads, head_dim=hd, num_kv_heads=qkv.num_kv_heads,
-                             scale=hd ** -0.5 if scale is None else scale, alibi_slopes=alibi)
+                             scale=hd ** -0.5 if scale is None else scale, alibi_slopes=slopes)
         self.attn = Attention(layer_idx, spec, ctx)
 
     def forward(self, positions, x, batch):

@@ -54,7 +54,8 @@ class LlamaMLP(nn.Module):
                                                        prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(i, h, bias, ctx.dtype, ctx.quant, prefix=f"{prefix}.down_proj")
         # Gemma 2 names its activation ``hidden_activation``.
-        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        act: str = (config.hidden_activation if getattr(config, "hidden_activation", None)
+                    else getattr(config, "hidden_act", "silu"))
         self.act = GatedActivation(act)
 
     def forward(self, x):
@@ -91,7 +92,14 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, batch))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaLayer(nn.Module):
+    """What ``LlamaForCausalLM`` reads of the layers ``make_layer`` builds: their attention
+    (whose rotary table the model shares across layers, and whose spec sizes the KV cache)."""
+
+    self_attn: LlamaAttention
+
+
+class LlamaDecoderLayer(LlamaLayer):
     def __init__(self, config, layer_idx: int, ctx: ModelContext, mlp: nn.Module, norm_offset: float = 0.0):
         super().__init__()
         eps = config.rms_norm_eps
@@ -126,11 +134,12 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config, ctx: ModelContext):
         super().__init__(config, ctx)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
-        self.layers = nn.ModuleList(self.make_layer(config, i, ctx) for i in range(config.num_hidden_layers))
+        layers = [self.make_layer(config, i, ctx) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(layers)
         # Every layer rotates alike: share one fp32 cos/sin table of max_position rows (otherwise
         # ~50 MB a layer at 128k positions, twice that with longrope's two tables).
-        self.rotary_emb = self.layers[0].self_attn.rotary_emb
-        for layer in self.layers[1:]:
+        self.rotary_emb = layers[0].self_attn.rotary_emb
+        for layer in layers[1:]:
             layer.self_attn.rotary_emb = self.rotary_emb
         # Longrope: the known length at which a decoding sequence must be recomputed (the
         # engine's generic hook; None for every other rotary).
@@ -143,7 +152,7 @@ class LlamaForCausalLM(CausalLM):
     def make_mlp(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
         return LlamaMLP(config, ctx, getattr(config, "mlp_bias", False), prefix=layer_prefix(layer_idx, "mlp"))
 
-    def make_layer(self, config, layer_idx: int, ctx: ModelContext) -> nn.Module:
+    def make_layer(self, config, layer_idx: int, ctx: ModelContext) -> LlamaLayer:
         return LlamaDecoderLayer(config, layer_idx, ctx, self.make_mlp(config, layer_idx, ctx),
                                  self.norm_offset)
 

@@ -22,7 +22,9 @@ POSITION_OFFSET = 2
 def opt_layer_norm(config, ctx: ModelContext) -> LayerNorm:
     norm = LayerNorm(config.hidden_size, 1e-5, dtype=ctx.dtype)
     if not getattr(config, "layer_norm_elementwise_affine", True):
-        norm.weight = norm.bias = None  # a plain standardisation, nothing to load
+        # A plain standardisation, nothing to load (what ``norm.weight = None`` does, typed).
+        norm.register_parameter("weight", None)
+        norm.register_parameter("bias", None)
     return norm
 
 

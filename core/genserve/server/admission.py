@@ -10,7 +10,7 @@ an admission or validation error becomes the stream's one error event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,7 +44,7 @@ async def run_to_completion(state, request, permit, jobs) -> list[SeqResult]:
 
 
 async def admitted_stream(state, prepare: Callable[[], Awaitable[Any]],
-                          events: Callable[[Any, Any], AsyncIterator],
+                          events: Callable[[Any, Any], AsyncGenerator],
                           headers: dict | None = None) -> Response:
     """A streamed request: ``prepare()`` validates under ``admitted`` and returns what
     ``events(permit, prepared)`` needs to make the SSE events; the permit is released when the

@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from genserve import __version__
 from genserve.server import routes_openai, routes_sagemaker, routes_tgi, tracing
@@ -64,8 +66,9 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
             doc = get_openapi(title=app.title, version=app.version, description=app.description,
                               routes=app.routes)
             components = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model, mode in [(m, "serialization") for m in EXTRA_SCHEMAS] + [
-                    (m, "validation") for m in REQUEST_SCHEMAS]:
+            schemas: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+                (m, "serialization") for m in EXTRA_SCHEMAS] + [(m, "validation") for m in REQUEST_SCHEMAS]
+            for model, mode in schemas:
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
                 for name, sub in schema.pop("$defs", {}).items():
                     components.setdefault(name, sub)
@@ -73,7 +76,9 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
             app.openapi_schema = doc
         return app.openapi_schema
 
-    app.openapi = openapi
+    # FastAPI's documented way to extend the schema ("Extending OpenAPI") replaces the method;
+    # its stubs declare ``openapi`` a method, so mypy calls the assignment an error.
+    app.openapi = openapi  # type: ignore[method-assign]
 
     args = state.args
     app.add_middleware(PayloadLimit, limit=args.payload_limit)

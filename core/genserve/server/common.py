@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from genserve.server.serving_tgi import TGIServing
     from genserve.server.state import ServerState
 
-ERRORS = {
+# FastAPI's type of a route's ``responses`` (status -> OpenAPI response object).
+OpenAPIResponses = dict[int | str, dict[str, Any]]
+ERRORS: OpenAPIResponses = {
     413: {"model": ErrorResponse, "description": "Payload too large"},
     415: {"model": ErrorResponse, "description": "The body is not `application/json`"},
     422: {"model": ErrorResponse, "description": "Input validation error"},

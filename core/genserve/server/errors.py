@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,7 +61,7 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, "unavailable")
 
 
-def _describe(errors: list[dict]) -> str:
+def _describe(errors: Sequence[Any]) -> str:
     parts = []
     for err in errors[:5]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")

@@ -12,7 +12,7 @@ import math
 import uuid
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from genserve.errors import EngineDeadError
 from genserve.engine.outputs import PromptToken, RequestOutput
@@ -59,7 +59,7 @@ def check_output(out: RequestOutput, permit) -> None:
 
 
 async def engine_stream(state, permit, request_id: str, prompt_ids: list[int],
-                        params) -> AsyncIterator[RequestOutput]:
+                        params) -> AsyncGenerator[RequestOutput, None]:
     """The engine's outputs for one sequence; engine failures become ``APIError``s."""
     if permit is not None:
         permit.request_ids.add(request_id)
@@ -108,8 +108,9 @@ async def run_many(state, permit, jobs: list[tuple[list[int], object]]) -> list[
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
-            if not t.cancelled() and t.exception() is not None:
-                raise t.exception()
+            failure = None if t.cancelled() else t.exception()
+            if failure is not None:
+                raise failure
         return [t.result() for t in tasks]
     finally:
         for t in tasks:
@@ -118,7 +119,7 @@ async def run_many(state, permit, jobs: list[tuple[list[int], object]]) -> list[
 
 
 async def merged_streams(state, permit, jobs: list[tuple[list[int], object]]
-                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                         ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Outputs of several sequences as they come, tagged with the job index."""
     base = new_request_id()
     if len(jobs) == 1:

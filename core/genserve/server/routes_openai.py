@@ -6,17 +6,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from genserve.server.common import (ERRORS, chat_serving, completion_serving, get_state, json_body, parse_body,
-                                    sse_schema)
+from genserve.server.common import (ERRORS, OpenAPIResponses, chat_serving, completion_serving, get_state,
+                                    json_body, parse_body, sse_schema)
 from genserve.server.schemas_openai import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelList
 
 router = APIRouter(tags=["OpenAI"])
-CHAT_200 = {200: {"description": "A chat completion, or chunks as server-sent events", "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-    "text/event-stream": {"schema": sse_schema("ChatCompletionChunk", done=True)}}}}
-COMPLETION_200 = {200: {"description": "A completion, or chunks as server-sent events", "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
-    "text/event-stream": {"schema": sse_schema("Completion", done=True)}}}}
+CHAT_200: OpenAPIResponses = {
+    200: {"description": "A chat completion, or chunks as server-sent events", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+        "text/event-stream": {"schema": sse_schema("ChatCompletionChunk", done=True)}}}}
+COMPLETION_200: OpenAPIResponses = {
+    200: {"description": "A completion, or chunks as server-sent events", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
+        "text/event-stream": {"schema": sse_schema("Completion", done=True)}}}}
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**CHAT_200, **ERRORS},

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from genserve.server.common import (
     ERRORS,
+    OpenAPIResponses,
     chat_serving,
     completion_serving,
     json_body,
@@ -18,7 +19,7 @@ from genserve.server.schemas_openai import ChatRequest, CompletionRequest
 from genserve.server.schemas_tgi import CompatGenerateRequest
 
 router = APIRouter(tags=["SageMaker"])
-RESPONSES = {200: {"description": "As the chosen route", "content": {
+RESPONSES: OpenAPIResponses = {200: {"description": "As the chosen route", "content": {
     "application/json": {"schema": {"anyOf": [
         {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}},
         {"$ref": "#/components/schemas/ChatCompletion"},

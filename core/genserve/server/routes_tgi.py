@@ -6,23 +6,26 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from genserve.server.common import ERRORS, get_state, json_body, parse_body, sse_schema, tgi_serving
+from genserve.server.common import (ERRORS, OpenAPIResponses, get_state, json_body, parse_body, sse_schema,
+                                    tgi_serving)
 from genserve.server.schemas_openai import ChatTokenizeRequest
 from genserve.server.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse,
                                          GenerateRequest, GenerateResponse, Info, SimpleToken)
 from genserve.server.sse import GenerationEvents
 
 TAG = "Text Generation Inference"
-SSE_200 = {200: {"description": "Generated tokens as server-sent events; an error (validation and "
-                                 "overload included) is one `{error, error_type}` event that ends the stream",
-                 "content": {"text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
-COMPAT_200 = {200: {"description": "Generated text (JSON list) or tokens (server-sent events)", "content": {
-    "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}}},
-    "text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
-HEALTH = {200: {"description": "The model answers (empty body)"},
-          503: {"model": ErrorResponse, "description": "Not ready or unhealthy"}}
-METRICS_200 = {200: {"description": "Prometheus metrics",
-                     "content": {"text/plain": {"schema": {"type": "string"}}}}}
+SSE_200: OpenAPIResponses = {
+    200: {"description": "Generated tokens as server-sent events; an error (validation and "
+                         "overload included) is one `{error, error_type}` event that ends the stream",
+          "content": {"text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
+COMPAT_200: OpenAPIResponses = {
+    200: {"description": "Generated text (JSON list) or tokens (server-sent events)", "content": {
+        "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"}}},
+        "text/event-stream": {"schema": sse_schema("StreamResponse")}}}}
+HEALTH: OpenAPIResponses = {200: {"description": "The model answers (empty body)"},
+                            503: {"model": ErrorResponse, "description": "Not ready or unhealthy"}}
+METRICS_200: OpenAPIResponses = {200: {"description": "Prometheus metrics",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 router = APIRouter(tags=[TAG])
 

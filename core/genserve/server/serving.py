@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +30,8 @@ from genserve.server.validation import U64_MAX, GenParams
 BAD_LOGPROB = -9999.0  # OpenAI's stand-in for "impossible"
 
 
-def finish_reason(reason: FinishReason) -> str:
+def finish_reason(reason: FinishReason | None) -> str:
+    """OpenAI's ``finish_reason``: "length" for max_tokens, else "stop"."""
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
@@ -118,8 +119,14 @@ class OpenAIContext:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
 
-class OpenAIServing:
-    """The request life common to the OpenAI APIs; subclasses fill in the API's shapes."""
+CtxT = TypeVar("CtxT", bound=OpenAIContext)
+
+
+class OpenAIServing(Generic[CtxT]):
+    """The request life common to the OpenAI APIs; subclasses fill in the API's shapes.
+
+    Generic in the context type its ``prepare`` makes (``CompletionContext``, ``ChatContext``),
+    which its ``response``/``chunks`` then take."""
 
     id_prefix = "cmpl"
     response_object = chunk_object = "text_completion"
@@ -165,19 +172,19 @@ class OpenAIServing:
         return req.model if req.model in self.state.lora_adapters else self.state.model_name
 
     # -- what a subclass says -------------------------------------------------------------
-    async def prepare(self, req, times: RequestTimes) -> OpenAIContext:
+    async def prepare(self, req, times: RequestTimes) -> CtxT:
         """Validate ``req`` (raising ``APIError``s) and return its context with the jobs."""
         raise NotImplementedError
 
-    def response(self, ctx: OpenAIContext, results: list[SeqResult]) -> dict:
+    def response(self, ctx: CtxT, results: list[SeqResult]) -> dict:
         """The whole answer from the finished sequences (in job order)."""
         raise NotImplementedError
 
-    def first_chunks(self, ctx: OpenAIContext) -> list[dict]:
+    def first_chunks(self, ctx: CtxT) -> list[dict]:
         """Chunks streamed before any output."""
         return []
 
-    def chunks(self, ctx: OpenAIContext, i: int, out: RequestOutput) -> list[dict]:
+    def chunks(self, ctx: CtxT, i: int, out: RequestOutput) -> list[dict]:
         """Chunks for one engine output of choice ``i``."""
         raise NotImplementedError
 
@@ -195,7 +202,7 @@ class OpenAIServing:
                              generated=sum(len(r.tokens) for r in results))
         return JSONResponse(self.response(ctx, results))
 
-    async def events(self, permit, ctx: OpenAIContext) -> AsyncIterator:
+    async def events(self, permit, ctx: CtxT) -> AsyncGenerator:
         """The streamed answer; an error ends it as one ``{error, error_type}`` event."""
         state = self.state
         head = ctx.header(self.chunk_object)
@@ -213,6 +220,7 @@ class OpenAIServing:
                             yield event({**head, **chunk})
                 if finished < len(ctx.jobs):
                     raise errors.incomplete()
+                assert last is not None  # every job (there is at least one) has finished
                 state.record_success(start=ctx.times.start, validated=ctx.times.validated,
                                      arrival=last.arrival, first_scheduled=last.first_scheduled,
                                      generated=generated)

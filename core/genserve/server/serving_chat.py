@@ -22,7 +22,7 @@ from genserve.server.tool_stream import ToolCallReader, ToolDelta, new_call_id
 from genserve.server.validation import validate
 
 
-def chat_finish_reason(reason: FinishReason, tool_call: bool) -> str:
+def chat_finish_reason(reason: FinishReason | None, tool_call: bool) -> str:
     # A tool call cut short by max_tokens says "length", as OpenAI does: its arguments are partial.
     return "tool_calls" if tool_call and reason is not FinishReason.LENGTH else finish_reason(reason)
 
@@ -57,7 +57,7 @@ class ChatContext(OpenAIContext):
         self.call_ids = [new_call_id() for _ in self.readers]
 
 
-class OpenAIServingChat(OpenAIServing):
+class OpenAIServingChat(OpenAIServing[ChatContext]):
     id_prefix = "chatcmpl"
     response_object, chunk_object = "chat.completion", "chat.completion.chunk"
 

@@ -35,11 +35,12 @@ class CompletionContext(OpenAIContext):
         self.prompt_logprobs = bool(req.echo) and req.logprobs is not None
 
 
-class OpenAIServingCompletion(OpenAIServing):
+class OpenAIServingCompletion(OpenAIServing[CompletionContext]):
     id_prefix = "cmpl"
     response_object = chunk_object = "text_completion"
 
     def prompts(self, prompt) -> list:
+        prompts: list
         if isinstance(prompt, str):
             prompts = [prompt]
         elif prompt and all(isinstance(x, int) for x in prompt):
@@ -92,7 +93,7 @@ class OpenAIServingCompletion(OpenAIServing):
         after the echoed ``prompt`` tokens (PromptTokens; the first has no logprob) if given.
         Tokens are shown by their own bytes (serving.token_string); offsets index the text."""
         state = self.state
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if prompt:
             text = codecs.getincrementaldecoder("utf-8")(errors="replace")
             at = 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -67,8 +69,9 @@ class TGIServing:
     def sequence_details(self, r: SeqResult, valid: ValidRequest) -> dict:
         prefill = [{"id": t.id, "text": t.text, "logprob": finite(t.logprob)}
                    for t in (r.prompt_tokens or [])] if valid.params.decoder_input_details else []
-        out = {"finish_reason": r.finish_reason.value, "generated_tokens": len(r.tokens), "seed": r.seed,
-               "prefill": prefill, "tokens": [token_dict(t) for t in r.tokens]}
+        assert r.finish_reason is not None  # run_sequence returns finished sequences only
+        out: dict[str, Any] = {"finish_reason": r.finish_reason.value, "generated_tokens": len(r.tokens),
+                               "seed": r.seed, "prefill": prefill, "tokens": [token_dict(t) for t in r.tokens]}
         if valid.top_n_tokens:
             out["top_tokens"] = [self.top_dicts(t) for t in r.tokens]
         return out
@@ -128,15 +131,18 @@ class TGIServing:
         state = self.state
         start = time.monotonic()
 
-        async def prepare():
+        async def prepare() -> tuple[ValidRequest, float]:
             valid = await self.validate(req, full_text_default, stream=True)
             return valid, state.record_validated(valid)
 
-        headers = {"x-compute-type": state.loaded.backend.name} if state.loaded is not None else None
-        return await admitted_stream(state, prepare, lambda permit, prepared: self.events(
-            permit, *prepared, start), headers)
+        def events(permit, prepared: tuple[ValidRequest, float]) -> AsyncGenerator:
+            valid, validated = prepared
+            return self.events(permit, valid, validated, start)
 
-    async def events(self, permit, valid: ValidRequest, validated: float, start: float):
+        headers = {"x-compute-type": state.loaded.backend.name} if state.loaded is not None else None
+        return await admitted_stream(state, prepare, events, headers)
+
+    async def events(self, permit, valid: ValidRequest, validated: float, start: float) -> AsyncGenerator:
         state = self.state
         p = valid.params
         index, text = 0, []
@@ -155,6 +161,7 @@ class TGIServing:
                             if out.finished and k == len(out.tokens) - 1:
                                 ev["generated_text"] = (valid.inputs if p.return_full_text else "") + "".join(text)
                                 if p.details:
+                                    assert out.finish_reason is not None  # set on a finished output
                                     ev["details"] = {"finish_reason": out.finish_reason.value,
                                                      "generated_tokens": out.num_generated,
                                                      "seed": out.seed, "input_length": valid.input_length}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import suppress
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -16,7 +16,7 @@ def event(payload: Any) -> ServerSentEvent:
 DONE = ServerSentEvent(data="[DONE]")
 
 
-async def single_event(payload: Any) -> AsyncIterator[ServerSentEvent]:
+async def single_event(payload: Any) -> AsyncGenerator[ServerSentEvent, None]:
     """A stream of one event (an error body), after which the response ends."""
     yield event(payload)
 
@@ -25,7 +25,7 @@ class GenerationEvents(EventSourceResponse):
     """An SSE response that, however it ends (finished, client gone, server stopping), closes
     its generator (aborting the engine request) and then runs ``on_close`` (the permit)."""
 
-    def __init__(self, events: AsyncIterator, on_close: Callable[[], None], headers: dict | None = None):
+    def __init__(self, events: AsyncGenerator, on_close: Callable[[], None], headers: dict | None = None):
         super().__init__(events, sep="\n", headers={"X-Accel-Buffering": "no", **(headers or {})})
         self._events, self._on_close = events, on_close
 

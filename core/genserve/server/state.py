@@ -171,11 +171,16 @@ class ServerState:
         if self.draining:
             raise errors.unavailable("the server is shutting down")
 
+    def loaded_limits(self) -> Limits:
+        """The limits, which loading the engine sets; before that there are none to read."""
+        assert self.limits is not None, "the limits are set when the engine has loaded"
+        return self.limits
+
     def admit(self) -> Permit:
         self.require_ready()
         if not self.engine.is_alive:
             raise errors.generation(f"the engine is not running: {self.engine.dead or 'stopped'}")
-        if self.in_flight >= self.limits.max_concurrent_requests:
+        if self.in_flight >= self.loaded_limits().max_concurrent_requests:
             self.metrics.request_failed("overloaded")
             raise errors.overloaded()
         self.in_flight += 1
@@ -267,7 +272,7 @@ class ServerState:
     @property
     def grammar_supported(self) -> bool:
         """Grammar, tools and response_format requests can run (flag and tokenizer allow)."""
-        return not self.limits.disable_grammar and self.grammar is not None and self.grammar.available
+        return not self.loaded_limits().disable_grammar and self.grammar is not None and self.grammar.available
 
     def token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes (possibly part of a UTF-8 character), cached."""
@@ -281,6 +286,7 @@ class ServerState:
 
     def info(self) -> dict:
         le, cfg = self.loaded, self.loaded.engine.config
+        limits = self.loaded_limits()
         path = str(le.source.path)
         sha = le.source.revision
         if "/snapshots/" in path:  # a hub cache snapshot is named by its commit
@@ -293,13 +299,13 @@ class ServerState:
             "model_pipeline_tag": None,
             "model_dtype": str(cfg.dtype).replace("torch.", ""),
             "model_device_type": str(getattr(le.backend.device, "type", le.backend.device)),
-            "max_concurrent_requests": self.limits.max_concurrent_requests,
-            "max_best_of": self.limits.max_best_of,
-            "max_stop_sequences": self.limits.max_stop_sequences,
-            "max_input_tokens": self.limits.max_input_tokens,
-            "max_total_tokens": self.limits.max_total_tokens,
+            "max_concurrent_requests": limits.max_concurrent_requests,
+            "max_best_of": limits.max_best_of,
+            "max_stop_sequences": limits.max_stop_sequences,
+            "max_input_tokens": limits.max_input_tokens,
+            "max_total_tokens": limits.max_total_tokens,
             "validation_workers": self.args.validation_workers,
-            "max_client_batch_size": self.limits.max_client_batch_size,
+            "max_client_batch_size": limits.max_client_batch_size,
             "router": "genserve",
             "version": __version__,
             "sha": os.environ.get("GIT_SHA"),

@@ -65,7 +65,8 @@ class ToolCallReader:
             if final:  # never became a tool object (cut short, or no grammar): plain text
                 out.content = self.content = self.text
             return out
-        if self._value_at is None and (m := _VALUE_KEY.match(self.text, self._name_end)):
+        if self._value_at is None and self._name_end is not None and (
+                m := _VALUE_KEY.match(self.text, self._name_end)):
             self._value_at = m.end()
         if self._value_at is None:
             return out
@@ -80,6 +81,7 @@ class ToolCallReader:
     def _arguments_text(self) -> str:
         # An unfinished value runs to the end of the text; a finished one stops before the
         # object's closing brace (raw_decode says where the value ends).
+        assert self._value_at is not None  # feed() calls this once the value has started
         try:
             end = _decoder.raw_decode(self.text, self._value_at)[1]
         except json.JSONDecodeError:

@@ -33,6 +33,10 @@ import time
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the API package comes with the otel extra; only the types are needed here
+    from opentelemetry.trace import Span, Tracer
 
 INSTALL_HINT = "pip install 'genserve[otel]'"
 # TGI's handler (span) name for each generation route.
@@ -55,12 +59,12 @@ class TracingError(RuntimeError):
 class _Request:
     """The route span of the request being served, shared by its tasks through a ContextVar."""
 
-    span: object
+    span: Span
     start_ns: int
     validated_ns: int | None = None
 
 
-_tracer = None  # set by install(); None: tracing is off
+_tracer: Tracer | None = None  # set by install(); None: tracing is off
 _current: ContextVar[_Request | None] = ContextVar("genserve_trace_request", default=None)
 
 
@@ -89,14 +93,14 @@ def _exporter(endpoint: str):
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
     try:
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-            return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+            return GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
         if protocol == "http/protobuf":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
             url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
-            return OTLPSpanExporter(endpoint=url)
+            return HttpExporter(endpoint=url)
     except ImportError as exc:
         raise TracingError(f"the OTLP {protocol} exporter is not installed ({exc}); "
                            f"install it with: {INSTALL_HINT}") from None

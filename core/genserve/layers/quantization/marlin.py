@@ -35,7 +35,7 @@ TILE = 16
 
 
 def _perms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    perm = []
+    perm: list[int] = []
     for i in range(32):
         col = i // 4
         first = []
