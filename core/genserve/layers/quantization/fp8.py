@@ -42,7 +42,11 @@ def choose_fp8_kernel(kernels: LinearKernelChooser | None, config: FP8LinearConf
                   if n in registry and isinstance(registry.get(n), type)
                   and issubclass(registry.get(n), FP8LinearKernel))
     try:
-        return choose_linear_kernel(config, kernels.device, names, registry)
+        # The chooser is shared with the integer-weight kernels (it only asks can_implement);
+        # ``names`` holds FP8 kernels only, so the class it returns is one.
+        chosen = choose_linear_kernel(config, kernels.device, names, registry)  # type: ignore[arg-type]
+        assert issubclass(chosen, FP8LinearKernel)
+        return chosen
     except ValueError as exc:
         if names:
             key = (str(exc), "")
