@@ -105,7 +105,7 @@ FLAGS: list[Flag] = [
     Flag("--disable-overlap-steps", bool, False,
          "Wait for each step's tokens before launching the next (GPUs overlap them by default)",
          env="GENSERVE_DISABLE_OVERLAP_STEPS"),
-    Flag("--speculate", int, None, "Speculative tokens per step"),
+    Flag("--speculate", int, None, "Speculative tokens per step (TGI's flag; not implemented yet: refused at start-up)"),
     Flag("--enable-prefill-logprobs", bool, False,
          "Accepted for TGI compatibility and changes nothing: prompt logprobs (decoder_input_details) "
          "are always available, computed in chunks of bounded memory"),

@@ -91,6 +91,10 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
         UnknownEntryError: ``--quantize`` names no installed quantizer.
         PluginLoadError: a plugin asked for in ``GENSERVE_PLUGINS`` failed to load.
     """
+    if args.speculate:
+        # Accepted by the parser because TGI's launcher has it; refused rather than ignored.
+        raise ConfigError(f"--speculate {args.speculate}: speculative decoding is not implemented "
+                          "yet; start without --speculate (or SPECULATE)")
     if ((args.num_shard or 1) > 1 or args.sharded) and get_tp_group().size == 1:
         raise ConfigError("build_engine builds one rank; for --num-shard/--sharded build the engine "
                           "with genserve.executor.create_engine")
