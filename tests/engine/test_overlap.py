@@ -3,21 +3,10 @@ waiting for every step: same tokens, logprobs, finish reasons, and no leaked KV 
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from genserve.engine.offline import OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
-from genserve.testing import load_genserve, make_prompts, reference_greedy, save_reference
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
-    model = save_reference(config, folder)
-    return folder, model
+from genserve.testing import load_genserve, make_prompts, reference_greedy
 
 
 def engine_for(folder, overlap, **flags):

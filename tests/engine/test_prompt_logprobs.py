@@ -7,22 +7,12 @@ preemption; the values equal transformers' log-softmax over the prompt.
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from genserve.engine import model_runner
 from genserve.engine.sampling_params import SamplingParams
-from genserve.testing import load_genserve, make_prompts, save_reference
+from genserve.testing import load_genserve, make_prompts
 
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
-    return folder, save_reference(config, folder)
+from .tinyllama import VOCAB  # the `checkpoint` fixture's vocabulary (conftest.py)
 
 
 @torch.inference_mode()
