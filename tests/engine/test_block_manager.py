@@ -105,3 +105,20 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache():
 def test_zero_blocks_is_rejected():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_blocks_are_shared_only_under_the_same_adapter():
+    """The hash chain starts from the request's adapter: same tokens, other adapter, no hit."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+
+    def computed(s):
+        bm.allocate(s)
+        s.num_computed = len(s.prompt_ids)
+        bm.mark_computed(s, 0, s.num_computed)
+        return s
+
+    a = computed(seq(range(9), "a", adapter_id="alpha"))
+    assert computed(seq(range(9), "b", adapter_id="beta")).num_cached == 0
+    assert computed(seq(range(9), "c")).num_cached == 0
+    d = computed(seq(range(9), "d", adapter_id="alpha"))
+    assert d.num_cached == 8 and d.block_table[:2] == a.block_table[:2]

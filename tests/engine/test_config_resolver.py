@@ -39,10 +39,11 @@ def test_config_is_frozen():
 @pytest.mark.parametrize("traits, flags, reason", [
     (LLAMA, {"disable_prefix_caching": True}, "--disable-prefix-caching"),
     (ModelTraits(512, is_encoder_decoder=True), {}, "encoder-decoder"),
-    (ModelTraits(2048, lora=True), {}, "LoRA"),
     (ModelTraits(131072, recompute_at_length=4096), {}, "longrope"),
 ])
 def test_prefix_caching_off_for_each_reason(traits, flags, reason):
+    # (LoRA adapters no longer turn it off: block hashes chain from the request's adapter,
+    # tests/engine/test_block_manager.py and tests/lora/test_lora_parity.py.)
     assert resolve(LLAMA).enable_prefix_caching  # on unless something rules it out
     assert reason in prefix_caching_off(defaults(**flags), traits)
     assert resolve(traits, **flags).enable_prefix_caching is False

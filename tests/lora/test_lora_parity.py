@@ -96,6 +96,25 @@ def test_two_adapters_and_none_greedy_batched(engine, references):
     assert want[0] != want[4]
 
 
+def test_prefix_cache_is_shared_per_adapter_only(files, references):
+    """Prefix caching stays on with adapters: a block's hash chains from the request's adapter,
+    so a repeated prompt hits the cache under the same adapter, and never reuses another
+    adapter's (or the base model's) KV. Sequential requests, so every hit is a real reuse."""
+    engine = load_with_adapters(files["base"], f"alpha={files['alpha']},beta={files['beta']}")
+    assert engine.blocks.enable_prefix_caching
+    p = make_prompts(256, lengths=(40,))[0]  # several full blocks
+    hits = []
+    outputs = []
+    for adapter in ("alpha", "beta", None, "alpha", "beta", None):
+        before = engine.blocks.hits
+        outputs.append(generate(engine, [(p, adapter)], NEW_TOKENS)[0])
+        hits.append(engine.blocks.hits - before)
+    assert hits[:3] == [0, 0, 0], hits  # alpha, beta and the base each start cold
+    assert all(h > 0 for h in hits[3:]), hits  # each one's repeat hits its own blocks
+    for out, adapter in zip(outputs, ("alpha", "beta", None, "alpha", "beta", None)):
+        assert out == reference_greedy(references[adapter or "base"], p, NEW_TOKENS), adapter
+
+
 def test_no_adapter_rows_cost_nothing(engine, files):
     runner = engine.runner
     assert runner.lora.batch_for([None, None], [3, 1]) is None  # such a step skips every delta

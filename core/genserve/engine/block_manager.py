@@ -2,13 +2,17 @@
 
 The cache is ``num_blocks`` blocks of ``block_size`` token slots. A sequence owns a list of
 block ids (its block table). A full block is identified by a chain hash of its tokens and
-every token before it, so requests sharing a prompt prefix share those blocks. Freed blocks
-keep their contents and stay findable until they are reused (least recently freed first).
+every token before it, so requests sharing a prompt prefix share those blocks. The chain starts
+from the request's *cache salt*: whatever besides the tokens decides a block's KV (the LoRA
+adapter, whose k/v projections change it), so two requests share cached blocks only when they
+share the adapter too. Freed blocks keep their contents and stay findable until they are reused
+(least recently freed first).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from genserve.engine.sequence import Sequence
@@ -51,8 +55,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     @staticmethod
-    def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    def chain_hash(prev: Hashable, tokens: tuple[int, ...]) -> int:
+        """The hash of a full block: its tokens and ``prev``, the hash of the block before it
+        (for the first block: the sequence's ``cache_salt``)."""
         return hash((prev, tokens))
+
+    @staticmethod
+    def cache_salt(seq: Sequence) -> Hashable:
+        """What the first block's hash chains from: None for the base model, the adapter's id
+        for a LoRA request (an adapted k/v projection gives the same tokens other KV)."""
+        adapter = seq.params.adapter_id
+        return None if adapter is None else ("lora", adapter)
 
     # -- allocation ----------------------------------------------------------------------
     def _take_free(self) -> Block:
@@ -63,11 +76,13 @@ class BlockManager:
         block.hash, block.tokens, block.ref_count = None, (), 1
         return block
 
-    def _prefix_hits(self, ids: list[int]) -> list[int]:
-        """Cached block ids for the leading full blocks of ``ids``, leaving >= 1 token to compute."""
+    def _prefix_hits(self, ids: list[int], salt: Hashable) -> list[int]:
+        """Cached block ids for the leading full blocks of ``ids`` (chained from ``salt``),
+        leaving >= 1 token to compute."""
         if not self.enable_prefix_caching:
             return []
-        hits, prev = [], None
+        hits: list[int] = []
+        prev: Hashable = salt
         max_blocks = (len(ids) - 1) // self.block_size  # the last token is always computed
         for b in range(max_blocks):
             tokens = tuple(ids[b * self.block_size:(b + 1) * self.block_size])
@@ -81,7 +96,8 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         ids = seq.all_ids
-        hits = [] if seq.params.prompt_logprobs and not seq.output_ids else self._prefix_hits(ids)
+        hits = [] if seq.params.prompt_logprobs and not seq.output_ids \
+            else self._prefix_hits(ids, self.cache_salt(seq))
         reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         needed = self.blocks_needed(len(ids)) - len(hits) + reusable_free
         return needed + reserve <= self.num_free
@@ -92,7 +108,7 @@ class BlockManager:
         ids = seq.all_ids
         # Prompt logprobs need every prompt row computed, so such requests skip the cache.
         wants_rows = seq.params.prompt_logprobs and not seq.output_ids
-        hits = [] if wants_rows else self._prefix_hits(ids)
+        hits = [] if wants_rows else self._prefix_hits(ids, self.cache_salt(seq))
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -133,7 +149,7 @@ class BlockManager:
         if first == last:
             return
         ids = seq.all_ids
-        prev = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
+        prev: Hashable = self.blocks[seq.block_table[first - 1]].hash if first > 0 else self.cache_salt(seq)
         for b in range(first, last):
             block = self.blocks[seq.block_table[b]]
             tokens = tuple(ids[b * bs:(b + 1) * bs])

@@ -108,7 +108,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     lora = load_lora(args.lora_adapters, plugins, model, backend, dtype) if args.lora_adapters else None
     tokenizer = load_tokenizer(src, args)
 
-    traits = ModelTraits.of(model, hf_config, lora=lora is not None)
+    traits = ModelTraits.of(model, hf_config)
     num_blocks = kv_cache_blocks(args, traits, dtype, model, backend)
     config = create_engine_config(args, traits, dtype, num_blocks)
     runner = backend.create_model_runner(model, config, lora=lora, peers=peers)

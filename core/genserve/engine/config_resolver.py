@@ -41,14 +41,13 @@ class ModelTraits:
     # Set where the model's KV depends on the sequence's length past this many tokens
     # (longrope's two factor sets): ``CausalLM.recompute_at_length``.
     recompute_at_length: int | None = None
-    lora: bool = False  # --lora-adapters loaded adapters into the model
 
     @classmethod
-    def of(cls, model, hf_config, lora: bool) -> ModelTraits:
+    def of(cls, model, hf_config) -> ModelTraits:
         """The traits of a constructed model and its Hugging Face config."""
         return cls(getattr(hf_config, "max_position_embeddings", None) or None,
                    model.is_encoder_decoder,
-                   model.recompute_at_length, lora)
+                   model.recompute_at_length)
 
 
 def resolve_dtype(args, backend_default: torch.dtype) -> torch.dtype:
@@ -79,9 +78,6 @@ def prefix_caching_off(args, traits: ModelTraits) -> str | None:
         return "--disable-prefix-caching"
     if traits.is_encoder_decoder:
         return "encoder-decoder: the decoder's KV depends on the encoder input"
-    if traits.lora:
-        # Adapted k/v projections make a block's KV depend on the adapter.
-        return "LoRA adapters: a block's KV depends on the request's adapter"
     if traits.recompute_at_length is not None:
         return "the model's KV depends on the sequence's length (longrope)"
     return None
