@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from genserve.attention.base import AttentionMetadata
+from genserve.attention.testing import shuffled_layout
 
 
 @dataclass
@@ -30,40 +31,16 @@ def make_paged_batch(
     or a position past ``seq_len``, gives a wrong answer instead of a lucky zero.
     """
     g = generator or torch.Generator().manual_seed(0)
-    need = [-(-s // block_size) for s, _ in seqs]
-    num_blocks = sum(need) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(perm[at:at + n])
-        at += n
-    width = max(need)
-    slots, cu = [], [0]
-    for (seq_len, q_len), table in zip(seqs, tables):
-        assert 1 <= q_len <= seq_len
-        slots += [table[p // block_size] * block_size + p % block_size
-                  for p in range(seq_len - q_len, seq_len)]
-        cu.append(cu[-1] + q_len)
-    T = cu[-1]
+    layout = shuffled_layout(seqs, block_size, extra_blocks, g)
+    T = layout.cu_seqlens_q[-1]
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
-    meta = AttentionMetadata(
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                  device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        max_seqlen_q=max(q for _, q in seqs),
-        max_seqlen_k=max(s for s, _ in seqs),
-        is_decode_only=all(q == 1 for _, q in seqs),
-        seq_lens_cpu=[s for s, _ in seqs],
-        query_lens_cpu=[q for _, q in seqs],
-    )
     return PagedBatch(
         q=rnd(T, num_heads, head_dim), k=rnd(T, num_kv_heads, head_dim), v=rnd(T, num_kv_heads, head_dim),
-        kv_cache=rnd(2, num_blocks, block_size, num_kv_heads, head_dim), meta=meta,
+        kv_cache=rnd(2, layout.num_blocks, block_size, num_kv_heads, head_dim),
+        meta=layout.metadata(seqs, device),
     )
 
 

@@ -9,6 +9,7 @@ the reference on a copy of its cache. Used by the tests of the backend plugins.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,6 +35,49 @@ def attention_spec(H: int = 4, Hkv: int = 2, D: int = 16, **features) -> Attenti
     return AttentionSpec(H, D, Hkv, D ** -0.5, **features)
 
 
+@dataclass
+class PagedLayout:
+    """Where a batch's tokens live in a paged cache: one shuffled block table per sequence."""
+
+    tables: list[list[int]]  # block ids of each sequence, non-contiguous
+    num_blocks: int  # blocks the tables use, plus spare ones
+    slots: list[int]  # cache slot of each new token, in batch order
+    cu_seqlens_q: list[int]  # [B + 1] row offsets of each sequence's new tokens
+
+    def metadata(self, seqs: list[tuple[int, int]], device: str | torch.device = "cpu") -> AttentionMetadata:
+        """The ``AttentionMetadata`` of ``seqs`` (the ones the layout was made for) on ``device``."""
+        width = max(len(t) for t in self.tables)
+        return AttentionMetadata(
+            cu_seqlens_q=torch.tensor(self.cu_seqlens_q, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in self.tables],
+                                      dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(self.slots, dtype=torch.long, device=device),
+            max_seqlen_q=max(ql for _, ql in seqs), max_seqlen_k=max(s for s, _ in seqs),
+            is_decode_only=all(ql == 1 for _, ql in seqs),
+            seq_lens_cpu=[s for s, _ in seqs], query_lens_cpu=[ql for _, ql in seqs])
+
+
+def shuffled_layout(seqs: list[tuple[int, int]], block_size: int, extra_blocks: int,
+                    generator: torch.Generator) -> PagedLayout:
+    """Block tables for ``seqs`` = [(seq_len after this step, q_len)] drawn from one random
+    permutation of the cache's blocks (so a kernel that assumes contiguous blocks fails), with
+    ``extra_blocks`` spare blocks, and the slots of the new tokens. Draws one ``randperm``."""
+    need = [-(-s // block_size) for s, _ in seqs]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=generator).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at:at + n])
+        at += n
+    slots, cu = [], [0]
+    for (seq_len, q_len), table in zip(seqs, tables):
+        assert 1 <= q_len <= seq_len
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+        cu.append(cu[-1] + q_len)
+    return PagedLayout(tables, num_blocks, slots, cu)
+
+
 def paged_batch(seqs: list[tuple[int, int]], H: int = 4, Hkv: int = 2, D: int = 16, bs: int = 4,
                 extra_blocks: int = 3, seed: int = 0):
     """A batch of ``seqs`` = [(seq_len after this step, q_len)] in a paged cache of block size ``bs``.
@@ -43,32 +87,11 @@ def paged_batch(seqs: list[tuple[int, int]], H: int = 4, Hkv: int = 2, D: int = 
     and ``meta()``, which builds a fresh ``AttentionMetadata`` for the batch.
     """
     g = torch.Generator().manual_seed(seed)
-    need = [-(-s // bs) for s, _ in seqs]
-    num_blocks = sum(need) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(perm[at:at + n])
-        at += n
-    T = sum(q for _, q in seqs)
+    layout = shuffled_layout(seqs, bs, extra_blocks, g)
+    T = layout.cu_seqlens_q[-1]
     q, k, v = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv))
-    cache = torch.randn(2, num_blocks, bs, Hkv, D, generator=g)
-    slots, cu = [], [0]
-    for (s, ql), t in zip(seqs, tables):
-        slots += [t[p // bs] * bs + p % bs for p in range(s - ql, s)]
-        cu.append(cu[-1] + ql)
-    width = max(need)
-
-    def meta() -> AttentionMetadata:
-        return AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            seq_lens=torch.tensor([s for s, _ in seqs], dtype=torch.int32),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-            slot_mapping=torch.tensor(slots), max_seqlen_q=max(ql for _, ql in seqs),
-            max_seqlen_k=max(s for s, _ in seqs), is_decode_only=all(ql == 1 for _, ql in seqs),
-            seq_lens_cpu=[s for s, _ in seqs], query_lens_cpu=[ql for _, ql in seqs])
-
-    return q, k, v, cache, tables, meta
+    cache = torch.randn(2, layout.num_blocks, bs, Hkv, D, generator=g)
+    return q, k, v, cache, layout.tables, lambda: layout.metadata(seqs)
 
 
 def reference_attention(spec: AttentionSpec, q, k, v, cache: torch.Tensor,
