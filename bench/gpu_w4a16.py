@@ -154,7 +154,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
     ap.add_argument("--no-record", action="store_true", help="print only, write no jsonl rows")
+    ap.add_argument("--tinygemm", action="store_true", help="with --sweep: also time torch's int4 kernel")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     args = ap.parse_args()
+    ms = tuple(int(v) for v in args.ms.split(","))
     sys.path[:0] = [os.path.join(ROOT, "core"), os.path.join(ROOT, "backends", "cuda")]
     from genserve_cuda.kernels.w4a16 import (
         DOT_MAX_M,
@@ -172,12 +175,12 @@ def main():
           f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rec("copy_bandwidth_tb_s", bw / 1e12, "TB/s")
     table = []   # (shape, m, ours us, bf16 us, ours TB/s, rel err)
-    per_m = {m: [0.0, 0.0] for m in MS}  # m -> [ours us, bf16 us] summed over one layer's four GEMMs
+    per_m = {m: [0.0, 0.0] for m in ms}  # m -> [ours us, bf16 us] summed over one layer's four GEMMs
     layer_bytes = 0
     for name, (n, k) in SHAPES.items():
         sh = Shape(n, k)
         layer_bytes += sh.packed_bytes
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), sh.dense.float())
             out = sh.kernel.apply(sh.layers[0], x, None)
@@ -199,6 +202,8 @@ def main():
             if args.sweep:
                 sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize, select_config,
                       DOT_MAX_M)
+                if args.tinygemm:
+                    tinygemm(sh, x, ref, m, n, k)
         sh = None  # free this shape's weight copies before the next
         torch.cuda.empty_cache()
 
@@ -212,6 +217,8 @@ def main():
     head_bytes = head.numel() * 2
     roof_ms = (LAYERS * layer_bytes + head_bytes) / bw * 1e3
     for m in (1, 16):
+        if m not in per_m:
+            continue
         ours_ms = (LAYERS * per_m[m][0] + head_us[m]) / 1e3
         bf16_ms = (LAYERS * per_m[m][1] + head_us[m]) / 1e3
         print(f"implied GEMM time per token step, batch {m}: w4a16 {ours_ms:.3f} ms, bf16 {bf16_ms:.3f} ms, "
@@ -282,6 +289,42 @@ def sweep(sh, x, ref, m, n, k, sms, bw, GemmConfig, wna16_gemm, wna16_dequantize
                 torch.mm(x, w)
         t = median_ms(deq, rep=60) / len(sh.layers) * 1e3
         print(f"   sweep M={m:4d} dequant+cublas: {t:8.2f} us", flush=True)
+
+
+def tinygemm(sh, x, ref, m, n, k, group=128):
+    """torch's built-in int4 kernel (``aten._weight_int4pack_mm``, "tinygemm") on the same weights.
+
+    Its rule is ``w = (q - 8) * scale + zero``, so a GPTQ zero point ``z`` becomes the float
+    ``zero = (8 - z) * scale`` (here symmetric: ``z = 8``, zero = 0). Printed, not recorded.
+    """
+    from genserve_cuda.kernels.w4a16 import unpack_wna16
+
+    lay = sh.layers[0]
+    q = unpack_wna16(lay.w4a16_qweight, 4, n).t().contiguous().to(torch.int32)   # [N, K]
+    scales = lay.w4a16_scales                                                      # [G, N]
+    sz = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()      # [G, N, 2]
+    for tiles in (8, 4, 2):
+        for order in ("hi_even", "lo_even"):
+            if order == "hi_even":
+                u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            else:
+                u8 = (q[:, 1::2] << 4 | q[:, ::2]).to(torch.uint8)
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+                out = torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                print(f"   tinygemm tiles={tiles} {order}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            if err > 0.05:
+                print(f"   tinygemm tiles={tiles} {order}: wrong (err {err:.2e})", flush=True)
+                continue
+            copies = [packed] + [packed.clone() for _ in range(len(sh.layers) - 1)]
+            t = graph_ms(lambda: [torch.ops.aten._weight_int4pack_mm(x, p, group, sz) for p in copies],
+                         rep=60) / len(copies) * 1e3
+            moved = sh.packed_bytes + 2 * m * (n + k)
+            print(f"   tinygemm M={m:4d} tiles={tiles} {order}: {t:8.2f} us "
+                  f"{moved / (t * 1e-6) / 1e12:5.2f} TB/s err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def test_scaled_mm_matches_the_dequantized_matmul(rows, n, k, with_bias):
     q, scale = quantize_fp8_per_channel(w)
     kernel.process_weights(layer, q, scale)
     got = kernel.apply(layer, x, bias)
-    qx, sx = quantize_fp8_per_token(x)
-    want = (qx.float() * sx) @ (q.float() * scale).t()
+    if kernel.quantizes_activations(rows):
+        qx, sx = quantize_fp8_per_token(x)
+        want = (qx.float() * sx) @ (q.float() * scale).t()
+    else:  # one row: weight-only (the float8 GEMV), activations unquantized
+        want = x.float() @ (q.float() * scale).t()
     if bias is not None:
         want = want + bias.float()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
@@ -52,15 +55,16 @@ def test_scaled_mm_matches_the_dequantized_matmul(rows, n, k, with_bias):
     assert F.cosine_similarity(got.float(), dense, dim=-1).min() > 0.99
 
 
-def test_three_dim_input_and_graph_capture():
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1)])  # W8A8 and the one-row GEMV
+def test_three_dim_input_and_graph_capture(lead):
     torch.manual_seed(0)
     n, k = 512, 256
     w = (torch.randn(n, k, device=DEV) * 0.02).to(torch.bfloat16)
     kernel, layer = CudaScaledMMFP8Kernel(FP8LinearConfig(k, n, torch.bfloat16)), Layer()
     kernel.process_weights(layer, *quantize_fp8_per_channel(w))
-    x = torch.randn(2, 5, k, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(*lead, k, device=DEV, dtype=torch.bfloat16)
     eager = kernel.apply(layer, x, None)
-    assert eager.shape == (2, 5, n)
+    assert eager.shape == (*lead, n)
     static = x.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -74,6 +78,26 @@ def test_three_dim_input_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.allclose(out.float(), kernel.apply(layer, x * 2, None).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 4096), (7, 14336), (300, 4096), (2, 100)])
+def test_fused_per_token_quantization_matches_the_torch_reference(rows, k):
+    from genserve_cuda.kernels.fp8_quant import per_token_fp8
+
+    torch.manual_seed(rows * k)
+    x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16) * 3
+    x[0, :7] = 0  # partial zeros; an all-zero row gets the EPS scale below
+    if rows > 1:
+        x[1] = 0
+    q, s = per_token_fp8(x)
+    q_ref, s_ref = quantize_fp8_per_token(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (rows, 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    # the same rounding up to the last bit of the division: at most one e4m3 step apart
+    diff = (q.float() - q_ref.float()).abs()
+    step = q_ref.float().abs().clamp(min=2 ** -6) * 2 ** -3
+    assert bool((diff <= step).all()), diff.max()
+    assert (q.float() != q_ref.float()).float().mean() < 1e-3
 
 
 def test_refuses_what_cublaslt_cannot_take():

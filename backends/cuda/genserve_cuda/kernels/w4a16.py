@@ -51,7 +51,12 @@ tensor cores and dequant + cuBLAS is still slower than bf16 there), 0.94-0.96x a
 M = 1 the kernel reaches 20-42% of copy bandwidth. Cutting the dequantization instructions about
 3x made it only ~1.4x faster, so the rest is most likely the per-plane ``tl.dot``: every 16-row
 plane goes registers -> shared memory -> MMA operand (Triton's layout conversion) behind
-barriers (not profiled).
+barriers (not profiled). A variant with one ``tl.dot`` per 128-row block (the block's words
+unpacked by a broadcast shift into ``[8, 16, BN]`` and reshaped to ``[128, BN]``) was no faster
+at M = 128 (289 vs 290 us per layer) and 1.2-2x slower at M <= 16
+(bench/results/h200-w4a16-sweep-2026-12-01.txt), so the per-plane form stays. At M = 128 the
+kernel is ~2x slower than bf16 cuBLAS: closing that needs wgmma on a dequantized shared-memory
+tile (Machete), which Triton 3.6 does not let us express.
 """
 
 from __future__ import annotations
@@ -334,6 +339,18 @@ def _wna16_gemm_kernel(
         out = acc
     else:
         out = tl.sum(acc, axis=0)[None, :]                                  # [1, BN]
+    _store_tile(out, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, split_k,
+                pid_m, pid_n, pid_k, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(out, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, split_k,
+                pid_m, pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write an fp32 ``[BM, BN]`` tile: directly, or as a split-K partial that the last program
+    of the tile sums (an atomic arrival counter per tile, reset to zero for the next launch)."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
     out_mask = m_mask[:, None] & n_mask[None, :]
     y_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if not SPLIT:
@@ -460,10 +477,10 @@ def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 # scratch buffer and calls cuBLAS (faster there on an H200, bench/gpu_w4a16.py --sweep).
 BUCKETS = (  # the comments give the sweep (bench/results/h200-w4a16-<commit>.txt) each entry comes from
     (1, True, 16, 64, 4, 3, 1, 4),    # c95f51d: PTX dequant on tensor cores 78.6 us/layer; GEMV 88.5 (921726f)
-    (16, True, 16, 64, 4, 3, 1, 4),   # c95f51d: 90.5 us/layer; block_n 128 (waves 4) 92.0 in 9261a46
+    (16, True, 16, 128, 4, 3, 1, 2),  # sweep-2026-12-01: 84.5 us/layer; 16x64 tiles at 4 waves 90.9
     (32, True, 32, 64, 4, 3, 1, 4),
     (64, True, 32, 128, 4, 3, 1, 4),  # c95f51d: 168 us/layer; 64x128 tiles 189 (921726f)
-    (128, True, 64, 128, 4, 3, 1, 2),  # 9261a46: 324 us/layer; dequant + cuBLAS 343 (c95f51d)
+    (128, True, 32, 128, 4, 3, 1, 4),  # sweep-2026-12-01: 289.6 us/layer; 64x128 at 2 waves 291.7-327
 )
 DOT_MAX_M = BUCKETS[-1][0]
 SPLIT_K_MAX = 16
