@@ -30,7 +30,7 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
 METRICS = ("tpot_b1_ms", "tpot_b16_ms", "decode_tok_s_128x32x2048", "prefill_tok_s_32x4096",
-           "ttft_1x1024_ms", "offline_tok_s_1000")
+           "ttft_1x1024_ms", "offline_tok_s_1000", "decode_tok_s_256x2048x256")
 # Weight variants of the same model shape: metric names take the suffix, e.g. tpot_b1_ms_w4a16.
 # w4a16: GPTQ-style 4-bit weights, group 128, symmetric, random packed values (dummy load).
 VARIANTS = {
@@ -40,7 +40,10 @@ VARIANTS = {
     # Online: the bf16 dummy weights quantized at load (--quantize fp8), no quantization_config
     # written (an fp8 checkpoint config would make the flag refuse the model).
     "fp8": ("_fp8", {"quant_method": "fp8", "online": True}),
+    # bf16 weights, float8 KV cache (--kv-cache-dtype fp8): long-context decode reads half the KV bytes.
+    "kvfp8": ("_kvfp8", None),
 }
+ENGINE_FLAGS = {"kvfp8": {"kv_cache_dtype": "fp8"}}  # flags a variant adds to the engine
 
 
 def commit() -> str:
@@ -73,7 +76,7 @@ def random_prompt(rng, n, vocab):
 
 
 # -- genserve -------------------------------------------------------------------------------
-def build_genserve(model_dir, args, quantize=None):
+def build_genserve(model_dir, args, quantize=None, **extra):
     from genserve.args import defaults
     from genserve.engine.build import build_engine
     from genserve.engine.warmup import warm_up
@@ -86,6 +89,7 @@ def build_genserve(model_dir, args, quantize=None):
         flags["cuda_graphs"] = args.cuda_graphs
     if quantize:
         flags["quantize"] = quantize
+    flags.update(extra)
     loaded = build_engine(defaults(**flags))
     t0 = time.perf_counter()
     warm_up(loaded.engine, loaded.model_config.vocab_size)  # as the server does before serving
@@ -165,6 +169,12 @@ def genserve_suite(engine, rec, vocab, only, rng, suffix=""):
         prompts = [random_prompt(rng, 32, vocab) for _ in range(128)]
         wall, produced, _, _ = run_requests(engine, prompts, [2048] * 128)
         record("decode_tok_s_128x32x2048", produced / wall, "tok/s", "genserve")
+    if "decode_tok_s_256x2048x256" in only:
+        # long contexts: 256 sequences of 2048-2304 tokens, where attention reads more KV bytes
+        # per step than the weights (the case a float8 KV cache is for)
+        prompts = [random_prompt(rng, 2048, vocab) for _ in range(256)]
+        wall, produced, _, _ = run_requests(engine, prompts, [256] * 256)
+        record("decode_tok_s_256x2048x256", produced / wall, "tok/s", "genserve")
     if "offline_tok_s_1000" in only:
         prompts, lens_out = offline_workload(vocab)
         lens_in = [len(p) for p in prompts]
@@ -292,7 +302,8 @@ def main():
             qconfig = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
             qconfig.quantization_config = quant
             qconfig.save_pretrained(vdir)
-        engine = build_genserve(vdir, args, quantize=quant and quant["quant_method"])
+        engine = build_genserve(vdir, args, quantize=quant and quant["quant_method"],
+                                **ENGINE_FLAGS.get(variant, {}))
         gc.collect()
         gc.freeze()  # as the server does after loading
         genserve_suite(engine, rec, config.vocab_size, only, rng, suffix)
