@@ -102,26 +102,35 @@ def decode_split_sweep():
 
     spec = AttentionSpec(32, 128, 8, 128 ** -0.5)
     for seqs, label in (([(32768, 1)], "b1 ctx32768"), ([(2048, 1)] * 16, "b16 ctx2048"),
-                        ([(1024, 1)] * 64, "b64 ctx1024")):
+                        ([(1024, 1)] * 64, "b64 ctx1024"), ([(1024, 1)] * 128, "b128 ctx1024")):
         b = make_paged_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
         m = b.meta
-        ref = TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache, m)  # also writes the KV
+        TorchReferenceAttention(spec).forward(b.q, b.k, b.v, b.kv_cache, m)  # writes this step's KV
+        # float8 cache (--kv-cache-dtype fp8): the same values rounded to e4m3; its reference is
+        # the bf16 kernel on the upcast cache, so only the kernel's fp8 path differs
+        caches = {"bf16": b.kv_cache, "fp8": b.kv_cache.to(torch.float8_e4m3fn)}
+        refs = {"bf16": None, "fp8": None}
         base = None
-        kv = sum(s for s, _ in seqs) * 8 * 128 * 4
-        for splits, bn, warps in ((None, 64, 4), (None, 32, 4), (None, 128, 4), (None, 64, 2),
-                                  (None, 128, 8), (8, 64, 4), (32, 64, 4)):
-            def fn():
-                return paged_decode_attention(b.q, b.kv_cache, m.block_tables, m.seq_lens, spec.scale,
-                                              m.max_seqlen_k, num_splits=splits, block_n=bn, num_warps=warps)
-            try:
-                err = (fn().float() - ref.float()).abs().max().item()
-                ms = bench_graph(fn)
-            except Exception as exc:  # e.g. out of shared memory: report, try the next
-                print(f"decode variant S={splits} N={bn} w={warps} failed: {exc!r}"[:300], flush=True)
-                continue
-            base = base or ms
-            record("sweep-dec", f"{label} S={splits or 'auto'} N={bn} w={warps}", ms, ms, base, err,
-                   f"{kv / ms / 1e6:.0f} GB/s")
+        for kind, cache in caches.items():
+            kv = sum(s for s, _ in seqs) * 8 * 128 * 2 * cache.element_size()
+            upcast = cache.to(torch.bfloat16)
+            refs[kind] = paged_decode_attention(b.q, upcast, m.block_tables, m.seq_lens, spec.scale,
+                                                m.max_seqlen_k)
+            for splits, bn, warps in ((None, 64, 4), (None, 32, 4), (None, 128, 4), (None, 64, 2),
+                                      (None, 128, 8), (None, 256, 8), (8, 64, 4), (32, 64, 4)):
+                def fn():
+                    return paged_decode_attention(b.q, cache, m.block_tables, m.seq_lens, spec.scale,
+                                                  m.max_seqlen_k, num_splits=splits, block_n=bn,
+                                                  num_warps=warps)
+                try:
+                    err = (fn().float() - refs[kind].float()).abs().max().item()
+                    ms = bench_graph(fn)
+                except Exception as exc:  # e.g. out of shared memory: report, try the next
+                    print(f"decode variant {kind} S={splits} N={bn} w={warps} failed: {exc!r}"[:300], flush=True)
+                    continue
+                base = base or ms
+                record("sweep-dec", f"{label} {kind} S={splits or 'auto'} N={bn} w={warps}", ms, ms, base, err,
+                       f"{kv / ms / 1e6:.0f} GB/s")
 
 
 def prefill_config_sweep():

@@ -33,7 +33,7 @@ def _decode_kernel(
     scale, softcap, window, num_splits, head_dim, block_size, num_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -56,6 +56,13 @@ def _decode_kernel(
     dmask = d < head_dim
     q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if F16_DOTS:
+        # float8 cache: e4m3 -> fp16 is one cvt per pair of values on sm89+, while e4m3 -> bf16
+        # goes through fp32 and made the fp8 kernel slower than bf16 (bench/gpu_kernels.py
+        # sweep). The dots (K tiles, V tiles, q, p) then run in fp16: q's bf16 values are exact
+        # in fp16 below 65504 in magnitude (clamped there, never inf), p lies in [0, 1]; the
+        # accumulators stay fp32.
+        q = tl.minimum(tl.maximum(q, -65504.0), 65504.0).to(tl.float16)
     slopes = 0.0
     if USE_ALIBI:
         slopes = tl.load(slopes_ptr + heads, mask=gmask, other=0.0)[:, None] * 1.4426950408889634
@@ -185,6 +192,7 @@ def paged_decode_attention(
         USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=logit_softcap is not None,
         USE_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the target's default
+        F16_DOTS=kv_cache.element_size() == 1 and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
