@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from transformers import MixtralConfig
 
 from genserve.layers import moe
+from genserve.layers.custom_op import LayerOps, use_layer_ops
 from genserve.layers.moe import FusedMoE
 from genserve.testing import assert_matches_transformers
 
@@ -40,9 +41,19 @@ def expert_weights(seed=0):
     return gate, w1, w2, w3
 
 
-def build_moe(shard="intermediate", seed=0):
+class DenseExpertsOps(LayerOps):
+    """A backend table whose ``fused_experts`` is the sync-free dense path (what the reference
+    runs inside a CUDA graph): the seam a backend's fused MoE kernel plugs into."""
+
+    name = "dense-experts"
+    factories = {"fused_experts": lambda ops, layer: (
+        lambda op, x, w13, w2, weights, ids, act: moe.dense_experts(x, w13, w2, weights, ids, act))}
+
+
+def build_moe(shard="intermediate", seed=0, ops=None):
     gate, w1, w2, w3 = expert_weights(seed)
-    layer = FusedMoE(E, TOP_K, H, I, shard=shard)
+    with use_layer_ops(ops):
+        layer = FusedMoE(E, TOP_K, H, I, shard=shard)
     layer.gate.weight.weight_loader(layer.gate.weight, gate)
     for e in range(E):  # through the checkpoint mapping, as the model loader does
         for ckpt, (target, shard_id) in FusedMoE.checkpoint_mapping(E):
@@ -97,10 +108,11 @@ def _tp_worker(rank, world, port):
         for shard, shape in (("intermediate", (E, 2 * I // world, H)), ("experts", (E // world, 2 * I, H))):
             layer = build_moe(shard)
             assert tuple(layer.w13_weight.shape) == shape
+            dense = build_moe(shard, ops=DenseExpertsOps())  # the CUDA-graph path shards the same way
+            assert dense.fused_experts.impl_name == "dense-experts"
             with torch.inference_mode():
                 torch.testing.assert_close(layer(x), naive_moe(x), atol=1e-5, rtol=1e-5)
-                layer.experts_fn = moe.dense_experts  # the CUDA-graph path shards the same way
-                torch.testing.assert_close(layer(x), naive_moe(x), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(dense(x), naive_moe(x), atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 

@@ -3,7 +3,8 @@
 ``CudaLayerOps`` is what ``CudaBackend.layer_ops()`` hands the model (``ModelContext.layer_ops``,
 see ``genserve.layers.custom_op``): each core layer asks it for its implementation as it is
 built. RMSNorm (with the residual add), rotary embedding (even ``rotary_dim``) and SiLU-and-mul
-get fused Triton kernels; unquantized linear layers and the LM head get ``GemvDispatch``, which
+get fused Triton kernels, as do the routed experts of an unquantized MoE layer (sorted
+grouped GEMMs, ``kernels/fused_moe.py``); unquantized linear layers and the LM head get ``GemvDispatch``, which
 sends one-row inputs to a Triton GEMV where the CUDA runner's warm-up measured it faster. Each
 implementation hands inputs its kernel does not take (CPU tensors, mixed dtypes) back to the
 layer's PyTorch ``forward_native``. Importing this module imports no kernel (nor triton).
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from genserve.layers.activation import GatedActivation
 from genserve.layers.custom_op import CustomOp, LayerOps, OpFactory, OpImpl
 from genserve.layers.embedding import ParallelLMHead
+from genserve.layers.moe import FusedExperts
 from genserve.layers.norm import RMSNorm
 from genserve.layers.quantization.base import UnquantizedLinear
 from genserve.layers.rotary import RotaryEmbedding
@@ -58,6 +60,15 @@ def fused_silu_mul(layer: GatedActivation, x: torch.Tensor):
     return silu_and_mul(x)
 
 
+def fused_moe_experts(layer: FusedExperts, x, w13, w2, topk_weights, topk_ids, act):
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w13.dtype == x.dtype
+            and w2.dtype == x.dtype):
+        return layer.forward_native(x, w13, w2, topk_weights, topk_ids, act)
+    from genserve_cuda.kernels.fused_moe import fused_moe
+
+    return fused_moe(x, w13, w2, topk_weights, topk_ids, act)
+
+
 class DispatchedLinear(UnquantizedLinear):
     """Unquantized weights; one-row inputs may go to the Triton GEMV (see gemv_tuning)."""
 
@@ -87,6 +98,10 @@ def _gated_activation(ops: LayerOps, layer: CustomOp) -> OpImpl | None:
     return fused_silu_mul if layer.act is F.silu else None  # the only fused activation
 
 
+def _fused_experts(ops: LayerOps, layer: CustomOp) -> OpImpl | None:
+    return fused_moe_experts
+
+
 def _lm_head(ops: LayerOps, layer: CustomOp) -> OpImpl | None:
     assert isinstance(ops, CudaLayerOps) and isinstance(layer, ParallelLMHead)
     ops.gemv.register(layer)
@@ -106,7 +121,7 @@ class CudaLayerOps(LayerOps):
     name = "cuda"
     factories: ClassVar[Mapping[str, OpFactory]] = {"rms_norm": _rms_norm, "rotary_embedding": _rotary,
                                                     "gated_activation": _gated_activation,
-                                                    "lm_head": _lm_head}
+                                                    "lm_head": _lm_head, "fused_experts": _fused_experts}
 
     def __init__(self) -> None:
         self.gemv = GemvDispatch()

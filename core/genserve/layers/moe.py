@@ -31,6 +31,7 @@ from torch import nn
 
 from genserve.distributed.state import divide, get_tp_group
 from genserve.layers.activation import GatedActivation
+from genserve.layers.custom_op import CustomOp
 from genserve.layers.linear import (
     ColumnParallelLinear,
     ReplicatedLinear,
@@ -108,6 +109,26 @@ def dense_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
 
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+class FusedExperts(CustomOp):
+    """The routed experts' computation of an unquantized ``FusedMoE`` (op ``fused_experts``).
+
+    ``forward(x, w13, w2, topk_weights, topk_ids, act)`` has ``fused_experts``' contract, which is
+    the reference; a backend binds a fused kernel at construction (the CUDA backend's sorts the
+    pairs by expert and runs grouped Triton GEMMs that read only the routed experts, also inside
+    CUDA graphs, where the reference falls back to ``dense_experts``).
+    """
+
+    op_name = "fused_experts"
+
+    def __init__(self):
+        super().__init__()
+        self.bind_forward()
+
+    def forward_native(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        return fused_experts(x, w13, w2, topk_weights, topk_ids, act)
 
 
 class ExpertMLP(nn.Module):
@@ -192,7 +213,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(E, hidden_size, I, dtype=dtype), requires_grad=False)
         set_weight_loader(self.w13_weight, self.weight_loader)
         set_weight_loader(self.w2_weight, self.weight_loader)
-        self.experts_fn = fused_experts  # a backend may swap in a fused kernel with this contract
+        self.fused_experts = FusedExperts()  # its implementation is the backend's, bound here
 
     @staticmethod
     def checkpoint_mapping(num_experts: int, w1: str = "w1", w2: str = "w2", w3: str = "w3"):
@@ -233,6 +254,6 @@ class FusedMoE(nn.Module):
         if self.experts is not None:
             out = quantized_experts(x, list(self.experts.values()), weights, ids)
         else:
-            out = self.experts_fn(x, self.w13_weight, self.w2_weight, weights, ids, self.act)
+            out = self.fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.act)
         return self.tp.all_reduce(out)
 
