@@ -19,6 +19,7 @@ from genserve_cuda.kernels.w4a16 import (  # noqa: E402
     GemmConfig,
     magic_bias,
     pack_wna16,
+    ptx_available,
     select_config,
     unpack_wna16,
     wna16_dequantize,
@@ -334,3 +335,17 @@ def test_prefill_scratch_is_shared_across_layers(device, dtype):
     with pytest.raises(ValueError, match="scratch"):
         wna16_dequantize(small[0].w4a16_qweight, small[0].w4a16_scales, small[0].w4a16_zeros, 4, 128, dtype,
                          out=torch.empty(10, dtype=dtype, device=device))
+
+
+def test_inline_ptx_only_on_nvidia(monkeypatch):
+    """ROCm's torch reports ``is_cuda`` too; AMD GPUs take no PTX, so the pure-Triton
+    dequantization must run there (the kernel is in ROCm's preference, inherited from CUDA)."""
+
+    class FakeGpuTensor:
+        is_cuda = True
+
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert ptx_available(FakeGpuTensor())
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    assert not ptx_available(FakeGpuTensor())
+    assert not ptx_available(torch.zeros(1))  # CPU (the interpreter)

@@ -1,5 +1,12 @@
 """``RocmBackend``: AMD GPUs. PyTorch's ROCm build speaks the torch.cuda API, so this is the
-CUDA backend with another availability check, no flash-attn and graphs opt-in."""
+CUDA backend with another availability check, no flash-attn and graphs opt-in.
+
+It inherits the CUDA backend's kernels: the Triton attention, norm and MoE kernels, and
+``triton_w4a16`` for GPTQ/AWQ/compressed-tensors 4/8-bit weights, which dequantizes with its
+pure-Triton path here (its inline-PTX path is NVIDIA-only, ``ptx_available``). The FP8
+``cuda_fp8_scaled_mm`` refuses ROCm (float8_e4m3fnuz there), so FP8 layers take the reference.
+None of this has run on AMD hardware: no ROCm GPU is available to the project.
+"""
 
 from __future__ import annotations
 

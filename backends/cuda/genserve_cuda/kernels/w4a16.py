@@ -401,6 +401,12 @@ def _wna16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size,
                  w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
+def ptx_available(x: torch.Tensor) -> bool:
+    """Whether inline PTX can run where ``x`` lives: an NVIDIA GPU. ROCm's PyTorch also reports
+    ``is_cuda``, but AMD GPUs take no PTX, so there the pure-Triton twin dequantizes."""
+    return x.is_cuda and getattr(torch.version, "hip", None) is None
+
+
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bias: torch.Tensor | None, counters: torch.Tensor,
                bits: int, group_size: int, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -423,12 +429,12 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if not cfg.use_dot and cfg.block_m != 1:
         raise ValueError("the CUDA-core GEMV takes one row per program (block_m=1)")
     per_plane = group_size % block_k(bits) != 0
-    # the inline-PTX dequantization: GPU, 4-bit, one group per block, tensor cores
-    can_asm = x.is_cuda and bits == 4 and not per_plane and cfg.use_dot
+    # the inline-PTX dequantization: NVIDIA GPU, 4-bit, one group per block, tensor cores
+    can_asm = ptx_available(x) and bits == 4 and not per_plane and cfg.use_dot
     if asm is None:
         asm = can_asm
     elif asm and not can_asm:
-        raise ValueError("the inline-PTX dequantization needs a CUDA tensor, 4-bit weights, "
+        raise ValueError("the inline-PTX dequantization needs an NVIDIA GPU tensor, 4-bit weights, "
                          "tensor cores and groups of whole 128-row blocks")
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     if cfg.split_k > 1:
