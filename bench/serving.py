@@ -204,6 +204,7 @@ def main() -> None:
     p.add_argument("--kv-tokens", type=int, default=16384, help="--max-batch-total-tokens for both modes")
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, help="write a PNG of tok/s against concurrency here (matplotlib)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     results = {"config": vars(args), "http": run_http(args, levels)}
@@ -214,6 +215,36 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot, args.model_id or "SmolLM2-135M (embedded)")
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    """Output tok/s and TTFT p50 against concurrency, HTTP and direct."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("http", "direct"):
+        res = results.get(mode)
+        if not res:
+            continue
+        levels = sorted(res)
+        axes[0].plot(levels, [res[c]["tok_per_s"] for c in levels], "-o", label=mode)
+        axes[1].plot(levels, [res[c]["ttft_p50_ms"] for c in levels], "-o", label=f"{mode} p50")
+        axes[1].plot(levels, [res[c]["ttft_p99_ms"] for c in levels], "--s", label=f"{mode} p99")
+    axes[0].set_ylabel("output tok/s")
+    axes[1].set_ylabel("TTFT (ms)")
+    for ax in axes:
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
