@@ -54,11 +54,12 @@ def test_fused_moe_matches_the_reference(device, dtype, T, E, top_k, H, I):
         torch.testing.assert_close(want, dense, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "one-launch"])
 @pytest.mark.parametrize("block_m", [4, 16])
-def test_alignment_puts_each_routed_pair_once_in_a_block_of_its_expert(device, block_m):
+def test_alignment_puts_each_routed_pair_once_in_a_block_of_its_expert(device, block_m, kernel):
     E, T, top_k = 5, 23, 2
     _, ids = routing(T, E, top_k, device, 7, remote=True)
-    a = moe_align(ids, E, block_m)
+    a = moe_align(ids, E, block_m, kernel=kernel)
     pairs, experts, rows = a.sorted_pairs.cpu(), a.block_experts.cpu(), int(a.num_rows.item())
     flat = ids.reshape(-1).cpu()
     P = flat.numel()
@@ -71,6 +72,11 @@ def test_alignment_puts_each_routed_pair_once_in_a_block_of_its_expert(device, b
         block = pairs[b * block_m:(b + 1) * block_m]
         block = block[block < P]
         assert bool((flat[block.long()] == experts[b]).all())       # one expert per block
+    if kernel:  # the same layout as the torch path: run lengths, block experts, row count
+        ref = moe_align(ids, E, block_m, kernel=False)
+        assert int(ref.num_rows.item()) == rows
+        assert torch.equal(ref.block_experts.cpu()[: rows // block_m], experts[: rows // block_m])
+        assert torch.equal(ref.sorted_pairs.cpu(), pairs)  # both keep pair order inside a run
 
 
 def test_capture_in_a_cuda_graph_reads_the_routing_of_each_replay(device):
