@@ -223,7 +223,7 @@ def transformers_suite(config, rec, vocab, only, rng):
         # as the reference does and say so in the row.
         rec("decode_tok_s_128x32x2048", 128 * 128 / gen(128, 512, 128), "tok/s", "transformers",
             shape="128x512x128")
-    del model
+    model = None  # release the weights before the next figures
     gc.collect()
     torch.cuda.empty_cache()
 

@@ -156,7 +156,8 @@ def run_direct(args, jobs, rates) -> dict:
     from genserve.engine.async_engine import AsyncEngine
     from genserve.engine.build import build_engine
 
-    loaded = build_engine(defaults(model_id=args.model_id, max_batch_total_tokens=args.kv_tokens))
+    flags = {"load_format": args.load_format} if args.load_format else {}
+    loaded = build_engine(defaults(model_id=args.model_id, max_batch_total_tokens=args.kv_tokens, **flags))
     engine = AsyncEngine(loaded.engine)
     engine.start()
     try:
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--kv-tokens", type=int, default=65536, help="--max-batch-total-tokens for both modes")
     p.add_argument("--ttft-slo", type=float, default=1000.0, help="ms")
     p.add_argument("--skip-direct", action="store_true")
+    p.add_argument("--load-format", default=None, help="e.g. dummy: random weights of the checkpoint's shape")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
     p.add_argument("--out", default=None, help="append jsonl rows to DIR/<device>.jsonl")
     p.add_argument("--device-name", default=None, help="row label (default: the GPU's name, or cpu)")

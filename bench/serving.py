@@ -102,6 +102,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-batch-total-tokens", str(args.kv_tokens)]
     if args.model_id:
         cmd += ["--model-id", args.model_id]
+    if getattr(args, "load_format", None):
+        cmd += ["--load-format", args.load_format]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "LOG_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
