@@ -190,6 +190,9 @@ class LLMEngine:
             for s in plan.scheduled:
                 if s.spec:
                     s.spec, s.num_tokens = [], 1
+        for s in plan.scheduled:  # slots reserved for proposals that did not come
+            if s.lookahead > len(s.spec):
+                self.blocks.trim(s.seq, len(s.seq) + len(s.spec))
 
     def _launch(self, plan: SchedulerOutput) -> LaunchedStep:
         """Queue the batch on the device and account its tokens as computed (and, where it
