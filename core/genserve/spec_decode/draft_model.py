@@ -15,6 +15,7 @@ valid. Proposals are drawn with the request's own sampler and Gumbel noise (``ve
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,7 @@ class DraftModelProposer(Proposer):
         width = max(len(r.seq.block_table) for r in requests)
         tables = [r.seq.block_table + [0] * (width - len(r.seq.block_table)) for r in requests]
         device = runner.device
-        q_lens = [b - a for a, b in zip(cu, cu[1:])]
+        q_lens = [b - a for a, b in itertools.pairwise(cu)]
         meta = AttentionMetadata(
             cu_seqlens_q=upload(torch.tensor(cu, dtype=torch.int32), device),
             seq_lens=upload(torch.tensor(seq_lens, dtype=torch.int32), device),
