@@ -298,3 +298,21 @@ def test_sampled_distribution_matches_without_speculation(tmp_path):
     # The test can fail: a proposer that changed the distribution is caught.
     biased = [[d[0]] + [0] * 3 for d in spec_on]
     assert chi_square_two_sample([d[2] for d in biased], [d[2] for d in spec_off]) < 1e-6
+
+
+# -- LoRA --------------------------------------------------------------------------------
+def test_lora_requests_speculate_with_their_adapter(tmp_path):
+    from tests.lora.lorakit import make_adapter, peft_model, save_base
+
+    base = save_base(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "alpha", seed=1, target_modules=["q_proj", "v_proj", "down_proj"])
+    prompts = repetitive_prompts(lengths=(6, 11, 9))
+    requests = [(0, "base", prompts[0], SamplingParams(max_new_tokens=14, ignore_eos=True)),
+                (0, "alpha", prompts[1], SamplingParams(max_new_tokens=14, ignore_eos=True, adapter_id="alpha")),
+                (1, "alpha-sampled", prompts[2], SamplingParams(max_new_tokens=14, ignore_eos=True,
+                                                                adapter_id="alpha", do_sample=True, seed=3))]
+    engine = load_genserve(base, lora_adapters=f"alpha={adapter}", speculate=3)
+    on = drive(engine, requests, check_blocks=True)
+    assert_same(on, drive(load_genserve(base, lora_adapters=f"alpha={adapter}"), requests))
+    assert engine.speculator.num_proposed > 0
+    assert [t.id for t in on["alpha"].tokens] == reference_greedy(peft_model(base, adapter), prompts[1], 14)
