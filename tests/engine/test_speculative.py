@@ -316,3 +316,33 @@ def test_lora_requests_speculate_with_their_adapter(tmp_path):
     assert_same(on, drive(load_genserve(base, lora_adapters=f"alpha={adapter}"), requests))
     assert engine.speculator.num_proposed > 0
     assert [t.id for t in on["alpha"].tokens] == reference_greedy(peft_model(base, adapter), prompts[1], 14)
+
+
+def test_no_position_past_the_last_one_decoding_computes(checkpoint):
+    """Requests that run into max_total_tokens (the model's 512 positions): proposals stop short
+    of positions the model does not have, and outputs match decoding without speculation."""
+    folder, model = checkpoint
+    prompt = repetitive_prompts(lengths=(160,))[0]  # 352 tokens
+    requests = [(0, "long", prompt, SamplingParams(max_new_tokens=300, ignore_eos=True))]
+    engine = load_genserve(folder, speculate=4, max_total_tokens=512, max_input_tokens=500)
+    on = drive(engine, requests)
+    assert_same(on, drive(load_genserve(folder, max_total_tokens=512, max_input_tokens=500), requests))
+    assert len(on["long"].tokens) == 512 - len(prompt) and on["long"].finish_reason == "length"
+    assert engine.speculator.num_proposed > 0
+
+
+def test_lookahead_caps():
+    from genserve.engine.sequence import Sequence
+
+    spec = Speculator(FixedProposer(), SpeculativeConfig(4, "test-random"), recompute_at=None,
+                      max_total_tokens=512)
+    seq = Sequence("x", list(range(500)), SamplingParams(max_new_tokens=100))
+    seq.output_ids = [1] * 8  # 508 known tokens: positions 507..510 may be computed, not 511
+    assert spec.lookahead(seq) == 3
+    seq.params = SamplingParams(max_new_tokens=10)  # 2 more tokens to generate: 1 proposal
+    assert spec.lookahead(seq) == 1
+    long_rope = Speculator(FixedProposer(), SpeculativeConfig(4, "test-random"), recompute_at=510)
+    seq.params, seq.admitted_len = SamplingParams(max_new_tokens=100), 300
+    assert long_rope.lookahead(seq) == 1  # positions past 508 wait for the recomputation
+    seq.params = SamplingParams(max_new_tokens=100, constraint=AllowAll())
+    assert spec.lookahead(seq) == 0

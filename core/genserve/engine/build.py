@@ -122,7 +122,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     if spec is not None and proposer is not None:
         if not runner.supports_speculation:
             raise ConfigError(f"--speculate: backend {backend.name!r} does not run verify steps")
-        speculator = Speculator(proposer, spec, traits.recompute_at_length)
+        speculator = Speculator(proposer, spec, traits.recompute_at_length, config.max_total_tokens)
     runner.allocate_kv_cache(num_blocks)
     if proposer is not None:
         proposer.bind(runner, num_blocks)

@@ -19,9 +19,11 @@ class Speculator:
     the scheduler (how many slots to reserve per sequence), then ``propose`` fills the decode
     rows of the scheduled batch with proposals."""
 
-    def __init__(self, proposer: Proposer, config: SpeculativeConfig, recompute_at: int | None = None):
+    def __init__(self, proposer: Proposer, config: SpeculativeConfig, recompute_at: int | None = None,
+                 max_total_tokens: int | None = None):
         self.proposer, self.config = proposer, config
         self.recompute_at = recompute_at  # the model's recompute_at_length (longrope), or None
+        self.max_total_tokens = max_total_tokens  # the engine's limit: positions never reach it
         self.enabled = True  # False while the decode batch is above config.max_batch_size
         self.num_proposed = 0  # over the engine's life
         self.num_accepted = 0
@@ -57,6 +59,11 @@ class Speculator:
             # Positions past recompute_at - 2 would be computed with the short-context rotary
             # factors that the recomputation at that length replaces.
             k = min(k, self.recompute_at - 1 - len(seq))
+        if self.max_total_tokens is not None:
+            # Without speculation the last position computed is max_total_tokens - 2 (the
+            # token at max_total_tokens - 1 ends the request): past it lie positions the model
+            # may not have (its rotary tables end at max_position_embeddings).
+            k = min(k, self.max_total_tokens - 1 - len(seq))
         return max(k, 0)
 
     def propose(self, scheduled: list[ScheduledSeq]) -> None:
