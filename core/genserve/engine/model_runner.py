@@ -211,11 +211,23 @@ class ModelRunner:
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
             row0 = len(ids)
             table = seq.block_table
-            if s.spec:  # verify: the last known token, then the proposals
+            if s.spec:
+                # Verify: the last known token, then the proposals, each row its own one-token
+                # attention sequence over the same block table, row j seeing positions up to
+                # start + j. Every row's K/V is written before any row attends, so this is the
+                # causal attention of k + 1 query rows, and a batch of decodes and verify rows
+                # stays decode-only: the decode kernels and the decode CUDA graphs serve it.
                 ids += [seq.token_at(start), *s.spec]
                 pos += range(start, start + n)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            elif n == 1:  # decode: avoid building the whole token list every step
+                q_lens += [1] * n
+                seq_lens += range(start + 1, start + n + 1)
+                known += [len(seq)] * n
+                tables += [table] * n
+                logit_rows += range(row0, row0 + n)  # every row samples: row j checks proposal j
+                sampling_index += [i] * n
+                continue
+            if n == 1:  # decode: avoid building the whole token list every step
                 if seq.num_pending:  # sampled by the step in flight: gather it on the device
                     ref_dst.append(row0)
                     ref_src.append(seq.pending_row)
@@ -234,13 +246,10 @@ class ModelRunner:
             tables.append(table)
             if seq.params.prompt_logprobs and not seq.num_generated and start < len(seq.prompt_ids):
                 prompt_rows[i] = (row0, n)
-            if s.spec:  # every row samples: row j checks proposal j
-                logit_rows += range(row0, row0 + n)
-                sampling_index += [i] * n
-            elif s.completes:
+            if s.completes:
                 logit_rows.append(row0 + n - 1)
                 sampling_index.append(i)
-        T, B, S, R = len(ids), len(scheduled), len(logit_rows), len(ref_dst)
+        T, B, S, R = len(ids), len(q_lens), len(logit_rows), len(ref_dst)  # B: attention sequences
         width = max(len(t) for t in tables)
         every_row = S == T  # decode-only: the sampler takes all rows, no gather needed
 
