@@ -346,3 +346,26 @@ def test_lookahead_caps():
     assert long_rope.lookahead(seq) == 1  # positions past 508 wait for the recomputation
     seq.params = SamplingParams(max_new_tokens=100, constraint=AllowAll())
     assert spec.lookahead(seq) == 0
+
+
+def test_verify_rows_are_one_token_attention_sequences(checkpoint):
+    """A verify row's k + 1 tokens are k + 1 one-token sequences over one block table, so a
+    batch of decodes and verify rows is decode-only (decode kernels, decode CUDA graphs)."""
+    from genserve.engine.scheduler import ScheduledSeq
+    from genserve.engine.sequence import Sequence
+
+    folder, _ = checkpoint
+    engine = load_genserve(folder, disable_prefix_caching=True)
+    seq = Sequence("v", list(range(10, 19)), SamplingParams(max_new_tokens=8))
+    seq.output_ids = [5]  # 10 known tokens, 9 computed
+    engine.blocks.allocate(seq)
+    seq.num_computed = 9
+    engine.blocks.append_slot(seq, 3)
+    prep = engine.runner.prepare([ScheduledSeq(seq, 4, lookahead=3, spec=[7, 8, 9])])
+    a = prep.attn
+    assert a.is_decode_only and a.query_lens_cpu == [1, 1, 1, 1]
+    assert a.seq_lens.tolist() == [10, 11, 12, 13]
+    assert prep.input_ids.tolist() == [5, 7, 8, 9] and prep.positions.tolist() == [9, 10, 11, 12]
+    assert prep.sampling_index == [0, 0, 0, 0] and prep.logit_rows is None
+    assert (a.block_tables == a.block_tables[0]).all()
+    engine.blocks.free_seq(seq)
