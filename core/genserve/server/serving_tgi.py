@@ -167,12 +167,14 @@ class TGIServing:
                                 ev["generated_text"] = (valid.inputs if p.return_full_text else "") + "".join(text)
                                 if p.details:
                                     assert out.finish_reason is not None  # set on a finished output
-                                    ev["details"] = {"finish_reason": out.finish_reason.value,
-                                                     "generated_tokens": out.num_generated,
-                                                     "seed": out.seed, "input_length": valid.input_length}
+                                    details: dict[str, Any] = {
+                                        "finish_reason": out.finish_reason.value,
+                                        "generated_tokens": out.num_generated,
+                                        "seed": out.seed, "input_length": valid.input_length}
                                     if out.spec_proposed:
-                                        ev["details"]["speculative_proposed_tokens"] = out.spec_proposed
-                                        ev["details"]["speculative_accepted_tokens"] = out.spec_accepted
+                                        details["speculative_proposed_tokens"] = out.spec_proposed
+                                        details["speculative_accepted_tokens"] = out.spec_accepted
+                                    ev["details"] = details
                                 state.record_success(start=start, validated=validated, arrival=out.arrival,
                                                      first_scheduled=out.first_scheduled,
                                                      generated=out.num_generated,

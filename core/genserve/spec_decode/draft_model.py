@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from genserve.engine.sampler import SamplingBatch, sample
 from genserve.errors import ConfigError
 from genserve.models.base import ForwardBatch
 from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext
+
+if TYPE_CHECKING:
+    from genserve.engine.model_runner import ModelRunner
 
 
 @dataclass
@@ -41,7 +45,7 @@ class DraftModelProposer(Proposer):
     def __init__(self, model, ctx: ProposerContext):
         self.model = model
         self.ctx = ctx
-        self.runner = None  # a ModelRunner for the draft, made in bind()
+        self.runner: ModelRunner | None = None  # the draft's runner, made in bind()
         self._state: dict[str, _State] = {}
 
     @classmethod
@@ -79,7 +83,7 @@ class DraftModelProposer(Proposer):
         return kv_bytes_per_block(self.model.kv_cache_spec(), block_size, kv_dtype)
 
     def bind(self, runner, num_blocks: int) -> None:
-        from genserve.engine.model_runner import ModelRunner
+        from genserve.engine.model_runner import ModelRunner  # imports spec_decode.verify
 
         # The base runner (eager, no CUDA graphs): the draft's steps are small.
         self.runner = ModelRunner(self.model, runner.config, runner.backend)
@@ -122,7 +126,10 @@ class DraftModelProposer(Proposer):
         runner = self.runner
         assert runner is not None
         bs = runner.block_size
-        ids, pos, slots, cu, seq_lens, last = [], [], [], [0], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu, seq_lens, last = [0], [], []
         for r, (tokens, start) in zip(requests, rows):
             table = r.seq.block_table
             ids += tokens
