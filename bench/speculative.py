@@ -26,6 +26,7 @@ weights can tell.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -201,7 +202,9 @@ def main():
         rec(f"tok_s_ngram_k{k}_b{batch}", tps, "tok/s", "genserve", acceptance=accept)
     if draft_dir is not None:
         del engine, loaded
-        torch.cuda.empty_cache() if gpu else None
+        gc.collect()  # the target without a draft goes before the one with it loads
+        if gpu:
+            torch.cuda.empty_cache()
         loaded = build(args, target_dir, speculative_model=draft_dir, speculate=k,
                        speculative_max_batch_size=1 << 20)
         engine = loaded.engine
