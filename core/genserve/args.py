@@ -105,7 +105,15 @@ FLAGS: list[Flag] = [
     Flag("--disable-overlap-steps", bool, False,
          "Wait for each step's tokens before launching the next (GPUs overlap them by default)",
          env="GENSERVE_DISABLE_OVERLAP_STEPS"),
-    Flag("--speculate", int, None, "Speculative tokens per step (TGI's flag; not implemented yet: refused at start-up)"),
+    Flag("--speculate", int, None, "Speculative tokens proposed per sequence and step (n-gram proposals, "
+         "or Medusa heads when the checkpoint has them; 4 with --speculative-model; 0: off)"),
+    Flag("--speculative-model", str, None, "Draft model (path or hub id) sharing the tokenizer: proposes tokens",
+         env="GENSERVE_SPECULATIVE_MODEL"),
+    Flag("--speculative-method", str, None, "Proposer by registered name (ngram, draft_model, or a "
+         "plugin's); default: draft_model with --speculative-model, else medusa/ngram as TGI",
+         env="GENSERVE_SPECULATIVE_METHOD"),
+    Flag("--speculative-max-batch-size", int, None, "No speculation while more sequences decode "
+         "than this (default 32)", env="GENSERVE_SPECULATIVE_MAX_BATCH_SIZE"),
     Flag("--enable-prefill-logprobs", bool, False,
          "Accepted for TGI compatibility and changes nothing: prompt logprobs (decoder_input_details) "
          "are always available, computed in chunks of bounded memory"),

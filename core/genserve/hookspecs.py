@@ -113,3 +113,14 @@ def genserve_register_lora(register):
     The class follows ``genserve.layers.lora.LoRAMethod``: it applies the adapters of a
     batch (one adapter per request) to a linear layer's output.
     """
+
+
+@_registry_hook("speculative proposer")
+def genserve_register_spec_proposers(register):
+    """Register speculative-decoding proposers: ``register("ngram", NgramProposer)``.
+
+    The key is what ``--speculative-method`` takes; the class follows
+    ``genserve.spec_decode.base.Proposer``: built once per engine from a ``ProposerContext``,
+    it offers up to k tokens per decoding sequence each step, which the target verifies
+    (docs/speculative.md).
+    """

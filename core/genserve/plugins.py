@@ -48,6 +48,7 @@ BUILTIN_PLUGINS = (
     "genserve.models.builtin",
     "genserve.layers.quantization.builtin",
     "genserve.layers.lora",
+    "genserve.spec_decode.builtin",
 )
 
 

@@ -146,7 +146,6 @@ def test_keywords_are_the_serve_flags_with_their_defaults():
     ({"tensor_parallel_size": 2}, TypeError, "unexpected keyword argument 'tensor_parallel_size'"),
     ({"port": 8080}, TypeError, "--port configures the HTTP server"),
     ({"max_stop_sequences": 8}, TypeError, "limits HTTP requests"),
-    ({"speculate": 2}, TypeError, "not implemented"),
     ({"model_id": "x"}, TypeError, "first argument"),
     ({"block_size": "16"}, TypeError, "'block_size' must be int, not str"),
     ({"disable_prefix_caching": 1}, TypeError, "must be bool"),

@@ -52,6 +52,8 @@ class DecodeStep(nn.Module):
 
 
 class GaudiModelRunner(ModelRunner):
+    supports_speculation = False  # its own padded prepare/launch take no verify rows
+
     def __init__(self, model, config, backend, *, lora=None, peers=None):
         super().__init__(model, config, backend, lora=lora, peers=peers)
         self.api = backend.api

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class NeuronModelRunner(ModelRunner):
+    supports_speculation = False  # its own padded prepare/launch take no verify rows
+
     def __init__(self, model, config, backend, *, lora=None, peers=None):
         if model.is_encoder_decoder:
             raise NotImplementedError("backend 'neuron' serves decoder-only models; "

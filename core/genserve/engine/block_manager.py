@@ -121,13 +121,26 @@ class BlockManager:
         self.queries += len(ids)
         self.hits += seq.num_cached
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Room for one more token (the next decode step)?"""
-        return len(seq) <= len(seq.block_table) * self.block_size or self.num_free > 0
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        """Room for one more token (the next decode step), plus ``lookahead`` speculative
+        positions after it (a verify step, spec_decode/)?"""
+        return self.blocks_needed(len(seq) + lookahead) - len(seq.block_table) <= self.num_free
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq) > len(seq.block_table) * self.block_size:
+    def append_slot(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Blocks for the sequence's tokens and ``lookahead`` positions after them."""
+        while len(seq) + lookahead > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free().id)
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past the first ``num_tokens`` positions: those a verify step held
+        for speculative tokens that were rejected. They were taken fresh by ``append_slot``
+        (never shared, never hashed), so they go back to the free list with no cached content."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.id] = None
 
     def free_seq(self, seq: Sequence) -> None:
         # Release last blocks first so a sequence's prefix stays cached longest.

@@ -24,6 +24,9 @@ from genserve.errors import ConfigError
 from genserve.loader import source as sources
 from genserve.loader.hf_config import eos_ids, load_config, load_tokenizer
 from genserve.plugins import Plugins, get_plugins
+from genserve.spec_decode import build as spec_build
+from genserve.spec_decode.base import Proposer, ProposerContext
+from genserve.spec_decode.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +94,6 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
         UnknownEntryError: ``--quantize`` names no installed quantizer.
         PluginLoadError: a plugin asked for in ``GENSERVE_PLUGINS`` failed to load.
     """
-    if args.speculate:
-        # Accepted by the parser because TGI's launcher has it; refused rather than ignored.
-        raise ConfigError(f"--speculate {args.speculate}: speculative decoding is not implemented "
-                          "yet; start without --speculate (or SPECULATE)")
     if ((args.num_shard or 1) > 1 or args.sharded) and get_tp_group().size == 1:
         raise ConfigError("build_engine builds one rank; for --num-shard/--sharded build the engine "
                           "with genserve.executor.create_engine")
@@ -109,20 +108,39 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     tokenizer = load_tokenizer(src, args)
 
     traits = ModelTraits.of(model, hf_config)
-    num_blocks = kv_cache_blocks(args, traits, dtype, model, backend)
+    spec = spec_build.resolve(args, hf_config)
+    proposer = None
+    if spec is not None:
+        if traits.is_encoder_decoder:
+            raise ConfigError("--speculate: speculative decoding serves decoder-only models")
+        ctx = ProposerContext(args, plugins, backend, dtype, model, hf_config, tokenizer, spec.num_tokens)
+        proposer = spec_build.create_proposer(spec, ctx, plugins)
+    num_blocks = kv_cache_blocks(args, traits, dtype, model, backend, proposer)
     config = create_engine_config(args, traits, dtype, num_blocks)
     runner = backend.create_model_runner(model, config, lora=lora, peers=peers)
+    speculator = None
+    if spec is not None and proposer is not None:
+        if not runner.supports_speculation:
+            raise ConfigError(f"--speculate: backend {backend.name!r} does not run verify steps")
+        speculator = Speculator(proposer, spec, traits.recompute_at_length, config.max_total_tokens)
     runner.allocate_kv_cache(num_blocks)
+    if proposer is not None:
+        proposer.bind(runner, num_blocks)
     runner.warmup()
     decoder_start = model.decoder_start_token_id if traits.is_encoder_decoder else None
-    engine = LLMEngine(runner, tokenizer, config, num_blocks, eos_ids(tokenizer, hf_config), decoder_start)
+    engine = LLMEngine(runner, tokenizer, config, num_blocks, eos_ids(tokenizer, hf_config), decoder_start,
+                       speculator=speculator)
     return LoadedEngine(engine, tokenizer, hf_config, src, backend, attn_cls.name, quant_name,
                         time.perf_counter() - t0)
 
 
-def kv_cache_blocks(args, traits: ModelTraits, dtype, model, backend: Backend) -> int:
+def kv_cache_blocks(args, traits: ModelTraits, dtype, model, backend: Backend,
+                    proposer: Proposer | None = None) -> int:
     """KV-cache blocks for this rank's model on ``backend``; every rank gets the same count
-    (the smallest any rank can hold), since the scheduler on rank 0 hands them out."""
+    (the smallest any rank can hold), since the scheduler on rank 0 hands them out. A
+    speculative proposer with its own KV (a draft model) adds its bytes to every block."""
     request = resolve_cache(args, traits, dtype)
     per_block = kv_bytes_per_block(model.kv_cache_spec(), request.block_size, request.kv_cache_dtype)
+    if proposer is not None:
+        per_block += proposer.kv_bytes_per_block(request.block_size, request.kv_cache_dtype)
     return get_tp_group().min_over_ranks(num_kv_blocks(request, per_block, backend.memory_budget))

@@ -27,6 +27,7 @@ from genserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from genserve.engine.sequence import FinishReason, Sequence, TokenInfo
 from genserve.engine.stop_strings import StopMatcher
 from genserve.errors import EngineDeadError
+from genserve.spec_decode.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def engine_failure(exc: BaseException) -> bool:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, num_blocks: int,
-                 eos_token_ids: set[int], decoder_start_token_id: int | None = None):
+                 eos_token_ids: set[int], decoder_start_token_id: int | None = None,
+                 speculator: Speculator | None = None):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         # Set for encoder-decoder models: prompts feed the encoder, decoding starts from this token.
         self.decoder_start_token_id = decoder_start_token_id
@@ -61,6 +63,11 @@ class LLMEngine:
         self.overlap = runner.overlap_steps
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._num_host_history = 0  # live requests whose sampling reads earlier tokens on the host
+        # Speculative decoding (spec_decode/): proposals are made from the host's token ids, so
+        # each step's tokens must be read before the next is scheduled: no overlap.
+        self.speculator = speculator
+        if speculator is not None:
+            self.overlap = False
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -136,8 +143,13 @@ class LLMEngine:
         if in_flight is not None and self._num_host_history:
             outputs += self._complete(*in_flight)  # the next batch needs its tokens first
             in_flight = None
+        if self.speculator is not None:
+            decoding = sum(1 for seq in self.scheduler.running if not seq.in_prefill)
+            self.scheduler.lookahead = self.speculator.lookahead_for(decoding)
         plan = self.scheduler.schedule()
         outputs += [self._finish_output(seq) for seq in plan.failed]
+        if self.speculator is not None and not plan.is_empty:
+            self._propose(plan)
         launched = None
         if not plan.is_empty:
             try:
@@ -164,11 +176,30 @@ class LLMEngine:
             }
         return outputs
 
+    def _propose(self, plan: SchedulerOutput) -> None:
+        """Ask the proposer for this step's proposals. A proposer that fails costs the step
+        its speculation, not its requests (the target decodes them as usual)."""
+        assert self.speculator is not None
+        try:
+            self.speculator.propose(plan.scheduled)
+        except Exception as exc:
+            if engine_failure(exc):
+                raise
+            logger.error("speculative proposer failed; this step decodes without proposals: %s",
+                         exc, exc_info=exc)
+            for s in plan.scheduled:
+                if s.spec:
+                    s.spec, s.num_tokens = [], 1
+        for s in plan.scheduled:  # slots reserved for proposals that did not come
+            if s.lookahead > len(s.spec):
+                self.blocks.trim(s.seq, len(s.seq) + len(s.spec))
+
     def _launch(self, plan: SchedulerOutput) -> LaunchedStep:
         """Queue the batch on the device and account its tokens as computed (and, where it
-        samples, one token as pending)."""
+        samples, one token as pending: a verify row's k + 1 sampled rows give one pending)."""
         step = self.runner.launch(plan.scheduled)
-        for row, i in enumerate(step.sampling_index):
+        last_row = {i: row for row, i in enumerate(step.sampling_index)}
+        for i, row in last_row.items():
             seq = plan.scheduled[i].seq
             seq.num_pending += 1
             seq.pending_row = row
@@ -235,6 +266,8 @@ class LLMEngine:
 
     def _take_result(self, s: ScheduledSeq, r, now: float) -> RequestOutput | None:
         seq = s.seq
+        if s.spec:
+            return self._take_verified(s, r, now)
         if seq.block_table is s.block_table:  # not preempted since: publish full blocks
             self.blocks.mark_computed(seq, s.start, s.start + s.num_tokens)
         if r.prompt_logprobs:
@@ -246,6 +279,38 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         return self._append_token(seq, r.token, r.logprob, r.top)
+
+    def _take_verified(self, s: ScheduledSeq, r, now: float) -> RequestOutput:
+        """A verify step's result: the accepted proposals and the token after them. Only the
+        last known token's and the accepted proposals' K/V are valid: the sequence's computed
+        length drops back to them, and blocks held only for rejected positions are freed
+        (their slots are overwritten by later steps either way)."""
+        seq = s.seq
+        assert self.speculator is not None
+        valid = s.start + 1 + len(r.accepted)
+        owned = seq.block_table is s.block_table  # not preempted since launch
+        if owned:
+            seq.num_computed = valid
+            self.blocks.trim(seq, valid)
+            self.blocks.mark_computed(seq, s.start, s.start + 1)
+        seq.num_pending -= 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        out: RequestOutput | None = None
+        emitted = 0
+        for token, logprob, top in [*r.accepted, (r.token, r.logprob, r.top)]:
+            emitted += 1
+            step_out = self._append_token(seq, token, logprob, top)
+            assert step_out is not None
+            out = step_out if out is None else _merge(out, step_out)
+            if out.finished:
+                break
+        self.speculator.record(seq, r.num_proposed, emitted - 1)
+        assert out is not None
+        out.spec_proposed, out.spec_accepted = seq.spec_proposed, seq.spec_accepted
+        if owned and not seq.is_finished:
+            self.blocks.mark_computed(seq, s.start + 1, valid)
+        return out
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput | None:
         p = seq.params
@@ -283,6 +348,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_generated=len(seq.output_ids),
             seed=seq.seed if p.do_sample else None, arrival=seq.arrival,
             first_scheduled=seq.first_scheduled,
+            spec_proposed=seq.spec_proposed, spec_accepted=seq.spec_accepted,
         )
         if match is not None:
             out.stop_chars = match.visible
@@ -308,6 +374,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_generated=len(seq.output_ids),
             seed=seq.seed if seq.params.do_sample else None, error=seq.error,
             arrival=seq.arrival, first_scheduled=seq.first_scheduled,
+            spec_proposed=seq.spec_proposed, spec_accepted=seq.spec_accepted,
         )
         self._forget(seq)
         return out
@@ -317,6 +384,8 @@ class LLMEngine:
             self._num_host_history -= 1
         self._decode.pop(seq.request_id, None)
         self._stops.pop(seq.request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict:
@@ -328,4 +397,18 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": (b.hits / b.queries) if b.queries else 0.0,
+            "spec_proposed_tokens": self.speculator.num_proposed if self.speculator else 0,
+            "spec_accepted_tokens": self.speculator.num_accepted if self.speculator else 0,
         }
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One output for the tokens of one step: ``a``'s, then ``b``'s (a verify step emits
+    several tokens per request; consumers get them in one ``RequestOutput``)."""
+    a.tokens += b.tokens
+    a.text += b.text
+    a.finished, a.finish_reason, a.stop_chars = b.finished, b.finish_reason, b.stop_chars
+    a.num_generated = b.num_generated
+    if b.prompt_tokens is not None:
+        a.prompt_tokens = b.prompt_tokens
+    return a

@@ -25,6 +25,7 @@ from genserve.engine.config import EngineConfig
 from genserve.engine.kv_sizing import kv_bytes_per_block
 from genserve.engine.peers import Peers
 from genserve.models.base import CausalLM, ForwardBatch
+from genserve.spec_decode.verify import accepted_prefix
 
 if TYPE_CHECKING:
     from genserve.lora.manager import LoRAManager
@@ -52,6 +53,10 @@ class StepResult:
     logprob: float = 0.0
     top: list[tuple[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # for prompt tokens this step
+    # A verify step (speculative decoding): the accepted proposals, each (id, logprob, top),
+    # which come before ``token``; and how many tokens were proposed.
+    accepted: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    num_proposed: int = 0
 
 
 @dataclass
@@ -60,7 +65,7 @@ class PreparedBatch:
     positions: torch.Tensor
     attn: AttentionMetadata
     logit_rows: torch.Tensor | None  # rows whose logits feed the sampler; None: every row
-    sampling_index: list[int]  # scheduled index for each sampled row
+    sampling_index: list[int]  # scheduled index for each sampled row (k + 1 rows for a verify row)
     prompt_rows: dict[int, tuple[int, int]]  # scheduled index -> (first row, n rows) for prompt logprobs
 
 
@@ -109,12 +114,17 @@ class LaunchedStep:
         self._handles = []
         if self.sampling_index:
             tokens, logprobs, top_ids, top_lps = host
+            sampled: dict[int, list[tuple[int, float, list]]] = {}
             for row, i in enumerate(self.sampling_index):
-                r = results[i]
-                r.token, r.logprob = tokens[row], logprobs[row]
                 n_top = self.scheduled[i].seq.params.top_n_tokens
-                if top_ids is not None and n_top:
-                    r.top = list(zip(top_ids[row][:n_top], top_lps[row][:n_top]))
+                top = list(zip(top_ids[row][:n_top], top_lps[row][:n_top])) \
+                    if top_ids is not None and n_top else []
+                sampled.setdefault(i, []).append((tokens[row], logprobs[row], top))
+            for i, rows in sampled.items():
+                r, proposed = results[i], self.scheduled[i].spec
+                n = accepted_prefix(proposed, [t for t, _, _ in rows]) if proposed else 0
+                r.token, r.logprob, r.top = rows[n]
+                r.accepted, r.num_proposed = rows[:n], len(proposed)
         for i, lps in self.prompt_logprobs.items():
             results[i].prompt_logprobs = lps
         return results
@@ -143,6 +153,10 @@ class ModelRunner:
     # Whether kernels compile on first use of each variant (Triton): the server's warm-up then
     # runs every kind of step before the first request (engine/warmup.py), not just one.
     lazy_kernels: bool = False
+    # Whether ``prepare``/``launch`` take verify rows (``ScheduledSeq.spec``: k + 1 query rows
+    # per decoding sequence, every row sampled). Runners that replace them say False, and
+    # --speculate is refused on them.
+    supports_speculation: bool = True
 
     model: CausalLM
     config: EngineConfig
@@ -197,6 +211,22 @@ class ModelRunner:
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
             row0 = len(ids)
             table = seq.block_table
+            if s.spec:
+                # Verify: the last known token, then the proposals, each row its own one-token
+                # attention sequence over the same block table, row j seeing positions up to
+                # start + j. Every row's K/V is written before any row attends, so this is the
+                # causal attention of k + 1 query rows, and a batch of decodes and verify rows
+                # stays decode-only: the decode kernels and the decode CUDA graphs serve it.
+                ids += [seq.token_at(start), *s.spec]
+                pos += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                q_lens += [1] * n
+                seq_lens += range(start + 1, start + n + 1)
+                known += [len(seq)] * n
+                tables += [table] * n
+                logit_rows += range(row0, row0 + n)  # every row samples: row j checks proposal j
+                sampling_index += [i] * n
+                continue
             if n == 1:  # decode: avoid building the whole token list every step
                 if seq.num_pending:  # sampled by the step in flight: gather it on the device
                     ref_dst.append(row0)
@@ -219,7 +249,7 @@ class ModelRunner:
             if s.completes:
                 logit_rows.append(row0 + n - 1)
                 sampling_index.append(i)
-        T, B, S, R = len(ids), len(scheduled), len(logit_rows), len(ref_dst)
+        T, B, S, R = len(ids), len(q_lens), len(logit_rows), len(ref_dst)  # B: attention sequences
         width = max(len(t) for t in tables)
         every_row = S == T  # decode-only: the sampler takes all rows, no gather needed
 
@@ -259,11 +289,19 @@ class ModelRunner:
     def sampling_batch(self, scheduled: list[ScheduledSeq], index: list[int]) -> SamplingBatch:
         seqs = [scheduled[i].seq for i in index]
         params = [s.params for s in seqs]
+        # Row j of a verify row draws output index num_generated + j, the proposals before it
+        # in its history: what decoding without speculation would see at that index.
+        ahead = [0] * len(index)
+        for row in range(1, len(index)):
+            if index[row] == index[row - 1]:
+                ahead[row] = ahead[row - 1] + 1
+        drafts = [scheduled[i].spec[:j] for i, j in zip(index, ahead)]
         batch = SamplingBatch.build(
-            params, [s.seed for s in seqs], [s.num_generated for s in seqs],
-            [s.all_ids for s in seqs] if any(p.repetition_penalty != 1.0 or p.watermark for p in params)
+            params, [s.seed for s in seqs], [s.num_generated + j for s, j in zip(seqs, ahead)],
+            [s.all_ids + d for s, d in zip(seqs, drafts)]
+            if any(p.repetition_penalty != 1.0 or p.watermark for p in params)
             else [[] for _ in seqs],
-            [s.output_ids for s in seqs], self.device,
+            [s.output_ids + d for s, d in zip(seqs, drafts)], self.device,
             self.config.watermark_gamma, self.config.watermark_delta,
         )
         constrained = [(row, p.constraint) for row, p in enumerate(params) if p.constraint is not None]

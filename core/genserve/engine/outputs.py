@@ -29,6 +29,10 @@ class RequestOutput:
     # A stop string ended the request (finish_reason STOP): how many characters at the end of
     # the text it covers (TGI's routes return them, the OpenAI routes trim them).
     stop_chars: int = 0
+    # Speculative decoding, over the request so far: tokens proposed, and those accepted (emitted
+    # without a step of their own). Both 0 when speculation is off.
+    spec_proposed: int = 0
+    spec_accepted: int = 0
     # Timestamps (time.monotonic) for metrics.
     arrival: float = 0.0
     first_scheduled: float | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from genserve.engine.block_manager import BlockManager
@@ -35,11 +36,16 @@ class ScheduledSeq:
     # (a new list object after preemption, so a late result can tell).
     start: int = -1
     block_table: list[int] | None = None
+    # Speculative decoding (spec_decode/): positions the scheduler reserved KV slots for past
+    # the decode token, and the proposed tokens the step verifies (``num_tokens`` is then
+    # 1 + len(spec): the last known token, then the proposals).
+    lookahead: int = 0
+    spec: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """After this step every token is computed, so the step samples a next token."""
-        return self.seq.num_computed + self.num_tokens == len(self.seq)
+        return self.seq.num_computed + self.num_tokens - len(self.spec) == len(self.seq)
 
 
 @dataclass
@@ -67,6 +73,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.steps_since_admission = 0
         self.num_preemptions = 0
+        # Speculative decoding: how many positions past its decode token to reserve for a
+        # sequence this step (set by the engine before each ``schedule``; None: no speculation).
+        self.lookahead: Callable[[Sequence], int] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -116,17 +125,20 @@ class Scheduler:
                 # pending sequences), so overlapped steps recompute at the same length.
                 self._preempt(seq, out)
                 continue
+            k = self.lookahead(seq) if self.lookahead is not None else 0
+            if k and not self.blocks.can_append(seq, k):
+                k = 0  # speculation never preempts anyone
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             if seq in self.running:
-                self.blocks.append_slot(seq)
-                out.scheduled.append(ScheduledSeq(seq, 1))
+                self.blocks.append_slot(seq, k)
+                out.scheduled.append(ScheduledSeq(seq, 1, lookahead=k))
         running = set(map(id, self.running))
         out.scheduled = [s for s in out.scheduled if id(s.seq) in running]
-        budget = self._prefill_budget(len(out.scheduled))
+        budget = self._prefill_budget(sum(1 + s.lookahead for s in out.scheduled))
         for seq in self.running:  # chunked prefills in progress
             if budget > 0 and not self._decoding(seq):
                 n = min(seq.num_uncomputed, budget)

@@ -63,6 +63,10 @@ class Sequence:
     # step that sampled it, from which the next step's input is gathered on the device.
     num_pending: int = 0
     pending_row: int = -1
+    # Speculative decoding: tokens proposed for this request and, of those, tokens accepted
+    # and emitted (TGI's "skipped" tokens: each saved one step).
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -42,7 +42,6 @@ NOT_OFFLINE_FLAGS: dict[str, str] = {
     "max_concurrent_requests": _LIMIT, "max_best_of": _LIMIT, "max_stop_sequences": _LIMIT,
     "max_top_n_tokens": _LIMIT, "max_client_batch_size": _LIMIT, "enable_prefill_logprobs": _LIMIT,
     "disable_grammar_support": _LIMIT,
-    "speculate": "is not implemented by the engine",
 }
 U64_MAX = 2**64 - 1
 

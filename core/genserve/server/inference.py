@@ -42,6 +42,8 @@ class SeqResult:
     arrival: float = 0.0
     first_scheduled: float | None = None
     stop_chars: int = 0  # characters at the end of ``text`` that are the matched stop string
+    spec_proposed: int = 0  # speculative decoding: tokens proposed for it, and accepted
+    spec_accepted: int = 0
 
     @property
     def logprob_sum(self) -> float:
@@ -92,6 +94,7 @@ async def run_sequence(state, permit, request_id: str, prompt_ids: list[int], pa
             if out.finished:
                 result.finish_reason, result.seed = out.finish_reason, out.seed
                 result.stop_chars = out.stop_chars
+                result.spec_proposed, result.spec_accepted = out.spec_proposed, out.spec_accepted
                 finished = True
     if not finished:
         raise errors.incomplete()

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 DURATION = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RATE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class Counters:
@@ -64,6 +65,8 @@ class Metrics:
         c.declare("tgi_batch_inference_count", "Engine steps, by method")
         c.declare("tgi_batch_inference_success", "Engine steps that succeeded, by method")
         c.declare("genserve_preemptions", "Sequences preempted for lack of KV blocks")
+        c.declare("genserve_spec_proposed_tokens", "Speculative tokens proposed")
+        c.declare("genserve_spec_accepted_tokens", "Speculative tokens accepted")
         h = lambda name, doc, buckets=DURATION, labels=(): Histogram(  # noqa: E731
             name, doc, labelnames=labels, buckets=buckets, registry=r)
         self.request_duration = h("tgi_request_duration", "End-to-end request time (s)")
@@ -75,6 +78,8 @@ class Metrics:
         self.max_new_tokens = h("tgi_request_max_new_tokens", "max_new_tokens of requests", TOKENS)
         self.generated_tokens = h("tgi_request_generated_tokens", "Generated tokens", TOKENS)
         self.skipped_tokens = h("tgi_request_skipped_tokens", "Speculated tokens accepted", TOKENS)
+        self.acceptance_rate = h("genserve_request_spec_acceptance_rate",
+                                 "Share of a request's speculative proposals accepted", RATE)
         self.batch_next_size = h("tgi_batch_next_size", "Sequences in each engine step", BATCH)
         self.batch_inference = h("tgi_batch_inference_duration", "Engine step time (s)", labels=("method",))
         self.batch_forward = h("tgi_batch_forward_duration", "Engine step time (s)", labels=("method",))
@@ -116,6 +121,8 @@ class Metrics:
             self.batch_max_tokens.set(engine_stats["kv_blocks_used"] * block_size)
             self.hit_rate.set(engine_stats["prefix_cache_hit_rate"])
             extra["genserve_preemptions"] = engine_stats["preemptions"]
+            extra["genserve_spec_proposed_tokens"] = engine_stats.get("spec_proposed_tokens", 0)
+            extra["genserve_spec_accepted_tokens"] = engine_stats.get("spec_accepted_tokens", 0)
         self.in_flight.set(in_flight)
         return generate_latest(self.registry) + self.counters.render(extra).encode()
 
@@ -127,8 +134,10 @@ class Metrics:
         self.counters.inc("tgi_request_failure", err=error_type)
 
     def request_succeeded(self, *, start: float, validated: float, arrival: float,
-                          first_scheduled: float | None, end: float, generated: int) -> None:
-        """Times are ``time.monotonic()``: handler start, end of validation, engine arrival, ..."""
+                          first_scheduled: float | None, end: float, generated: int,
+                          spec_proposed: int = 0, spec_accepted: int = 0) -> None:
+        """Times are ``time.monotonic()``: handler start, end of validation, engine arrival, ...
+        ``spec_*``: speculative tokens proposed and accepted (TGI's skipped tokens)."""
         self.counters.inc("tgi_request_success")
         scheduled = first_scheduled if first_scheduled is not None else arrival
         inference = max(end - scheduled, 0.0)
@@ -138,3 +147,6 @@ class Metrics:
         self.inference_duration.observe(inference)
         self.time_per_token.observe(inference / max(generated, 1))
         self.generated_tokens.observe(generated)
+        self.skipped_tokens.observe(spec_accepted)
+        if spec_proposed:
+            self.acceptance_rate.observe(spec_accepted / spec_proposed)

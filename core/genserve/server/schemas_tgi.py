@@ -96,6 +96,9 @@ class Details(BaseModel):
     tokens: list[Token]
     top_tokens: Optional[list[list[Token]]] = None
     best_of_sequences: Optional[list[BestOfSequence]] = None
+    # genserve: present when speculative decoding proposed tokens for the request.
+    speculative_proposed_tokens: Optional[int] = None
+    speculative_accepted_tokens: Optional[int] = None
 
 
 class GenerateResponse(BaseModel):
@@ -108,6 +111,8 @@ class StreamDetails(BaseModel):
     generated_tokens: int
     seed: Optional[int] = None
     input_length: int
+    speculative_proposed_tokens: Optional[int] = None  # genserve: as in Details
+    speculative_accepted_tokens: Optional[int] = None
 
 
 class StreamResponse(BaseModel):

@@ -199,7 +199,9 @@ class OpenAIServing(Generic[CtxT]):
         results = await run_to_completion(state, request, permit, ctx.jobs)
         state.record_success(start=times.start, validated=times.validated, arrival=results[-1].arrival,
                              first_scheduled=results[-1].first_scheduled,
-                             generated=sum(len(r.tokens) for r in results))
+                             generated=sum(len(r.tokens) for r in results),
+                             spec_proposed=sum(r.spec_proposed for r in results),
+                             spec_accepted=sum(r.spec_accepted for r in results))
         return JSONResponse(self.response(ctx, results))
 
     async def events(self, permit, ctx: CtxT) -> AsyncGenerator:
@@ -211,11 +213,13 @@ class OpenAIServing(Generic[CtxT]):
                 for chunk in self.first_chunks(ctx):
                     yield event({**head, **chunk})
                 generated, finished, last = 0, 0, None
+                proposed = accepted = 0
                 async with aclosing(merged_streams(state, permit, ctx.jobs)) as outputs:
                     async for i, out in outputs:
                         generated += len(out.tokens)
                         if out.finished:
                             finished, last = finished + 1, out
+                            proposed, accepted = proposed + out.spec_proposed, accepted + out.spec_accepted
                         for chunk in self.chunks(ctx, i, out):
                             yield event({**head, **chunk})
                 if finished < len(ctx.jobs):
@@ -223,7 +227,7 @@ class OpenAIServing(Generic[CtxT]):
                 assert last is not None  # every job (there is at least one) has finished
                 state.record_success(start=ctx.times.start, validated=ctx.times.validated,
                                      arrival=last.arrival, first_scheduled=last.first_scheduled,
-                                     generated=generated)
+                                     generated=generated, spec_proposed=proposed, spec_accepted=accepted)
                 if ctx.include_usage:
                     yield event({**head, "choices": [], "usage": usage(ctx.prompt_tokens, generated)})
                 yield DONE

@@ -74,6 +74,9 @@ class TGIServing:
                                "seed": r.seed, "prefill": prefill, "tokens": [token_dict(t) for t in r.tokens]}
         if valid.top_n_tokens:
             out["top_tokens"] = [self.top_dicts(t) for t in r.tokens]
+        if r.spec_proposed:  # speculative decoding proposed tokens for it
+            out["speculative_proposed_tokens"] = r.spec_proposed
+            out["speculative_accepted_tokens"] = r.spec_accepted
         return out
 
     # -- /generate ------------------------------------------------------------------------
@@ -99,7 +102,9 @@ class TGIServing:
         p = valid.params
         best = max(results, key=lambda r: r.logprob_sum) if len(results) > 1 else results[0]
         state.record_success(start=start, validated=validated, arrival=best.arrival,
-                             first_scheduled=best.first_scheduled, generated=len(best.tokens))
+                             first_scheduled=best.first_scheduled, generated=len(best.tokens),
+                             spec_proposed=sum(r.spec_proposed for r in results),
+                             spec_accepted=sum(r.spec_accepted for r in results))
         prefix = valid.inputs if p.return_full_text else ""
         body: dict = {"generated_text": prefix + best.text}
         if p.details or p.decoder_input_details:
@@ -162,12 +167,19 @@ class TGIServing:
                                 ev["generated_text"] = (valid.inputs if p.return_full_text else "") + "".join(text)
                                 if p.details:
                                     assert out.finish_reason is not None  # set on a finished output
-                                    ev["details"] = {"finish_reason": out.finish_reason.value,
-                                                     "generated_tokens": out.num_generated,
-                                                     "seed": out.seed, "input_length": valid.input_length}
+                                    details: dict[str, Any] = {
+                                        "finish_reason": out.finish_reason.value,
+                                        "generated_tokens": out.num_generated,
+                                        "seed": out.seed, "input_length": valid.input_length}
+                                    if out.spec_proposed:
+                                        details["speculative_proposed_tokens"] = out.spec_proposed
+                                        details["speculative_accepted_tokens"] = out.spec_accepted
+                                    ev["details"] = details
                                 state.record_success(start=start, validated=validated, arrival=out.arrival,
                                                      first_scheduled=out.first_scheduled,
-                                                     generated=out.num_generated)
+                                                     generated=out.num_generated,
+                                                     spec_proposed=out.spec_proposed,
+                                                     spec_accepted=out.spec_accepted)
                                 yield event(ev)
                                 return
                             yield event(ev)

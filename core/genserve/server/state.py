@@ -208,14 +208,17 @@ class ServerState:
         return time.monotonic()
 
     def record_success(self, *, start: float, validated: float, arrival: float,
-                       first_scheduled: float | None, generated: int) -> float:
+                       first_scheduled: float | None, generated: int,
+                       spec_proposed: int = 0, spec_accepted: int = 0) -> float:
         """The one place a request's success is recorded (every route calls it): the
         ``tgi_request_*`` histograms, and ``last_success`` that spares /health its probe.
-        Times are ``time.monotonic()``; returns the end time."""
+        Times are ``time.monotonic()``; ``spec_*``: speculative tokens proposed for the
+        request and accepted (summed over its sequences). Returns the end time."""
         self.last_success = time.monotonic()
         self.metrics.request_succeeded(start=start, validated=validated, arrival=arrival,
                                        first_scheduled=first_scheduled, end=self.last_success,
-                                       generated=generated)
+                                       generated=generated, spec_proposed=spec_proposed,
+                                       spec_accepted=spec_accepted)
         return self.last_success
 
     async def probe_health(self, fresh_s: float = 5.0, timeout_s: float = 30.0) -> bool:

@@ -1,0 +1,87 @@
+"""The engine's side of speculative decoding: which sequences speculate this step, asking the
+proposer, and the counts ``/metrics`` and ``details`` report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from genserve.engine.scheduler import ScheduledSeq
+from genserve.engine.sequence import Sequence
+from genserve.spec_decode.base import ProposalRequest, Proposer
+from genserve.spec_decode.config import SpeculativeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Speculator:
+    """Owns the proposer for one engine. Each step: ``lookahead_for(num_decoding)`` is given to
+    the scheduler (how many slots to reserve per sequence), then ``propose`` fills the decode
+    rows of the scheduled batch with proposals."""
+
+    def __init__(self, proposer: Proposer, config: SpeculativeConfig, recompute_at: int | None = None,
+                 max_total_tokens: int | None = None):
+        self.proposer, self.config = proposer, config
+        self.recompute_at = recompute_at  # the model's recompute_at_length (longrope), or None
+        self.max_total_tokens = max_total_tokens  # the engine's limit: positions never reach it
+        self.enabled = True  # False while the decode batch is above config.max_batch_size
+        self.num_proposed = 0  # over the engine's life
+        self.num_accepted = 0
+        self._told: set[str] = set()  # requests already logged as not speculating
+
+    def lookahead_for(self, num_decoding: int) -> Callable[[Sequence], int] | None:
+        """The scheduler's per-sequence lookahead for a step with ``num_decoding`` running
+        sequences, or None when the step should not speculate (said in the log on change)."""
+        enabled = num_decoding <= self.config.max_batch_size
+        if enabled != self.enabled:
+            self.enabled = enabled
+            if enabled:
+                logger.info("speculation back on: %d sequences decoding (<= %d)",
+                            num_decoding, self.config.max_batch_size)
+            else:
+                logger.info("speculation off: %d sequences decoding, more than "
+                            "--speculative-max-batch-size %d", num_decoding, self.config.max_batch_size)
+        return self.lookahead if enabled else None
+
+    def lookahead(self, seq: Sequence) -> int:
+        """Positions to reserve past ``seq``'s decode token: k, less what it may still generate
+        (a verify step emits at most 1 + k tokens), 0 for requests that cannot speculate."""
+        p = seq.params
+        if p.constraint is not None:
+            # A grammar's matcher would have to advance through each proposal and roll back
+            # on rejection; our Constraint protocol has no rollback, so these decode normally.
+            if seq.request_id not in self._told:
+                self._told.add(seq.request_id)
+                logger.info("request %s: grammar-constrained, decoding without speculation", seq.request_id)
+            return 0
+        k = min(self.config.num_tokens, p.max_new_tokens - seq.num_generated - 1)
+        if self.recompute_at is not None and seq.admitted_len < self.recompute_at:
+            # Positions past recompute_at - 2 would be computed with the short-context rotary
+            # factors that the recomputation at that length replaces.
+            k = min(k, self.recompute_at - 1 - len(seq))
+        if self.max_total_tokens is not None:
+            # Without speculation the last position computed is max_total_tokens - 2 (the
+            # token at max_total_tokens - 1 ends the request): past it lie positions the model
+            # may not have (its rotary tables end at max_position_embeddings).
+            k = min(k, self.max_total_tokens - 1 - len(seq))
+        return max(k, 0)
+
+    def propose(self, scheduled: list[ScheduledSeq]) -> None:
+        """Fill ``spec`` (and ``num_tokens``) of the scheduled decode rows that have lookahead."""
+        rows = [s for s in scheduled if s.lookahead > 0]
+        if not rows:
+            return
+        proposals = self.proposer.propose([ProposalRequest(s.seq, s.lookahead) for s in rows])
+        for s, tokens in zip(rows, proposals):
+            tokens = list(tokens[:s.lookahead])
+            s.spec, s.num_tokens = tokens, 1 + len(tokens)
+
+    def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        seq.spec_proposed += proposed
+        seq.spec_accepted += accepted
+        self.num_proposed += proposed
+        self.num_accepted += accepted
+
+    def forget(self, seq: Sequence) -> None:
+        self._told.discard(seq.request_id)
+        self.proposer.forget(seq.request_id)
