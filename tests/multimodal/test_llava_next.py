@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
 from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.scheduler import ScheduledSeq
@@ -19,6 +17,7 @@ from genserve.multimodal.processor import MultiModalProcessor
 from genserve.multimodal.rows import image_rows
 from genserve.multimodal.testing import build_tiny_llava_next, random_image
 from genserve.testing import load_genserve
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 ATOL = 1e-3
 NEW = 12
@@ -140,7 +139,8 @@ def test_one_vision_call_for_a_step_of_image_requests(ckpt, monkeypatch):
     engine = load_genserve(folder, max_batch_prefill_tokens=512)
     calls: list[int] = []
     original = engine.runner.model.embed_images
-    monkeypatch.setattr(engine.runner.model, "embed_images", lambda inputs: calls.append(len(inputs)) or original(inputs))
+    monkeypatch.setattr(engine.runner.model, "embed_images",
+                        lambda inputs: calls.append(len(inputs)) or original(inputs))
     results = run_to_completion(engine, [OfflineRequest(ids, params(inputs)) for ids, inputs, _ in prepared])
     assert calls == [3]
     for r, (_, _, out) in zip(results, prepared):

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.layers.activation import get_activation
-from genserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from genserve.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from genserve.layers.norm import LayerNorm
 
 
@@ -87,6 +91,14 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+class CLIPEncoder(nn.Module):
+    """The first ``num_layers`` encoder layers (checkpoint names ``encoder.layers.N``)."""
+
+    def __init__(self, config, dtype: torch.dtype, num_layers: int, prefix: str):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, dtype, f"{prefix}.layers.{i}") for i in range(num_layers))
+
+
 class CLIPVisionTower(nn.Module):
     """The encoder up to the deepest layer ``feature_layers`` names (transformers' indexing of
     ``hidden_states``: 0 is the embeddings after ``pre_layrnorm``, -1 the last layer).
@@ -100,9 +112,7 @@ class CLIPVisionTower(nn.Module):
             raise ValueError(f"vision feature layers {feature_layers} are outside a {n}-layer encoder")
         self.embeddings = CLIPVisionEmbeddings(config, dtype)
         self.pre_layrnorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype=dtype)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            CLIPEncoderLayer(config, dtype, f"{prefix}.encoder.layers.{i}") for i in range(max(self.feature_layers)))
+        self.encoder = CLIPEncoder(config, dtype, max(self.feature_layers), f"{prefix}.encoder")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> the feature layers' hidden states concatenated: [N, 1 + patches,
