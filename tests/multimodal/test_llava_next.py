@@ -188,3 +188,20 @@ def test_a_request_without_enough_embeddings_fails_alone(ckpt, monkeypatch):
     bad, good = run_to_completion(engine, [OfflineRequest(ids, params(inputs)), OfflineRequest(text_ids, params(None))])
     assert bad.outputs[0].finish_reason.value == "error" and "image embeddings" in bad.outputs[0].error
     assert good.outputs[0].token_ids == reference_greedy(ref, text_out)
+
+
+def test_preemption_keeps_the_image_embeddings(ckpt, monkeypatch):
+    """A KV cache too small for every request at once preempts some; recomputing them reuses
+    their image embeddings (no second vision call) and still gives transformers' tokens."""
+    folder, ref, processor = ckpt
+    prepared = [prompt(processor, "Describe this image.", [random_image(70, 40, seed=s)]) for s in (13, 14, 15)]
+    expected = [reference_greedy(ref, out, 24) for _, _, out in prepared]
+    engine = load_genserve(folder, block_size=4, max_batch_total_tokens=128, max_total_tokens=96)
+    calls: list[int] = []
+    original = engine.runner.model.embed_images
+    monkeypatch.setattr(engine.runner.model, "embed_images",
+                        lambda inputs: calls.append(len(inputs)) or original(inputs))
+    results = run_to_completion(engine, [OfflineRequest(ids, params(inputs, 24)) for ids, inputs, _ in prepared])
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(calls) == 3, calls
+    assert [r.outputs[0].token_ids for r in results] == expected
