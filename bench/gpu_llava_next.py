@@ -40,6 +40,7 @@ WORDS = ("describe the picture in detail and say what is unusual about the colou
 
 def write_checkpoint(folder: str, tiny: bool) -> None:
     """config.json (weights come from --load-format dummy / random init) and the processor."""
+    from genserve.multimodal import testing
     from transformers import (
         CLIPVisionConfig,
         LlavaNextConfig,
@@ -47,8 +48,6 @@ def write_checkpoint(folder: str, tiny: bool) -> None:
         LlavaNextProcessor,
         MistralConfig,
     )
-
-    from genserve.multimodal import testing
 
     tok = testing.build_tokenizer(folder)
     image_id = tok.convert_tokens_to_ids(testing.IMAGE_TOKEN)
@@ -138,13 +137,16 @@ def genserve_suite(folder, args, rec, images, text):
     wall, produced, _ = run(prepared[:args.concurrency], args.new_tokens)
     rec(f"out_tok_s_llava_{args.concurrency}x{args.new_tokens}", produced / wall, "tok/s", "genserve",
         wall_s=round(wall, 3))
-    del engine, loaded
-    gc.collect()
+    # The engine's memory goes with this frame (main collects before transformers loads).
 
 
 # -- transformers ---------------------------------------------------------------------------
 def transformers_suite(folder, args, rec, images, text):
-    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoProcessor,
+        LlavaNextForConditionalGeneration,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -170,8 +172,6 @@ def transformers_suite(folder, args, rec, images, text):
     wall = gen(images[:args.concurrency], args.new_tokens)
     rec(f"out_tok_s_llava_{args.concurrency}x{args.new_tokens}", args.concurrency * args.new_tokens / wall,
         "tok/s", "transformers", wall_s=round(wall, 3), note="one padded batch")
-    del model
-    gc.collect()
 
 
 def main():
@@ -200,6 +200,7 @@ def main():
     rec = Recorder(gpu + ("-tiny" if args.tiny else ""), args.out)
     print(f"device {gpu}, torch {torch.__version__}, commit {rec.meta['commit']}", flush=True)
     genserve_suite(folder, args, rec, images, text)
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not args.skip_hf:

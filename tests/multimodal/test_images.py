@@ -7,7 +7,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from genserve.multimodal.images import (
     ImageError,
     ImageLimits,
