@@ -1,5 +1,6 @@
 """CLIP's vision transformer (Radford et al. 2021; transformers' ``CLIPVisionModel``) as the
-image encoder of vision-language models, written against our layers.
+image encoder of vision-language models, written against our layers. Its encoder layers are
+SigLIP's too (Idefics3 uses them with a padding mask).
 
 It attends over each image's patches without a KV cache (every image is one short,
 bidirectional sequence), so it calls PyTorch's SDPA rather than the paged attention kernels.
@@ -56,11 +57,13 @@ class CLIPAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [N, L, hidden]; ``mask`` None or bool [N, 1, 1, L], False for keys to ignore
+        (padding patches of variable-resolution encoders)."""
         N, L, _ = x.shape
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         q, k, v = (t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, -1))
 
 
@@ -86,8 +89,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = LayerNorm(config.hidden_size, eps, dtype=dtype)
         self.mlp = CLIPMLP(config, dtype, f"{prefix}.mlp")
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x, mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
