@@ -30,6 +30,7 @@ from genserve.models.base import ForwardBatch, ModelContext
 from genserve.models.clip import CLIPVisionTower
 from genserve.models.llama import LlamaForCausalLM
 from genserve.multimodal.inputs import MultiModalInputs
+from genserve.multimodal.rows import merge_image_rows
 
 # Checkpoint names: llava-hf's (``language_model.model.*``) and transformers 5's
 # (``model.language_model.*``) -> this module's.
@@ -90,10 +91,7 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
         return name
 
     def input_embeddings(self, input_ids, batch: ForwardBatch):
-        x = self.embed(input_ids)
-        if batch.images is not None:
-            x = x.index_copy(0, batch.images.rows, batch.images.embeds.to(x.dtype))
-        return x
+        return merge_image_rows(self.embed(input_ids), batch.images)
 
     # -- images ---------------------------------------------------------------------------
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:

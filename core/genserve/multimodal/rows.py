@@ -55,3 +55,11 @@ def image_rows(model: CausalLM, scheduled: list[ScheduledSeq], device: torch.dev
         assert mm.embeds is not None
         parts.append(mm.embeds[lo:hi])
     return ImageRows(torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), torch.cat(parts))
+
+
+def merge_image_rows(x: torch.Tensor, images: ImageRows | None) -> torch.Tensor:
+    """The embedded rows ``x`` [T, hidden] with the step's image embeddings written over
+    their placeholder rows (``ForwardBatch.images``; None: ``x`` unchanged)."""
+    if images is None:
+        return x
+    return x.index_copy(0, images.rows, images.embeds.to(x.dtype))

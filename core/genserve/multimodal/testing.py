@@ -151,3 +151,44 @@ def build_tiny_idefics3(folder, seed: int = 0, do_image_splitting: bool = True):
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return model
+
+
+def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
+    """A tiny random Idefics2 checkpoint with its ``Idefics2Processor`` in ``folder``: images
+    resized to edges between 28 and 70 pixels (so of varying size, padded and masked within a
+    request), 8 resampler latents per image or crop. Returns the transformers model."""
+    import torch
+    from transformers import (
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        Idefics2ImageProcessor,
+        Idefics2Processor,
+        MistralConfig,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder)
+    image_processor = Idefics2ImageProcessor(size={"shortest_edge": 28, "longest_edge": 70},
+                                             do_image_splitting=do_image_splitting)
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=8,
+                                  chat_template=CHAT_TEMPLATE.replace("<image>\n", "<image>"))
+    text = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Idefics2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "image_size": 70, "patch_size": 14},
+        perceiver_config={"hidden_size": 64, "rms_norm_eps": 1e-5, "resampler_n_latents": 8,
+                          "resampler_depth": 2, "resampler_n_heads": 4, "resampler_head_dim": 16,
+                          "num_key_value_heads": 2},
+        text_config=text, image_token_id=processor.image_token_id)
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return model

@@ -1,7 +1,8 @@
-"""Idefics3 equals transformers' Idefics3ForConditionalGeneration on a tiny random checkpoint:
-logits and greedy tokens with split images (tiles + global view), batched with text-only
-requests under small prefill chunks; the variable-resolution vision encoder with a padding
-mask; prefix caching keyed on the image."""
+"""Idefics2 and Idefics3 equal transformers' ``Idefics2ForConditionalGeneration`` and
+``Idefics3ForConditionalGeneration`` on tiny random checkpoints: logits and greedy tokens with
+split images (crops or tiles plus the global view; Idefics2's of varying sizes, padded and
+masked), batched with text-only requests under small prefill chunks; the variable-resolution
+vision encoder with a padding mask; prefix caching keyed on the image."""
 
 from __future__ import annotations
 
@@ -14,18 +15,23 @@ from genserve.engine.sequence import Sequence
 from genserve.models.base import ForwardBatch
 from genserve.multimodal.processor import MultiModalProcessor
 from genserve.multimodal.rows import image_rows
-from genserve.multimodal.testing import build_tiny_idefics3, random_image
+from genserve.multimodal.testing import build_tiny_idefics2, build_tiny_idefics3, random_image
 from genserve.testing import load_genserve
-from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+from transformers import AutoProcessor, Idefics2ForConditionalGeneration, Idefics3ForConditionalGeneration
 
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("idefics3")
-    build_tiny_idefics3(folder)
-    ref = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+ARCHS = {"idefics2": (build_tiny_idefics2, Idefics2ForConditionalGeneration),
+         "idefics3": (build_tiny_idefics3, Idefics3ForConditionalGeneration)}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def ckpt(request, tmp_path_factory):
+    build, cls = ARCHS[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    build(folder)
+    ref = cls.from_pretrained(folder, dtype=torch.float32).eval()
     return folder, ref, AutoProcessor.from_pretrained(folder)
 
 
@@ -100,8 +106,9 @@ def test_vision_encoder_with_a_padding_mask_matches_transformers(ckpt):
     folder, ref, _ = ckpt
     engine = load_genserve(folder)
     ours = engine.runner.model.vision_model
-    pixels = torch.randn(3, 3, 56, 56)
-    mask = torch.ones(3, 4, 4, dtype=torch.bool)
+    side = ref.config.vision_config.image_size // 14
+    pixels = torch.randn(3, 3, 14 * side, 14 * side)
+    mask = torch.ones(3, side, side, dtype=torch.bool)
     mask[1, :, 3:] = False  # three columns of patches are real
     mask[2, 2:, :] = False  # two rows
     with torch.inference_mode():
