@@ -39,6 +39,11 @@ def model_dir(kind: str) -> Path:
 
             build_tiny_llava_next(root / "vision")
             _dirs["vision"] = root / "vision"
+        elif kind == "idefics2":  # a tiny random Idefics2 (crops of varying sizes)
+            from genserve.multimodal.testing import build_tiny_idefics2
+
+            build_tiny_idefics2(root / "idefics2")
+            _dirs["idefics2"] = root / "idefics2"
         elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
             _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300,
                                                max_position_embeddings=16384)
@@ -68,6 +73,8 @@ def server_specs() -> dict:
             "--max-images", "2", "--max-image-bytes", "60000", "--max-image-pixels", "10000",
             "--image-fetch-timeout", "1", "--max-input-tokens", "70", "--max-total-tokens", "100"],
             ONE_THREAD),
+        "idefics2_server": lambda: ServerProcess("idefics2", [
+            "--model-id", str(model_dir("idefics2")), "--max-batch-total-tokens", "4096"], ONE_THREAD),
     }
 
 
@@ -87,7 +94,7 @@ def pytest_collection_finish(session):
 def pytest_runtest_setup(item):
     """When the first server test is about to run, start every server the session will need."""
     for name in ("smol_server", "tiny_server", "limited_server", "faulty_server", "metaspace_server",
-                 "vision_server"):
+                 "vision_server", "idefics2_server"):
         if name in _wanted:
             start(name)
     _wanted.clear()
@@ -136,6 +143,17 @@ def metaspace_server() -> ServerProcess:
 def vision_server() -> ServerProcess:
     """The tiny random Llava-Next (tests/server/test_vision.py), with small image limits."""
     return _ready("vision_server")
+
+
+@pytest.fixture(scope="session")
+def idefics2_server() -> ServerProcess:
+    """The tiny random Idefics2 (tests/server/test_vision.py)."""
+    return _ready("idefics2_server")
+
+
+@pytest.fixture(scope="session")
+def idefics2_dir() -> Path:
+    return model_dir("idefics2")
 
 
 @pytest.fixture(scope="session")

@@ -275,3 +275,32 @@ def test_huggingface_hub_client_sends_images(vision_server, reference):
         {"type": "text", "text": "Describe this image."}]}])
     text = reference.render([{"type": "image"}, {"type": "text", "text": "Describe this image."}])
     assert reply.choices[0].message.content == reference.chat_text(reference(text, [IMAGE]))
+
+
+def test_idefics2_over_http_matches_transformers(idefics2_server, idefics2_dir):
+    """The same routes on another processor (Idefics2: crops of varying sizes, padded and
+    masked, fake-token framing): both syntaxes answer what transformers answers."""
+    from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(idefics2_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(idefics2_dir)
+    eos = processor.tokenizer.eos_token_id
+
+    def greedy(text, images):
+        out = processor(text=[text], images=images, return_tensors="pt")
+        with torch.inference_mode():
+            g = model.generate(**out, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        ids = g[0, out["input_ids"].shape[1]:].tolist()
+        return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+    with httpx.Client(base_url=idefics2_server.url, timeout=60) as client:
+        got = token_ids(generate(client, f"Look: ![]({data_url(IMAGE)}) and ![]({data_url(OTHER)})?"))
+        assert got == greedy("Look: <image> and <image>?", [IMAGE, OTHER])
+        resp = chat(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "Describe this image."}])
+        assert resp.status_code == 200, resp.text
+        text = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Describe this image."}]}], tokenize=False,
+            add_generation_prompt=True)
+        want = greedy(text, [IMAGE])
+        assert resp.json()["choices"][0]["message"]["content"] == processor.tokenizer.decode(
+            [t for t in want if t != eos], skip_special_tokens=True)
