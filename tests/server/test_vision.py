@@ -220,6 +220,14 @@ def test_undecodable_images(vision, url, fragment):
     assert_refused(chat(vision, [image_part(url)]), fragment)
 
 
+def test_image_detail_other_than_auto_is_refused(vision, reference):
+    part = image_part(data_url(IMAGE))
+    part["image_url"]["detail"] = "high"
+    assert_refused(chat(vision, [part, {"type": "text", "text": "Hi"}]), "detail", "not supported")
+    part["image_url"]["detail"] = "auto"
+    assert chat(vision, [part, {"type": "text", "text": "Hi"}]).status_code == 200
+
+
 def test_unsupported_image_format(vision):
     buf = io.BytesIO()
     IMAGE.save(buf, format="TIFF")

@@ -47,6 +47,9 @@ def _content(content, images: ChatImages | None):
         if part.type == "image_url":
             if images is None:
                 raise validation("image inputs are not supported by this model (it is text-only)")
+            if part.image_url.detail not in (None, "auto"):  # refused, not silently ignored
+                raise validation(f"`image_url.detail` {part.image_url.detail!r} is not supported: the model's "
+                                 "processor decides the resolution (omit it or send \"auto\")")
             images.urls.append(part.image_url.url)
             parts.append({"type": "image"} if images.structured else {"type": "text", "text": images.image_token})
         else:
