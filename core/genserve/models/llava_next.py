@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llava_next.modeling_llava_next import (
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-    unpad_image,
-)
 
 from genserve.errors import ConfigError
 from genserve.layers.activation import get_activation
@@ -98,6 +93,10 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
         """Every image of every request through the vision tower in one batch of tiles, then
         projected and packed per image (anyres grid, unpadding, newlines); per request, its
         images' rows concatenated in prompt order."""
+        # transformers' anyres geometry, imported at first use: its modules import triton,
+        # which plugin loading must not (tests/test_backend_plugins.py).
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         cfg, vision = self.vlm_config, self.vlm_config.vision_config
         device, dtype = self.image_newline.device, self.image_newline.dtype
         tiles, counts, sizes = [], [], []
@@ -125,6 +124,8 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
         """One image's tile features [tiles, tile tokens, hidden] -> [tokens, hidden]: the base
         tile's, then the grid's (unpadded to the image's aspect ratio) with a newline per row
         (transformers' ``LlavaNextModel.pack_image_features``, "spatial_unpad")."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
         newline = self.image_newline
         if features.shape[0] == 1:
             return torch.cat([features[0], newline[None]])
