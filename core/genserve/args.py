@@ -121,6 +121,11 @@ FLAGS: list[Flag] = [
     Flag("--watermark-gamma", float, 0.5, "Watermark green-list fraction"),
     Flag("--watermark-delta", float, 2.0, "Watermark logit bias"),
     Flag("--lora-adapters", str, None, "Comma-separated adapter ids or id=path"),
+    # Images (vision-language models; docs/vision.md)
+    Flag("--max-images", int, 4, "Most images in one request"),
+    Flag("--max-image-bytes", int, 10_000_000, "Largest encoded image in bytes (data URL or download)"),
+    Flag("--max-image-pixels", int, 16_777_216, "Largest decoded image in pixels (width x height)"),
+    Flag("--image-fetch-timeout", float, 10.0, "Seconds one image download may take"),
     # Server
     Flag("--hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("--port", int, 3000, "Port to listen on", aliases=("-p",)),

@@ -34,6 +34,16 @@ def model_dir(kind: str) -> Path:
             model_dir("tiny")
         elif kind == "metaspace":  # a SentencePiece-style tokenizer llguidance cannot load
             _dirs["metaspace"] = build_tiny_llama(root / "metaspace", metaspace=True)
+        elif kind == "vision":  # a tiny random Llava-Next with its processor
+            from genserve.multimodal.testing import build_tiny_llava_next
+
+            build_tiny_llava_next(root / "vision")
+            _dirs["vision"] = root / "vision"
+        elif kind == "idefics2":  # a tiny random Idefics2 (crops of varying sizes)
+            from genserve.multimodal.testing import build_tiny_idefics2
+
+            build_tiny_idefics2(root / "idefics2")
+            _dirs["idefics2"] = root / "idefics2"
         elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
             _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300,
                                                max_position_embeddings=16384)
@@ -57,6 +67,14 @@ def server_specs() -> dict:
         "metaspace_server": lambda: ServerProcess("metaspace", [
             "--model-id", str(model_dir("metaspace")), "--max-batch-total-tokens", "8192"], ONE_THREAD),
         "smol_server": lambda: ServerProcess("smol", ["--max-batch-total-tokens", "8192"]),
+        # Limits small enough to test each image refusal with small images (docs/vision.md).
+        "vision_server": lambda: ServerProcess("vision", [
+            "--model-id", str(model_dir("vision")), "--max-batch-total-tokens", "4096",
+            "--max-images", "2", "--max-image-bytes", "60000", "--max-image-pixels", "10000",
+            "--image-fetch-timeout", "1", "--max-input-tokens", "70", "--max-total-tokens", "100"],
+            ONE_THREAD),
+        "idefics2_server": lambda: ServerProcess("idefics2", [
+            "--model-id", str(model_dir("idefics2")), "--max-batch-total-tokens", "4096"], ONE_THREAD),
     }
 
 
@@ -75,7 +93,8 @@ def pytest_collection_finish(session):
 
 def pytest_runtest_setup(item):
     """When the first server test is about to run, start every server the session will need."""
-    for name in ("smol_server", "tiny_server", "limited_server", "faulty_server", "metaspace_server"):
+    for name in ("smol_server", "tiny_server", "limited_server", "faulty_server", "metaspace_server",
+                 "vision_server", "idefics2_server"):
         if name in _wanted:
             start(name)
     _wanted.clear()
@@ -118,6 +137,28 @@ def faulty_server() -> ServerProcess:
 def metaspace_server() -> ServerProcess:
     """Tiny model with a SentencePiece-style (Metaspace, byte-fallback) tokenizer."""
     return _ready("metaspace_server")
+
+
+@pytest.fixture(scope="session")
+def vision_server() -> ServerProcess:
+    """The tiny random Llava-Next (tests/server/test_vision.py), with small image limits."""
+    return _ready("vision_server")
+
+
+@pytest.fixture(scope="session")
+def idefics2_server() -> ServerProcess:
+    """The tiny random Idefics2 (tests/server/test_vision.py)."""
+    return _ready("idefics2_server")
+
+
+@pytest.fixture(scope="session")
+def idefics2_dir() -> Path:
+    return model_dir("idefics2")
+
+
+@pytest.fixture(scope="session")
+def vision_dir() -> Path:
+    return model_dir("vision")
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,9 @@ class DecodeGraphs:
     # -- which batches --------------------------------------------------------------------
     def can_run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
         m = batch.attn
-        return (m.is_decode_only and 0 < input_ids.shape[0] <= self.sizes[-1]
+        # A one-token step can still be an image token (a prompt that ends with an image, its
+        # other blocks cached): the graphs were captured without image rows.
+        return (m.is_decode_only and batch.images is None and 0 < input_ids.shape[0] <= self.sizes[-1]
                 and m.max_seqlen_k <= self.max_seqlen_k and m.block_tables.shape[1] <= self.max_blocks)
 
     def size_for(self, n: int) -> int:

@@ -101,8 +101,9 @@ class GaudiModelRunner(ModelRunner):
 
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn
-        # Encoder-decoder models need their per-request encoder states: not graphed.
-        if batch.encoder is None and self.graphable(a):
+        # Encoder-decoder models need their per-request encoder states, image rows their
+        # embeddings: not graphed.
+        if batch.encoder is None and batch.images is None and self.graphable(a):
             self.graph_buckets.add(tuple(a.block_tables.shape))
             hidden = self._decode(input_ids, positions, a.cu_seqlens_q, a.seq_lens,
                                   a.block_tables, a.slot_mapping)

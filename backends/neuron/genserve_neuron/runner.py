@@ -36,6 +36,9 @@ class NeuronModelRunner(ModelRunner):
                                       f"{type(model).__name__} is encoder-decoder")
         if lora is not None:  # its padded forwards carry no per-row adapters
             raise NotImplementedError("backend 'neuron' does not apply LoRA adapters (--lora-adapters)")
+        if model.image_token_id is not None:  # nor image rows
+            raise NotImplementedError("backend 'neuron' does not run vision-language models "
+                                      f"({type(model).__name__})")
         super().__init__(model, config, backend, lora=lora, peers=peers)
         self.compute_device = backend.device
         # Batches are built and sampled on the host; only the forward runs on the device.

@@ -63,9 +63,13 @@ class BlockManager:
     @staticmethod
     def cache_salt(seq: Sequence) -> Hashable:
         """What the first block's hash chains from: None for the base model, the adapter's id
-        for a LoRA request (an adapted k/v projection gives the same tokens other KV)."""
+        for a LoRA request (an adapted k/v projection gives the same tokens other KV), and
+        the hash of the prompt's images when it has some (every image is the same run of
+        placeholder tokens, so the tokens alone cannot tell two images apart)."""
         adapter = seq.params.adapter_id
-        return None if adapter is None else ("lora", adapter)
+        salt = None if adapter is None else ("lora", adapter)
+        mm = seq.params.multimodal
+        return salt if mm is None else (salt, "images", mm.content_hash)
 
     # -- allocation ----------------------------------------------------------------------
     def _take_free(self) -> Block:

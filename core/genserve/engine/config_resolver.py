@@ -45,7 +45,10 @@ class ModelTraits:
     @classmethod
     def of(cls, model, hf_config) -> ModelTraits:
         """The traits of a constructed model and its Hugging Face config."""
-        return cls(getattr(hf_config, "max_position_embeddings", None) or None,
+        # Composite configs (vision-language models) state it in their text model's config,
+        # which such a model keeps as ``model.config``.
+        return cls(getattr(hf_config, "max_position_embeddings", None)
+                   or getattr(model.config, "max_position_embeddings", None) or None,
                    model.is_encoder_decoder,
                    model.recompute_at_length)
 

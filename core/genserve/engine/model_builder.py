@@ -41,6 +41,7 @@ def choose_attention(plugins: Plugins, backend, forced: str | None, spec_probe: 
 
 def attention_probe(config) -> AttentionSpec:
     """The attention shape of a typical layer of ``config`` (the whole model's heads)."""
+    config = getattr(config, "text_config", None) or config  # vision-language: the text model's
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return AttentionSpec(config.num_attention_heads, head_dim,
                          getattr(config, "num_key_value_heads", None) or config.num_attention_heads,

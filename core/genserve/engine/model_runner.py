@@ -25,6 +25,7 @@ from genserve.engine.config import EngineConfig
 from genserve.engine.kv_sizing import kv_bytes_per_block
 from genserve.engine.peers import Peers
 from genserve.models.base import CausalLM, ForwardBatch
+from genserve.multimodal.rows import image_rows
 from genserve.spec_decode.verify import accepted_prefix
 
 if TYPE_CHECKING:
@@ -357,7 +358,8 @@ class ModelRunner:
     def launch(self, scheduled: list[ScheduledSeq]) -> LaunchedStep:
         """Queue one step on the device; nothing here waits for it (except prompt logprobs)."""
         prep = self.prepare(scheduled)
-        batch = ForwardBatch(prep.attn, self.kv_caches, self.encoder_states(scheduled))
+        batch = ForwardBatch(prep.attn, self.kv_caches, self.encoder_states(scheduled),
+                             images=image_rows(self.model, scheduled, self.device))
         if self.lora is not None:
             batch.lora = self.lora.batch_for([s.seq.params.adapter_id for s in scheduled],
                                              [s.num_tokens for s in scheduled])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from genserve.multimodal.inputs import MultiModalInputs
 
 
 @dataclass
@@ -27,6 +30,10 @@ class SamplingParams:
     # A grammar-constraint object from the grammar plugin (see engine/constraints.py).
     constraint: Any = None
     adapter_id: str | None = None
+    # The prompt's images (vision-language models), prepared by the model's processor. They
+    # travel with the request's settings, as the adapter does, so every (prompt ids, params)
+    # job of the server and the offline API carries them unchanged.
+    multimodal: MultiModalInputs | None = None
 
     @property
     def needs_sorting(self) -> bool:

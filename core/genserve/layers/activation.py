@@ -12,6 +12,11 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+def _quick_gelu(x):
+    """CLIP's activation: ``x * sigmoid(1.702 x)`` (OpenAI CLIP, transformers' QuickGELU)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -21,6 +26,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": _gelu_tanh,
     "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
+    "quick_gelu": _quick_gelu,
 }
 
 

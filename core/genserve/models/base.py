@@ -17,6 +17,7 @@ from genserve.layers.weights import weight_loader_of
 
 if TYPE_CHECKING:
     from genserve.lora.runtime import LoRABatch
+    from genserve.multimodal.inputs import ImageRows, MultiModalInputs
 
 
 @dataclass
@@ -60,6 +61,9 @@ class ForwardBatch:
     # them from rank 0 with the step's other inputs); None when no row uses one. The runner
     # makes them current for the adapted linear layers around the forward (``LoRAManager.active``).
     lora: LoRABatch | None = None
+    # Vision-language models: the step's image embeddings and the rows they replace
+    # (``genserve.multimodal.rows.image_rows``); None when no scheduled row is an image token.
+    images: ImageRows | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,12 @@ class CausalLM(nn.Module):
     # models that set it also run without prefix caching. None: never.
     recompute_at_length: int | None = None
 
+    # Vision-language models set the placeholder token their processor expands each image
+    # into, and implement ``embed_images``; the engine then runs the vision encoder once per
+    # request and hands the step's image rows to ``forward`` in ``ForwardBatch.images``.
+    # None: a text-only model (the server refuses images for it).
+    image_token_id: int | None = None
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config, self.ctx = config, ctx
@@ -113,6 +123,12 @@ class CausalLM(nn.Module):
 
     def encode(self, prompts: list[list[int]]) -> list:
         """Encoder-decoder models: one state per prompt, handed back in ``ForwardBatch.encoder``."""
+        raise NotImplementedError
+
+    def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
+        """Vision-language models: per request, the embeddings [len(positions), hidden] of
+        all its images in prompt order, one row per placeholder token. Called once per step
+        with every request that needs them, so the vision encoder runs batched."""
         raise NotImplementedError
 
     def rename_weight(self, name: str) -> str | None:

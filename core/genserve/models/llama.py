@@ -166,8 +166,13 @@ class LlamaForCausalLM(CausalLM):
         attn = self.layers[0].self_attn.attn.spec
         return KVCacheSpec(len(self.layers), attn.num_kv_heads, attn.head_dim)
 
+    def input_embeddings(self, input_ids, batch: ForwardBatch):
+        """The first layer's input rows [T, hidden]; vision-language models write their image
+        embeddings over the placeholder rows here."""
+        return self.embed(input_ids)
+
     def forward(self, input_ids, positions, batch):
-        x, residual = self.embed(input_ids), None
+        x, residual = self.input_embeddings(input_ids, batch), None
         # The layers use positions only to rotate: hand them the rotary table's rows (longrope
         # picks the short or long table per sequence, once per step rather than per layer).
         rows = self.rotary_emb.cache_rows(positions, batch.attn)

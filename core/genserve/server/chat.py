@@ -23,17 +23,45 @@ DEFAULT_TOOL_PROMPT = (
     "Do not use variables.")
 
 
-def _content_text(content) -> str:
+class ChatImages:
+    """How a chat's image parts are written for the template: ``image_token`` (the processor's
+    placeholder) where the template takes text, a ``{"type": "image"}`` part where it takes
+    content lists (``structured``, the processor's own template); ``urls`` collects the
+    images in prompt order. None of it exists for a text-only model, which refuses images."""
+
+    def __init__(self, image_token: str, structured: bool):
+        self.image_token, self.structured = image_token, structured
+        self.urls: list[str] = []
+
+
+def _content(content, images: ChatImages | None):
+    """A message's content for the template: a string, or content parts when ``images`` is
+    structured."""
+    structured = images is not None and images.structured
     if content is None:
-        return ""
+        return [] if structured else ""
     if isinstance(content, str):
-        return content
-    parts = []
+        return [{"type": "text", "text": content}] if structured else content
+    parts: list[dict] = []
     for part in content:
         if part.type == "image_url":
-            raise validation("image inputs are not supported by this model (it is text-only)")
-        parts.append(part.text)
-    return "".join(parts)
+            if images is None:
+                raise validation("image inputs are not supported by this model (it is text-only)")
+            if part.image_url.detail not in (None, "auto"):  # refused, not silently ignored
+                raise validation(f"`image_url.detail` {part.image_url.detail!r} is not supported: the model's "
+                                 "processor decides the resolution (omit it or send \"auto\")")
+            images.urls.append(part.image_url.url)
+            parts.append({"type": "image"} if images.structured else {"type": "text", "text": images.image_token})
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return parts if structured else "".join(p["text"] for p in parts)
+
+
+def _with_text(content, text: str):
+    """``content`` (a string or content parts) with ``text`` appended."""
+    if isinstance(content, list):
+        return [*content, {"type": "text", "text": text}]
+    return content + text
 
 
 def _arguments(value) -> Any:
@@ -45,12 +73,12 @@ def _arguments(value) -> Any:
     return value
 
 
-def template_messages(messages, template: str) -> list[dict]:
+def template_messages(messages, template: str, images: ChatImages | None = None) -> list[dict]:
     shows_tool_calls = "tool_calls" in template
     out = []
     for m in messages:
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": _content_text(m.content)}
+                               "content": _content(m.content, images)}
         if m.name:
             msg["name"] = m.name
         if m.tool_call_id:
@@ -62,15 +90,24 @@ def template_messages(messages, template: str) -> list[dict]:
             if shows_tool_calls:
                 msg["tool_calls"] = calls
             else:  # the template cannot show them: write the calls as the message text
-                msg["content"] = (msg["content"] + "\n" if msg["content"] else "") + json.dumps(
-                    [c["function"] for c in calls])
+                msg["content"] = _with_text(msg["content"], ("\n" if msg["content"] else "") + json.dumps(
+                    [c["function"] for c in calls]))
         out.append(msg)
     return out
 
 
-def render_chat(state, messages, tools=None, tool_prompt: str | None = None) -> str:
-    tok = state.tokenizer
+def render_chat(state, messages, tools=None, tool_prompt: str | None = None) -> tuple[str, list[str]]:
+    """(prompt text, image URLs in prompt order). A vision-language model's chat goes through
+    its processor's chat template when it has one (content parts, images as ``{"type":
+    "image"}``), else through the tokenizer's with the processor's image token in the text;
+    a text-only model refuses image parts (422)."""
+    tok, mm = state.tokenizer, state.multimodal
+    images = None
     template = getattr(tok, "chat_template", None) if tok is not None else None
+    if mm is not None:
+        structured = bool(mm.chat_template)
+        template = mm.chat_template if structured else template
+        images = ChatImages(mm.image_token, structured)
     if not template:
         raise validation("Template error: this model has no chat template "
                          "(pass --tokenizer-config-path with a chat_template)")
@@ -78,7 +115,7 @@ def render_chat(state, messages, tools=None, tool_prompt: str | None = None) -> 
         template = template.get("tool_use" if tools else "default") or next(iter(template.values()))
     if not messages:
         raise validation("`messages` cannot be empty")
-    msgs = template_messages(messages, template)
+    msgs = template_messages(messages, template, images)
     kwargs: dict[str, Any] = {}
     if tools:
         tool_dicts = [t.model_dump(exclude_none=True, by_alias=True) for t in tools]
@@ -88,12 +125,15 @@ def render_chat(state, messages, tools=None, tool_prompt: str | None = None) -> 
             note = f"\n---\n{tool_prompt or DEFAULT_TOOL_PROMPT}\n{json.dumps(tool_dicts)}"
             for msg in reversed(msgs):
                 if msg["role"] == "user":
-                    msg["content"] += note
+                    msg["content"] = _with_text(msg["content"], note)
                     break
             else:
-                msgs.append({"role": "user", "content": note.lstrip()})
+                msgs.append({"role": "user", "content": _content(note.lstrip(), images)})
     try:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+        if images is not None and images.structured:
+            return mm.render_chat(msgs, **kwargs), images.urls
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+        return text, images.urls if images is not None else []
     except Exception as exc:  # jinja errors, raise_exception() in templates
         raise validation(f"Template error: {exc}") from None
 

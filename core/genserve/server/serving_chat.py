@@ -72,9 +72,9 @@ class OpenAIServingChat(OpenAIServing[ChatContext]):
             p.grammar = ("json_schema", schema)
         else:
             p.grammar = response_format_grammar(req.response_format)
-        prompt = render_chat(state, req.messages, req.tools if schema is not None else None,
-                             req.tool_prompt)
-        valid = await validate(state, prompt, p, add_special_tokens=False)
+        prompt, images = render_chat(state, req.messages, req.tools if schema is not None else None,
+                                     req.tool_prompt)
+        valid = await validate(state, prompt, p, add_special_tokens=False, images=images)
         times.validated = state.record_validated(valid)
         jobs = [(valid.prompt_ids, params) for params in self.seeded(valid, n)]
         return ChatContext(self, req, jobs, valid.input_length, times, schema is not None)

@@ -210,8 +210,9 @@ class TGIServing:
     async def chat_tokenize(self, chat: ChatTokenizeRequest) -> Response:
         state = self.state
         state.require_ready()
-        text = render_chat(state, chat.messages, chat.tools if chat.tool_choice != "none" else None,
-                           chat.tool_prompt)
+        # Image parts stay as the placeholder text (one image token each: nothing is fetched).
+        text, _ = render_chat(state, chat.messages, chat.tools if chat.tool_choice != "none" else None,
+                              chat.tool_prompt)
         body = await state.in_worker(tokenize_json, state.tokenizer, text, False, None, True)
         return Response(body, media_type="application/json")
 

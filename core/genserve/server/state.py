@@ -74,6 +74,9 @@ class ServerState:
         self.vocab_size = 0
         self.limits: Limits | None = None
         self.grammar = None  # GrammarCompiler
+        # Vision-language models: the model's processor (None: text-only) and the image limits.
+        self.multimodal = None  # genserve.multimodal.processor.MultiModalProcessor
+        self.image_limits = None  # genserve.multimodal.images.ImageLimits
         self.status = "loading"  # loading | ready | failed
         self.error: str | None = None
         self.draining = False
@@ -99,6 +102,8 @@ class ServerState:
         from genserve.engine.async_engine import AsyncEngine
         from genserve.engine.warmup import warm_up
         from genserve.executor import create_engine
+        from genserve.multimodal.images import ImageLimits
+        from genserve.multimodal.processor import MultiModalProcessor
         from genserve.server.grammar import GrammarCompiler
 
         loaded = (self._build or create_engine)(self.args)
@@ -116,6 +121,8 @@ class ServerState:
                              a.max_client_batch_size, a.disable_grammar_support,
                              a.enable_prefill_logprobs)
         self.grammar = GrammarCompiler(loaded.tokenizer, vocab, engine.eos_token_ids)
+        self.multimodal = MultiModalProcessor.for_engine(loaded, a)
+        self.image_limits = ImageLimits.from_args(a)
         if a.disable_grammar_support:
             logger.info("grammar support: off (--disable-grammar-support)")
         elif (reason := self.grammar.check()) is not None:  # /info and 422s say so too

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from genserve.engine.sampling_params import SamplingParams
 from genserve.server import tracing
 from genserve.server.errors import validation
+from genserve.server.vision import image_prompt
 
 DEFAULT_GENERATION_LENGTH = 1024
 U64_MAX = 2**64 - 1
@@ -82,6 +83,7 @@ class ValidRequest:
     top_n_tokens: int
     params: GenParams
     make_constraint: Callable[[], Any] | None = None
+    multimodal: Any = None  # genserve.multimodal.inputs.MultiModalInputs: the prompt's images
 
     def sampling_params(self, seed: int | None = None) -> SamplingParams:
         p = self.params
@@ -102,6 +104,7 @@ class ValidRequest:
             watermark=p.watermark,
             constraint=self.make_constraint() if self.make_constraint else None,
             adapter_id=p.adapter_id,
+            multimodal=self.multimodal,
         )
 
 
@@ -210,21 +213,31 @@ def tokenize(tokenizer, inputs: str, add_special_tokens: bool) -> list[int]:
 
 
 async def validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool = True,
-                   stream: bool = False) -> ValidRequest:
-    """Check, tokenize and compile one request (TGI's ``validate`` span when tracing)."""
+                   stream: bool = False, images: list[str] | None = None) -> ValidRequest:
+    """Check, tokenize and compile one request (TGI's ``validate`` span when tracing).
+
+    ``images``: the image URLs of a chat prompt, whose text holds the processor's image token
+    once for each. Without it, a vision-language model reads images from TGI's markdown in
+    ``inputs`` (``![](url)``); a text-only model leaves that markdown as text, as TGI does."""
     with tracing.child("validate"):
         tracing.record_parameters(p)
-        return await _validate(state, inputs, p, add_special_tokens=add_special_tokens, stream=stream)
+        return await _validate(state, inputs, p, add_special_tokens=add_special_tokens, stream=stream,
+                               images=images)
 
 
 async def _validate(state, inputs: str | list[int], p: GenParams, *, add_special_tokens: bool,
-                    stream: bool) -> ValidRequest:
+                    stream: bool, images: list[str] | None = None) -> ValidRequest:
     limits = state.limits
     check_parameters(limits, p, stream=stream)
+    multimodal = None
+    if images and state.multimodal is None:
+        raise validation("image inputs are not supported by this model (it is text-only)")
     if isinstance(inputs, str):
         if not inputs:
             raise validation("`inputs` cannot be empty")
-        if len(inputs) > INLINE_TOKENIZE_CHARS:
+        if state.multimodal is not None:
+            ids, multimodal = await image_prompt(state, inputs, images, add_special_tokens)
+        elif len(inputs) > INLINE_TOKENIZE_CHARS:
             ids = await state.in_worker(tokenize, state.tokenizer, inputs, add_special_tokens)
         else:
             ids = tokenize(state.tokenizer, inputs, add_special_tokens)
@@ -235,9 +248,15 @@ async def _validate(state, inputs: str | list[int], p: GenParams, *, add_special
             raise validation(f"token ids must be >= 0 and < {vocab}")
         ids = list(inputs)
         text = state.tokenizer.decode(ids) if state.tokenizer is not None else ""
+        if state.multimodal is not None and state.multimodal.image_token_id in ids:
+            raise validation("token ids hold the image token but no image (send images as text "
+                             "with markdown images or as chat image_url parts)")
     if not ids:
         raise validation("`inputs` cannot be empty")
     if p.truncate is not None:
+        if multimodal is not None and p.truncate < len(ids):
+            raise validation(f"`truncate` ({p.truncate}) would cut a prompt with images "
+                             f"({len(ids)} tokens, images included)")
         ids = ids[-p.truncate:]
     input_length = len(ids)
     max_new = p.max_new_tokens
@@ -256,7 +275,7 @@ async def _validate(state, inputs: str | list[int], p: GenParams, *, add_special
     if p.grammar is not None:
         make_constraint = await compile_grammar(state, *p.grammar)
     return ValidRequest(text, ids, input_length, max_new, p.best_of or 1, p.top_n_tokens or 0, p,
-                        make_constraint)
+                        make_constraint, multimodal)
 
 
 async def compile_grammar(state, kind: str, value: Any):
