@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits, save_reference
+from genserve.testing import (
+    generate_greedy,
+    load_genserve,
+    make_prompts,
+    prompt_logits,
+    save_reference,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -32,7 +38,7 @@ def write_fp8(folder: Path, quant_config: dict, per_tensor: bool, static: bool, 
     saved = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
-            saved.update({k: h.get_tensor(k) for k in h.keys()})
+            saved.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 (a safe_open handle)
         f.unlink()
     dense, out, input_scales = {}, {}, {}
     for name, w in saved.items():

@@ -9,8 +9,18 @@ import pytest
 import torch
 from genserve.layers.quantization.cpu_kernels import CpuInt4PackKernel
 from genserve.layers.quantization.gguf import PACKED, decode_blocks
-from genserve.layers.quantization.kernels import TorchWNA16Kernel, WNA16Config, WNA16Weights
-from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits, reference_greedy
+from genserve.layers.quantization.kernels import (
+    TorchWNA16Kernel,
+    WNA16Config,
+    WNA16Weights,
+)
+from genserve.testing import (
+    generate_greedy,
+    load_genserve,
+    make_prompts,
+    prompt_logits,
+    reference_greedy,
+)
 from torch import nn
 
 from .gguf_ckpt import write_tiny_llama_gguf

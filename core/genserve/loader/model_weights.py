@@ -18,9 +18,8 @@ def load_weights(model, src: ModelSource, config, load_format: str, dtype: torch
         return
     weights: Iterator[tuple[str, object]]
     if src.is_gguf:
-        from genserve.loader.gguf_weights import iter_gguf
-
         from genserve.layers.quantization.gguf import GGUFConfig
+        from genserve.loader.gguf_weights import iter_gguf
 
         assert src.gguf_file is not None  # is_gguf means a file was found
         quant = model.ctx.quant

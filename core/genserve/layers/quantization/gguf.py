@@ -31,7 +31,11 @@ from gguf import GGMLQuantizationType as GGMLType
 from gguf.quants import Q4_K
 
 from genserve.layers.quantization.base import LinearKernelChooser, QuantizationConfig
-from genserve.layers.quantization.kernels import TorchWNA16Kernel, WNA16Config, choose_linear_kernel
+from genserve.layers.quantization.kernels import (
+    TorchWNA16Kernel,
+    WNA16Config,
+    choose_linear_kernel,
+)
 from genserve.layers.quantization.targets import part_prefixes
 from genserve.layers.quantization.wna16 import WNA16LinearMethod, WNA16Scheme
 
