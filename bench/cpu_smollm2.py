@@ -2,9 +2,9 @@
 
 All peers run in the same process, one after the other, on the same prompts:
   - genserve: the engine directly (no HTTP), greedy, ignore_eos, in each ``--variants``
-    configuration, dtype/quantizer: ``none`` dequantizes the GGUF at load (--gguf-dequantize,
-    the reference), ``gguf`` serves its Q4_1 layers packed (the default since issue 19),
-    another name (eetq, fp8) quantizes the dequantized weights at load;
+    configuration, dtype/quantizer: ``none`` dequantizes the GGUF at load (the default, the
+    reference), ``gguf`` serves its Q4_1 layers packed (``--quantize gguf``), another name
+    (eetq, fp8) quantizes the dequantized weights at load;
   - transformers ``generate``: fp32 dequantized from the same GGUF, batch 1 and a padded batch;
   - llama.cpp through llama-cpp-python on the same Q4_1 GGUF (batch 1), when installed.
 Figures: output tokens/s at 1 request and at N concurrent requests, and time to first token.
@@ -99,9 +99,8 @@ def main():
 
     for variant in args.variants.split(","):
         dtype, quantize = variant.split("/")
-        flags = {"none": dict(gguf_dequantize=True), "gguf": {}}.get(quantize, dict(quantize=quantize))
         t0 = time.perf_counter()
-        loaded = build_engine(defaults(dtype=dtype, **flags))
+        loaded = build_engine(defaults(dtype=dtype, quantize=None if quantize == "none" else quantize))
         load_s = time.perf_counter() - t0
         tok, engine = loaded.tokenizer, loaded.engine
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,

@@ -64,8 +64,6 @@ FLAGS: list[Flag] = [
     Flag("--model-id", str, None, "Hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
     Flag("--revision", str, None, "Hub revision"),
     Flag("--gguf-file", str, None, "GGUF file name inside --model-id"),
-    Flag("--gguf-dequantize", bool, False, "Dequantize a GGUF checkpoint's weights to --dtype at load "
-         "(the reference) instead of serving Q4_0/Q4_1/Q4_K/Q8_0 layers packed"),
     Flag("--load-format", str, "auto", "auto, or dummy for random weights (benchmarks)", choices=("auto", "dummy")),
     Flag("--dtype", str, None, "float32, float16 or bfloat16 (default: the backend's)",
          choices=("float32", "float16", "bfloat16")),

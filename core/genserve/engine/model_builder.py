@@ -59,22 +59,20 @@ def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type[Cau
 def quantizer(plugins: Plugins, backend, args, config, src: ModelSource, dtype: torch.dtype = torch.float32):
     """(--quantize name or None, ``QuantizationConfig`` or None) from the flag and the
     checkpoint (``layers/quantization/detect.py``), its linear kernels chosen in the backend's
-    ``linear_kernel_preference``. A GGUF checkpoint is served in its quantized form
-    (``layers/quantization/gguf.py``) unless --gguf-dequantize or another --quantize is given.
-    Raises ``ConfigError`` for a mismatch or a refused setting."""
+    ``linear_kernel_preference``. ``--quantize gguf`` serves a GGUF checkpoint in its quantized
+    form (``layers/quantization/gguf.py``); without it a GGUF file is dequantized at load (greedy
+    parity with transformers, docs/quantization.md). Raises ``ConfigError`` for a mismatch or a
+    refused setting."""
     from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError
     from genserve.layers.quantization.detect import build_quantization
 
     kernels = LinearKernelChooser(backend.device, backend.linear_kernel_preference, plugins.linear_kernels)
-    gguf_dequantize = args.gguf_dequantize
-    if src.is_gguf and args.quantize in (None, "gguf") and not gguf_dequantize:
+    if src.is_gguf and args.quantize == "gguf":
         from genserve.layers.quantization.gguf import GGUFConfig
         from genserve.loader.gguf_weights import tensor_types
 
         assert src.gguf_file is not None  # is_gguf means a file was found
         return "gguf", GGUFConfig(kernels, tensor_types(src.path / src.gguf_file, config), dtype)
-    if gguf_dequantize and (not src.is_gguf or args.quantize == "gguf"):
-        raise ConfigError("--gguf-dequantize applies to .gguf checkpoints without --quantize gguf")
     try:
         return build_quantization(plugins.quantizers, args.quantize, config,
                                   None if src.is_gguf else src.path, kernels, backend.name)

@@ -27,6 +27,7 @@ TOOLS = {
     "marlin": "a Marlin packer",
     "compressed-tensors": "llm-compressor",
     "fbgemm_fp8": "transformers' FbgemmFp8Config",
+    "gguf": "llama.cpp's convert_hf_to_gguf.py and llama-quantize (then pass the .gguf file)",
 }
 
 

@@ -18,7 +18,9 @@ Each maps exactly onto the canonical integer form of ``kernels.py`` with 32-weig
 ``scales`` and ``offsets``; ``GGUFLinearMethod`` hands them to the kernel the backend prefers
 (on CPU ``cpu_int4pack``, torch's packed int4 matmul, in bf16). Other types (F16, Q5_*, Q6_K,
 ...), layers whose fused parts differ in type, layers no fast kernel takes, the embeddings and
-the lm_head are dequantized to the model's dtype at load, as before.
+the lm_head are dequantized to the model's dtype at load, as before. Opt-in with
+``--quantize gguf`` (vLLM's name): the bf16 matmuls are not token-identical to transformers on the
+dequantized model, which a GGUF file without the flag stays (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ class GGUFLinearMethod(WNA16LinearMethod):
 
 
 class GGUFConfig(QuantizationConfig):
-    """A GGUF checkpoint's linear layers: packed where every part of the layer has a type in
+    """``--quantize gguf`` on a .gguf checkpoint (built by ``engine.model_builder.quantizer`` from the
+    file, never from a config.json: ``requires_checkpoint_config`` refuses other checkpoints).
+    Its linear layers: packed where every part of the layer has a type in
     ``PACKED`` and the backend has a fast kernel for it; dense (dequantized at load) elsewhere.
 
     ``types`` maps the model's checkpoint names (``model.layers.0.self_attn.q_proj.weight``) to
@@ -148,13 +152,6 @@ class GGUFConfig(QuantizationConfig):
         super().__init__(kernels)
         self.types, self.dtype = types or {}, dtype
         self.packed: set[str] = set()  # checkpoint names (without ``.weight``) served packed
-
-    @classmethod
-    def from_config(cls, config, kernels=None):
-        from genserve.layers.quantization.base import QuantizationError
-
-        raise QuantizationError("--quantize gguf needs a .gguf checkpoint (its quantization is read from "
-                                "the file); this checkpoint is not one")
 
     def keeps_packed(self, name: str) -> bool:
         """Whether the checkpoint tensor ``name`` (``...q_proj.weight``) loads as GGUF blocks."""
