@@ -2,13 +2,15 @@
 
 All peers run in the same process, one after the other, on the same prompts:
   - genserve: the engine directly (no HTTP), greedy, ignore_eos, in each ``--variants``
-    configuration (dtype/quantizer; default fp32 unquantized);
+    configuration, dtype/quantizer: ``none`` dequantizes the GGUF at load (the default, the
+    reference), ``gguf`` serves its Q4_1 layers packed (``--quantize gguf``), another name
+    (eetq, fp8) quantizes the dequantized weights at load;
   - transformers ``generate``: fp32 dequantized from the same GGUF, batch 1 and a padded batch;
   - llama.cpp through llama-cpp-python on the same Q4_1 GGUF (batch 1), when installed.
 Figures: output tokens/s at 1 request and at N concurrent requests, and time to first token.
 
     python bench/cpu_smollm2.py [--new-tokens 128] [--concurrency 16] [--json out.jsonl]
-        [--variants float32/none,bfloat16/none,float32/eetq]
+        [--variants float32/none,float32/gguf,bfloat16/none,float32/eetq]
 """
 
 from __future__ import annotations
@@ -79,9 +81,9 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=64, help="transformers is slow: fewer tokens")
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--variants", default="float32/none",
+    ap.add_argument("--variants", default="float32/none,float32/gguf",
                     help="genserve configurations to run, each dtype/quantizer: e.g. "
-                         "float32/none,bfloat16/none,float32/eetq")
+                         "float32/none,float32/gguf,bfloat16/none,float32/eetq")
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
@@ -97,7 +99,9 @@ def main():
 
     for variant in args.variants.split(","):
         dtype, quantize = variant.split("/")
+        t0 = time.perf_counter()
         loaded = build_engine(defaults(dtype=dtype, quantize=None if quantize == "none" else quantize))
+        load_s = time.perf_counter() - t0
         tok, engine = loaded.tokenizer, loaded.engine
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                        tokenize=False)
@@ -108,6 +112,7 @@ def main():
         engine.blocks.enable_prefix_caching = False
         genserve_run(engine, [prompt], 8)  # warm-up
         tag = dict(dtype=dtype, quantize=quantize)
+        record("load_s", load_s, "s", "genserve", **tag)
         tps, ttft = genserve_run(engine, [prompt], args.new_tokens)
         record("tok_s_b1", tps, "tok/s", "genserve", **tag)
         record("ttft_b1_ms", ttft * 1e3, "ms", "genserve", **tag)

@@ -54,8 +54,9 @@ def tiny_llama(**kw):
 def test_packed_checkpoint_matches_dequantized_transformers(tmp_path, fmt, bits, group, sym, act):
     ref = write_quantized(tiny_llama(), tmp_path, fmt, bits, group, sym, act)
     engine = _assert_parity(tmp_path, ref)
-    # The CPU backend's preference: torch's packed int4 / int8 matmuls where they apply.
-    fast = "CpuInt4PackKernel" if bits == 4 else ("CpuInt8PackKernel" if group == -1 else "TorchWNA16Kernel")
+    # The CPU backend's preference: torch's packed int4 / int8 matmuls where they apply (grouped
+    # 8-bit weights run as two int4 groups, cpu_kernels.py).
+    fast = "CpuInt4PackKernel" if bits == 4 or group != -1 else "CpuInt8PackKernel"
     layer = engine.runner.model.layers[0].mlp.down_proj
     assert type(layer.quant.kernel).__name__ == fast
 

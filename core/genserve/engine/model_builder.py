@@ -57,14 +57,23 @@ def architecture(plugins: Plugins, config, model_impl: str = "auto") -> type[Cau
         raise ConfigError(str(exc)) from None
 
 
-def quantizer(plugins: Plugins, backend, args, config, src: ModelSource):
+def quantizer(plugins: Plugins, backend, args, config, src: ModelSource, dtype: torch.dtype = torch.float32):
     """(--quantize name or None, ``QuantizationConfig`` or None) from the flag and the
     checkpoint (``layers/quantization/detect.py``), its linear kernels chosen in the backend's
-    ``linear_kernel_preference``. Raises ``ConfigError`` for a mismatch or a refused setting."""
+    ``linear_kernel_preference``. ``--quantize gguf`` serves a GGUF checkpoint in its quantized
+    form (``layers/quantization/gguf.py``); without it a GGUF file is dequantized at load (greedy
+    parity with transformers, docs/quantization.md). Raises ``ConfigError`` for a mismatch or a
+    refused setting."""
     from genserve.layers.quantization.base import LinearKernelChooser, QuantizationError
     from genserve.layers.quantization.detect import build_quantization
 
     kernels = LinearKernelChooser(backend.device, backend.linear_kernel_preference, plugins.linear_kernels)
+    if src.is_gguf and args.quantize == "gguf":
+        from genserve.layers.quantization.gguf import GGUFConfig
+        from genserve.loader.gguf_weights import tensor_types
+
+        assert src.gguf_file is not None  # is_gguf means a file was found
+        return "gguf", GGUFConfig(kernels, tensor_types(src.path / src.gguf_file, config), dtype)
     try:
         return build_quantization(plugins.quantizers, args.quantize, config,
                                   None if src.is_gguf else src.path, kernels, backend.name)
@@ -76,7 +85,7 @@ def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype
     """(model, attention class, quantizer name): the model constructed on ``backend.device``,
     its weights loaded and processed, in eval mode (the backend told: ``after_weights_loaded``)."""
     model_cls = architecture(plugins, config, args.model_impl)
-    quant_name, quant_config = quantizer(plugins, backend, args, config, src)
+    quant_name, quant_config = quantizer(plugins, backend, args, config, src, dtype)
     forced = "torch" if not backend.options.custom_kernels else getattr(args, "attention", None)
     attn_cls = choose_attention(plugins, backend, forced, attention_probe(config), dtype)
     logger.info("backend %s, attention %s, dtype %s", backend.name, attn_cls.name, dtype)

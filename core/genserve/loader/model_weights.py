@@ -18,10 +18,13 @@ def load_weights(model, src: ModelSource, config, load_format: str, dtype: torch
         return
     weights: Iterator[tuple[str, object]]
     if src.is_gguf:
+        from genserve.layers.quantization.gguf import GGUFConfig
         from genserve.loader.gguf_weights import iter_gguf
 
         assert src.gguf_file is not None  # is_gguf means a file was found
-        weights = iter_gguf(src.path, src.gguf_file, config, dtype)
+        quant = model.ctx.quant
+        weights = iter_gguf(src.path, src.gguf_file, config, dtype,
+                            quant.keeps_packed if isinstance(quant, GGUFConfig) else None)
     else:
         from genserve.loader.safetensors_weights import iter_safetensors
 

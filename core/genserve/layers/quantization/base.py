@@ -130,6 +130,9 @@ class QuantizationConfig:
     # True for formats that read integer weights a tool wrote (GPTQ, AWQ, ...): the checkpoint
     # must carry a quantization config. False for methods that quantize dense weights at load.
     requires_checkpoint_config: ClassVar[bool] = False
+    # True for methods that quantize dense weights at load AND read checkpoints already in their
+    # format (fp8: ``--quantize fp8`` and ``quant_method: fp8`` checkpoints).
+    accepts_checkpoint_config: ClassVar[bool] = False
 
     def __init__(self, kernels: LinearKernelChooser | None = None):
         self.kernels = kernels or LinearKernelChooser()

@@ -8,6 +8,8 @@ from genserve.layers.quantization.cpu_kernels import (
     CpuInt8PackKernel,
 )
 from genserve.layers.quantization.fp8 import FP8Config
+from genserve.layers.quantization.fp8_checkpoint import FBGEMMFP8Config
+from genserve.layers.quantization.gguf import GGUFConfig
 from genserve.layers.quantization.gptq import GPTQConfig
 from genserve.layers.quantization.int8 import EETQConfig
 from genserve.layers.quantization.kernels import TorchWNA16Kernel
@@ -16,7 +18,8 @@ from genserve.layers.quantization.marlin import MarlinConfig
 
 @hookimpl
 def genserve_register_quantizers(register):
-    for cls in (FP8Config, EETQConfig, GPTQConfig, AWQConfig, CompressedTensorsConfig, MarlinConfig):
+    for cls in (FP8Config, EETQConfig, GPTQConfig, AWQConfig, CompressedTensorsConfig, MarlinConfig,
+                GGUFConfig, FBGEMMFP8Config):
         register(cls.name, cls)
 
 

@@ -1,4 +1,5 @@
-"""compressed-tensors checkpoints (llm-compressor): ``pack-quantized`` W4A16 and W8A16.
+"""compressed-tensors checkpoints (llm-compressor): ``pack-quantized`` W4A16 and W8A16, and
+``float-quantized`` FP8 (read by ``fp8_checkpoint.py``).
 
 Layout (compressed-tensors ``compressors/pack_quantized``: ``pack_to_int32``), ``K`` input and
 ``N`` output features, integer weights signed in ``[-2**(b-1), 2**(b-1))`` and stored offset by
@@ -13,8 +14,9 @@ Layout (compressed-tensors ``compressors/pack_quantized``: ``pack_to_int32``), `
 
 Which layers: ``config_groups`` each name ``targets`` (``Linear``, exact names, ``re:`` patterns)
 and a weights scheme; ``ignore`` (names and ``re:`` patterns) leaves layers dense. Refused, with
-the layer named: a format other than ``pack-quantized``, quantized activations (W8A8, W4A8),
-float weights (FP8/NVFP4), bits other than 4 and 8, strategies other than ``group`` and
+the layer named: a format other than ``pack-quantized`` (``float-quantized`` for FP8), integer
+weights with quantized activations (W8A8, W4A8), float weights other than FP8 with channel or
+tensor scales (block scales, NVFP4), bits other than 4 and 8, strategies other than ``group`` and
 ``channel``, a quantized KV cache, sparsity and transform configs. A layer that no group targets
 stays dense, as the checkpoint holds it.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from genserve.layers.quantization.base import QuantizationConfig, QuantizationError
+from genserve.layers.quantization.fp8_checkpoint import FP8CheckpointLinear, FP8Scheme
 from genserve.layers.quantization.targets import decide, matches
 from genserve.layers.quantization.wna16 import (
     WNA16LinearMethod,
@@ -104,6 +107,31 @@ def _scheme_of(group_name: str, weights: dict) -> WNA16Scheme:
                        act_order=actorder == "group" and group != -1)
 
 
+def _fp8_scheme_of(group_name: str, fmt: str, weights: dict, inputs: dict | None,
+                   outputs: dict | None) -> FP8Scheme | str:
+    """The FP8 scheme of a ``float-quantized`` group (llm-compressor's FP8 presets), or the
+    reason it is refused."""
+    if fmt != "float-quantized":
+        return f"float weights in format {fmt!r} are not supported (float-quantized)"
+    if int(weights.get("num_bits", 8)) != 8:
+        return f"{weights.get('num_bits')}-bit float weights are not supported (FP8: 8)"
+    if weights.get("strategy") not in ("channel", "tensor") or weights.get("dynamic"):
+        return (f"FP8 weights with strategy {weights.get('strategy')!r} are not supported "
+                f"(static channel or tensor scales)")
+    if outputs:
+        return "quantized output activations are not supported"
+    if not inputs:
+        return FP8Scheme(activations=None)
+    if inputs.get("type") != "float" or int(inputs.get("num_bits", 8)) != 8:
+        return "FP8 weights with non-FP8 activations are not supported"
+    if inputs.get("dynamic") and inputs.get("strategy") == "token":
+        return FP8Scheme(activations="dynamic")
+    if not inputs.get("dynamic") and inputs.get("strategy") == "tensor":
+        return FP8Scheme(activations="static")
+    return (f"FP8 activations {'dynamic' if inputs.get('dynamic') else 'static'} per "
+            f"{inputs.get('strategy')} are not supported (dynamic per token, static per tensor)")
+
+
 class CompressedTensorsConfig(QuantizationConfig):
     """``quant_method: compressed-tensors`` (llm-compressor's checkpoints)."""
 
@@ -127,7 +155,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         for name, group in (config.get("config_groups") or {}).items():
             fmt = group.get("format") or default_format
             weights = group.get("weights")
-            if group.get("input_activations") or group.get("output_activations"):
+            if weights and weights.get("type") == "float":
+                scheme = _fp8_scheme_of(name, fmt, weights, group.get("input_activations"),
+                                        group.get("output_activations"))
+            elif group.get("input_activations") or group.get("output_activations"):
                 scheme = "quantized activations (W8A8/W4A8) are not supported, only weight-only schemes"
             elif fmt != "pack-quantized":
                 scheme = f"format {fmt!r} is not supported (pack-quantized)"
@@ -152,4 +183,6 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     def get_quant_method(self, layer, prefix):
         scheme = decide(prefix, self._scheme_for)
+        if isinstance(scheme, FP8Scheme):
+            return FP8CheckpointLinear(scheme, self.kernels, prefix)
         return None if scheme is None else CompressedTensorsWNA16Method(scheme, self.kernels, prefix)

@@ -26,6 +26,8 @@ TOOLS = {
     "awq": "AutoAWQ or llm-compressor",
     "marlin": "a Marlin packer",
     "compressed-tensors": "llm-compressor",
+    "fbgemm_fp8": "transformers' FbgemmFp8Config",
+    "gguf": "llama.cpp's convert_hf_to_gguf.py and llama-quantize (then pass the .gguf file)",
 }
 
 
@@ -80,7 +82,7 @@ def build_quantization(registry, flag: str | None, hf_config, folder: Path | Non
         raise QuantizationError(f"--quantize {name} needs a checkpoint already quantized to {name} (its "
                                 f"config.json has no quantization_config): quantize the model first, "
                                 f"e.g. with {TOOLS.get(name, 'its tool')}, and serve that checkpoint")
-    if not cls.requires_checkpoint_config and found:
+    if not cls.requires_checkpoint_config and found and not cls.accepts_checkpoint_config:
         raise QuantizationError(f"--quantize {name} quantizes dense weights at load, but the checkpoint is "
                                 f"already {found}-quantized")
     if cls.backends is not None and backend_name not in cls.backends:

@@ -16,6 +16,7 @@ from genserve.layers.quantization.base import (
     QuantizationError,
     UnquantizedLinear,
 )
+from genserve.layers.quantization.fp8_checkpoint import FP8CheckpointLinear, FP8Scheme
 from genserve.layers.quantization.fp8_kernels import (
     FP8_MAX,
     FP8LinearConfig,
@@ -24,6 +25,7 @@ from genserve.layers.quantization.fp8_kernels import (
     quantize_fp8_per_channel,
 )
 from genserve.layers.quantization.kernels import choose_linear_kernel
+from genserve.layers.quantization.targets import contains_module, decide
 
 __all__ = ["FP8_MAX", "FP8Config", "FP8WeightOnly", "choose_fp8_kernel", "quantize_fp8_per_channel"]
 
@@ -89,10 +91,30 @@ class FP8WeightOnly(UnquantizedLinear):
 
 
 class FP8Config(PerLayerQuantConfig):
-    """``--quantize fp8``: every linear layer quantized at load (``lm_head`` stays dense)."""
+    """``--quantize fp8``: every linear layer quantized at load (``lm_head`` stays dense); or a
+    checkpoint with ``quant_method: fp8`` (vLLM / AutoFP8 layout, ``fp8_checkpoint.py``): its
+    ``activation_scheme`` ("dynamic" or "static") and ``ignored_layers`` (also read as
+    ``modules_to_not_convert``) are honoured; block-wise scales (``weight_block_size``) are
+    refused."""
 
     name = "fp8"
     method_cls = FP8WeightOnly
+    accepts_checkpoint_config = True
+
+    @classmethod
+    def from_config(cls, config, kernels=None):
+        if config:
+            if config.get("weight_block_size"):
+                raise QuantizationError(f"fp8 checkpoint with block-wise scales (weight_block_size "
+                                        f"{config['weight_block_size']}) is not supported; per-tensor and "
+                                        f"per-channel weight_scale are")
+            FP8Scheme(config.get("activation_scheme", "dynamic"))  # refuses unknown schemes
+        return cls(kernels, config)
 
     def get_quant_method(self, layer, prefix):
-        return FP8WeightOnly(self.config, self.kernels, prefix)
+        if not self.config:
+            return FP8WeightOnly(self.config, self.kernels, prefix)
+        ignored = list(self.config.get("ignored_layers") or []) + list(self.config.get("modules_to_not_convert") or [])
+        if decide(prefix, lambda name: any(contains_module(name, m) for m in ignored)):
+            return None
+        return FP8CheckpointLinear(FP8Scheme(self.config.get("activation_scheme", "dynamic")), self.kernels, prefix)

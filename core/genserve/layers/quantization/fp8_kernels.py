@@ -51,6 +51,11 @@ class FP8LinearConfig:
     in_features: int
     out_features: int
     act_dtype: torch.dtype
+    # How a checkpoint's activations were quantized (``fp8_checkpoint.py``): None (weight-only,
+    # ``--quantize fp8``), "dynamic" (per token) or "static" (``layer.fp8_input_scale`` [1],
+    # registered by the method before ``process_weights``). The reference reproduces it; W8A8
+    # kernels quantize activations per token whatever it says.
+    activations: str | None = None
 
 
 class FP8LinearKernel:
@@ -95,4 +100,10 @@ class TorchFP8Kernel(FP8LinearKernel):
 
     def apply(self, layer, x, bias):
         w = layer.weight_fp8.to(x.dtype) * layer.weight_scale
+        if self.config.activations == "dynamic":
+            q, scale = quantize_fp8_per_token(x)
+            x = (q.float() * scale).to(x.dtype)
+        elif self.config.activations == "static":
+            scale = layer.fp8_input_scale
+            x = ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
         return F.linear(x, w, bias)

@@ -14,7 +14,9 @@ Dequantization rule of the canonical form (the one GPTQ, AWQ and compressed-tens
     W[n, k] = (q[k, n] - z[g(k), n]) * s[g(k), n],    g(k) = k // group_size
 
 with ``q`` and ``z`` unsigned integers in ``[0, 2**bits)``; symmetric formats have no stored zero
-points and use ``z = 2**(bits - 1)``.
+points and use ``z = 2**(bits - 1)``. Formats whose groups have a float minimum instead of an
+integer zero point (GGUF ``Q4_1``, ``Q4_K``: ``w = d * q + m``) add a float ``offset`` per group,
+``W[n, k] = (q - z) * s + o[g(k), n]``; only kernels that declare ``supports_offsets`` take them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class WNA16Config:
     in_features: int
     out_features: int
     act_dtype: torch.dtype
+    # A float offset per group (``WNA16Weights.offsets``): GGUF's float minimums.
+    has_offsets: bool = False
+    # The dtype a fast kernel may run the matmul in when it differs from ``act_dtype`` (None:
+    # ``act_dtype``). GGUF sets bfloat16: torch's int4 CPU matmul is fast only in bf16, and a
+    # GGUF checkpoint is already approximate (llama.cpp itself multiplies 8-bit activations).
+    compute_dtype: torch.dtype | None = None
 
     @property
     def num_groups(self) -> int:
@@ -59,12 +67,15 @@ class WNA16Weights:
     - ``zeros``: uint8 ``[num_groups, out_features]`` or None (symmetric: ``2**(bits-1)``).
     - ``perm``: int64 ``[in_features]`` or None: row ``k`` of ``qweight`` holds input feature
       ``perm[k]``, so the layer computes ``x[..., perm] @ dequant(qweight)``.
+    - ``offsets``: float ``[num_groups, out_features]`` or None: added to every dequantized
+      weight of the group (``WNA16Config.has_offsets``).
     """
 
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
     perm: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     def zero_points(self, bits: int) -> torch.Tensor:
         """``[num_groups, out_features]`` zero points, implicit ones filled in (uint8)."""
@@ -79,6 +90,8 @@ class WNA16Weights:
         z = self.zero_points(config.bits).float()[groups]          # [K, N]
         s = self.scales.float()[groups]                             # [K, N]
         w = (self.qweight.float() - z) * s                          # [K, N], permuted rows
+        if self.offsets is not None:
+            w = w + self.offsets.float()[groups]
         if self.perm is not None:
             dense = torch.empty_like(w)
             dense[self.perm] = w
@@ -97,6 +110,9 @@ class MPLinearKernel:
     """
 
     name: ClassVar[str] = "?"
+    # Whether ``process_weights`` honours ``WNA16Weights.offsets``; the chooser passes over
+    # kernels that do not for layers with offsets (so a kernel written before them stays exact).
+    supports_offsets: ClassVar[bool] = False
 
     def __init__(self, config: WNA16Config):
         self.config = config
@@ -123,6 +139,7 @@ class TorchWNA16Kernel(MPLinearKernel):
     """
 
     name = "torch_wna16"
+    supports_offsets = True
 
     @classmethod
     def can_implement(cls, config, device):
@@ -133,9 +150,11 @@ class TorchWNA16Kernel(MPLinearKernel):
         layer.register_buffer("wna16_scales", weights.scales, persistent=False)
         layer.register_buffer("wna16_zeros", weights.zero_points(self.config.bits), persistent=False)
         layer.register_buffer("wna16_perm", weights.perm, persistent=False)
+        layer.register_buffer("wna16_offsets", weights.offsets, persistent=False)
 
     def apply(self, layer, x, bias):
-        w = WNA16Weights(layer.wna16_qweight, layer.wna16_scales, layer.wna16_zeros, layer.wna16_perm)
+        w = WNA16Weights(layer.wna16_qweight, layer.wna16_scales, layer.wna16_zeros, layer.wna16_perm,
+                         layer.wna16_offsets)
         return F.linear(x, w.dequantize(self.config, x.dtype), bias)
 
 
@@ -151,7 +170,10 @@ def choose_linear_kernel(config: WNA16Config, device: torch.device, preference: 
             reasons.append(f"{name}: not installed")
             continue
         cls = registry.get(name)
-        why = cls.can_implement(config, device)
+        # (FP8 layers share this chooser with their own config type, which has no offsets.)
+        offsets = isinstance(config, WNA16Config) and config.has_offsets
+        why = ("float group offsets (GGUF minimums)" if offsets and not cls.supports_offsets
+               else cls.can_implement(config, device))
         if why is None:
             return cls
         reasons.append(f"{name}: {why}")

