@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 
 @dataclass
@@ -56,10 +57,10 @@ def open_gguf(path: Path, config) -> GGUFTensors:
     return GGUFTensors(reader, processor, get_gguf_hf_weights_map(skeleton, processor), parsed)
 
 
-def tensor_types(path: Path, config) -> dict[str, object]:
+def tensor_types(path: Path, config) -> dict[str, GGMLQuantizationType]:
     """transformers' parameter name -> the tensor's ``GGMLQuantizationType``, for every tensor."""
     t = open_gguf(path, config)
-    out = {}
+    out: dict[str, GGMLQuantizationType] = {}
     for tensor in t.reader.tensors:  # type: ignore[attr-defined]
         name = t.hf_name(tensor.name)
         if name:

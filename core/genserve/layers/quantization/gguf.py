@@ -73,10 +73,10 @@ def decode_blocks(raw: np.ndarray, qtype: GGMLType, k: int
     bits, _ = PACKED[qtype]
     n = raw.shape[0]
     if qtype == GGMLType.Q4_K:
-        b = raw.reshape(n * k // 256, 144)
-        d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
-        sc, mn = (torch.from_numpy(a.astype(np.float32)) for a in Q4_K.get_scale_min(b[:, 4:16]))
-        qs = torch.from_numpy(np.ascontiguousarray(b[:, 16:])).reshape(-1, 4, 1, 32)
+        kb = raw.reshape(n * k // 256, 144)
+        d, dmin = _f16(kb[:, 0:2])[:, None], _f16(kb[:, 2:4])[:, None]
+        sc, mn = (torch.from_numpy(a.astype(np.float32)) for a in Q4_K.get_scale_min(kb[:, 4:16]))
+        qs = torch.from_numpy(np.ascontiguousarray(kb[:, 16:])).reshape(-1, 4, 1, 32)
         q = torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, k)
         s = d * sc                                                    # [blocks, 8]
         return q.contiguous(), s.reshape(n, -1), (8 * s - dmin * mn).reshape(n, -1)
