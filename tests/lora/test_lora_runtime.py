@@ -3,9 +3,9 @@
 --lora-modules-dir (symlinks included), validated like startup loading with 4xx answers that
 disturb nothing, slots shared with the startup adapters, and refused unless enabled."""
 
-import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +13,14 @@ import pytest
 from genserve.lora.directories import resolve_allowed
 from genserve.lora.errors import LoRAError
 
-from .lorakit import ALL_TARGETS, generate, load_with_adapters, make_adapter, save_base, tiny_llama
+from .lorakit import (
+    ALL_TARGETS,
+    generate,
+    load_with_adapters,
+    make_adapter,
+    save_base,
+    tiny_llama,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from serverkit import API_KEY, ServerProcess
@@ -116,7 +123,7 @@ def served(server):
 
 
 def test_load_generate_unload(setup):
-    server, base, allowed, adapters, startup = setup
+    server, base, _, adapters, startup = setup
     assert post(server, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": "first"},
                 auth=False).status_code == 401
     assert served(server) == ["boot"]
@@ -171,24 +178,22 @@ def test_bad_loads_are_4xx_and_disturb_nothing(setup, body, status, message):
 def test_unload_in_use_is_refused_until_it_finishes(setup):
     server, *_ = setup
     assert post(server, "/v1/load_lora_adapter", {"lora_name": "third", "lora_path": "third"}).status_code == 200
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
-        with client.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {
-                "max_new_tokens": 3000, "adapter_id": "third"}}) as stream:
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))  # it is running
-            r = client.post("/v1/unload_lora_adapter", json={"lora_name": "third"})
-            assert r.status_code == 409 and r.json()["error_type"] == "lora_adapter_in_use", r.text
-            assert "third" in served(server)
-            # Loading another adapter while it runs is fine (a load touches no slot).
-            r = client.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "second"})
-            assert r.status_code == 200, r.text
+    long = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3000, "adapter_id": "third"}}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client, \
+            client.stream("POST", "/generate_stream", json=long) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # it is running
+        r = client.post("/v1/unload_lora_adapter", json={"lora_name": "third"})
+        assert r.status_code == 409 and r.json()["error_type"] == "lora_adapter_in_use", r.text
+        assert "third" in served(server)
+        # Loading another adapter while it runs is fine (a load touches no slot).
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "second"})
+        assert r.status_code == 200, r.text
     # The client went away: the request is aborted, and the adapter can go.
     for _ in range(100):
         r = post(server, "/v1/unload_lora_adapter", {"lora_name": "third"})
         if r.status_code != 409:
             break
-        import time
-
         time.sleep(0.1)
     assert r.status_code == 200, r.text
     assert "third" not in served(server)

@@ -1,8 +1,8 @@
 """Batched LoRA: each token row may use a different adapter (or none).
 
-``TorchLoRA`` is the reference method: it gathers each row's A and B matrices and adds
-``scale * (x @ A^T) @ B^T`` to the base layer's output. Faster methods (Punica/SGMV kernels)
-register under other names with the same ``apply`` contract.
+``TorchLoRA`` is the reference method: it adds ``scale * (x @ A^T) @ B^T`` of each row's slot
+to the base layer's output. Faster methods (genserve-cuda's Triton SGMV kernels,
+"triton_sgmv") register under other names with the same ``prepare``/``apply`` contract.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class LoRAMethod:
 
 
 class TorchLoRA(LoRAMethod):
-    """Every adapter's shrink for every row in one matmul, masked to each row's own adapter,
-    then one expand. No host sync and fixed shapes; the work grows with the number of loaded
-    adapters, which is fine for a handful (gathering per-row matrices instead would allocate
+    """Every slot's shrink for every row in one matmul, masked to each row's own slot, then one
+    expand. No host sync and fixed shapes (graph-safe); the work grows with the number of slots
+    (--max-loras), which is fine for a handful (gathering per-row matrices instead would allocate
     [T, r, in] per layer). Rows with index -1 get an exactly zero delta."""
 
     name = "torch"

@@ -27,6 +27,17 @@ from genserve.server.errors import APIError
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["LoRA"])
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+# Spelled out as JSON: the routes answer text/plain on success, which FastAPI would otherwise
+# document for every status.
+LORA_ERRORS = {status: {"description": why, "content": _JSON_ERROR} for status, why in {
+    **{status: info["description"] for status, info in ERRORS.items()},
+    400: "Run-time updates are off, or the adapter cannot be loaded (the reason)",
+    404: "No adapter of that name is loaded",
+    409: "Unfinished requests use the adapter",
+    503: "The model is still loading",
+}.items()}
+SUCCESS = {200: {"description": "Done (vLLM's plain-text answer)", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -57,7 +68,7 @@ def _manager(request: Request):
     return state, state.loaded.engine.runner.lora
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses={**SUCCESS, **LORA_ERRORS},
              openapi_extra=json_body(LoadLoRAAdapterRequest))
 async def load_lora_adapter(request: Request):
     """Load a PEFT adapter from a directory under --lora-modules-dir and serve it as `lora_name`."""
@@ -83,7 +94,7 @@ async def load_lora_adapter(request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses={**SUCCESS, **LORA_ERRORS},
              openapi_extra=json_body(UnloadLoRAAdapterRequest))
 async def unload_lora_adapter(request: Request):
     """Stop serving adapter `lora_name` and free its host copy and device slot."""

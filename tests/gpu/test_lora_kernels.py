@@ -1,0 +1,66 @@
+"""The Triton SGMV LoRA method equals the torch reference method (``TorchLoRA``) on batches
+whose rows use different slots (or none), with ranks zero-padded in the slots. Runs on a GPU,
+or on the CPU under TRITON_INTERPRET=1 (tiny shapes)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from genserve.layers.lora import TorchLoRA
+from genserve_cuda.kernels.lora import sort_rows
+from genserve_cuda.lora import TritonSGMVLoRA
+
+
+def slots(S, R, K, N, ranks, dtype, device, seed=0):
+    """Slot tensors as the LoRAManager fills them: slot s holds a rank ranks[s] adapter, zero
+    past it (a rank-0 slot is empty)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(S, R, K)
+    b = torch.zeros(S, N, R)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, K, generator=g) / K ** 0.5
+        b[s, :, :r] = torch.randn(N, r, generator=g)
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+CASES = [  # (rows' slots, slot ranks)
+    ([0], [4, 2, 8]),
+    ([-1, -1, -1], [4, 2, 8]),  # no row with an adapter: y unchanged
+    ([2, -1, 0, 0, 1, 2, 2, -1, 1], [4, 2, 8]),
+    ([1] * 20 + [0] * 3 + [-1] * 5 + [2] * 17, [8, 1, 5]),  # several 16-row tiles of one slot
+    ([3, 0, 3, -1], [0, 8, 8, 3]),  # an empty slot, slots not all used
+]
+
+
+@pytest.mark.parametrize("rows, ranks", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sgmv_matches_torch_method(device, rows, ranks, dtype):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the interpreter checks float32 (bfloat16 on the GPU)")
+    K, N, R = 48, 80, 8  # K, N not multiples of the blocks: masks are exercised
+    S = len(ranks)
+    a, b = slots(S, R, K, N, ranks, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    T = len(rows)
+    x = torch.randn(T, K, generator=g).to(device, dtype)
+    y = torch.randn(T, N, generator=g).to(device, dtype)
+    scales = torch.tensor([1.0, 0.5, 2.0, 1.5][:S], dtype=dtype, device=device)
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    want = TorchLoRA().apply(y.clone(), x, a, b, scales, index)
+    method = TritonSGMVLoRA()
+    got = method.apply(y.clone(), x, a, b, scales, index, method.prepare(index, S))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (got - want).abs().max()
+    none = index < 0
+    assert torch.equal(got[none], y[none])  # rows without an adapter are untouched
+    if (~none).any():
+        assert (got[~none] - y[~none]).abs().max() > 0.1  # the delta is really there
+
+
+def test_sort_rows(device):
+    index = torch.tensor([2, -1, 0, 2, -1, 2], device=device)
+    rows = sort_rows(index, 4)
+    assert rows.counts.tolist() == [1, 0, 3, 0]
+    assert rows.starts.tolist() == [2, 3, 3, 6]
+    assert rows.order.tolist() == [1, 4, 2, 0, 3, 5]
