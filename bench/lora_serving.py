@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from gpu_llama8b import LLAMA3_8B, TINY, Recorder, random_prompt
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,10 +44,10 @@ def build(model_dir: str, args, lora: bool):
     from genserve.engine.build import build_engine
     from genserve.engine.warmup import warm_up
 
-    flags = dict(model_id=model_dir, load_format="dummy", backend=args.backend,
-                 dtype="float32" if args.backend == "cpu" else "bfloat16",
-                 max_batch_prefill_tokens=args.prefill_chunk, max_batch_size=args.max_batch_size,
-                 cuda_memory_fraction=0.92)
+    flags = {"model_id": model_dir, "load_format": "dummy", "backend": args.backend,
+                 "dtype": "float32" if args.backend == "cpu" else "bfloat16",
+                 "max_batch_prefill_tokens": args.prefill_chunk, "max_batch_size": args.max_batch_size,
+                 "cuda_memory_fraction": 0.92}
     if args.cuda_graphs is not None and args.backend != "cpu":
         flags["cuda_graphs"] = args.cuda_graphs
     if lora:  # no startup adapter: slots on every linear layer, adapters registered below
@@ -213,7 +212,7 @@ def main():
         adapters=args.adapters, slots=args.max_loras, distinct_requested=len(set(mixed)),
         slot_loads=manager.table.loads - loads0)
     rec("slot_miss_ms", slot_miss_ms(loaded, ids), "ms", "genserve", rank=args.rank)
-    print("\nsummary (jsonl at %s)" % rec.path)
+    print(f"\nsummary (jsonl at {rec.path})")
     for r in rec.rows:
         print(f"  {r['metric']:24s} {r['value']:>12} {r['unit']}")
 
