@@ -64,3 +64,12 @@ def test_sort_rows(device):
     assert rows.counts.tolist() == [1, 0, 3, 0]
     assert rows.starts.tolist() == [2, 3, 3, 6]
     assert rows.order.tolist() == [1, 4, 2, 0, 3, 5]
+
+
+def test_sort_rows_is_a_stable_sort(device):
+    g = torch.Generator().manual_seed(3)
+    for T, S in ((1, 1), (7, 3), (300, 64), (0, 4)):
+        index = torch.randint(-1, S, (T,), generator=g).to(device)
+        rows = sort_rows(index, S)
+        assert torch.equal(rows.order.long(), torch.sort(index, stable=True).indices)
+        assert rows.counts.tolist() == [int((index == s).sum()) for s in range(S)]
