@@ -64,6 +64,12 @@ def test_sort_rows(device):
     assert rows.counts.tolist() == [1, 0, 3, 0]
     assert rows.starts.tolist() == [2, 3, 3, 6]
     assert rows.order.tolist() == [1, 4, 2, 0, 3, 5]
+    # Tiles: one for slot 0, one for slot 2; the table's other entries (-1) are unused.
+    assert rows.tile_slot.tolist() == [0, 2, -1, -1, -1]
+    assert rows.tile_m0.tolist()[:2] == [0, 0]
+    many = sort_rows(torch.tensor([1] * 20 + [-1] * 3 + [0] * 40, device=device), 3)
+    assert many.tile_slot.tolist() == [0, 0, 0, 1, 1, -1, -1]  # 40 rows: 3 tiles, 20: 2
+    assert many.tile_m0.tolist()[:5] == [0, 16, 32, 0, 16]
 
 
 def test_sort_rows_is_a_stable_sort(device):
