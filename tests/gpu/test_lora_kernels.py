@@ -35,10 +35,12 @@ CASES = [  # (rows' slots, slot ranks)
 
 @pytest.mark.parametrize("rows, ranks", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sgmv_matches_torch_method(device, rows, ranks, dtype):
+@pytest.mark.parametrize("K", [48, 600], ids=["k48", "k600-split"])
+def test_sgmv_matches_torch_method(device, rows, ranks, dtype, K):
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the interpreter checks float32 (bfloat16 on the GPU)")
-    K, N, R = 48, 80, 8  # K, N not multiples of the blocks: masks are exercised
+    # K, N not multiples of the blocks: masks are exercised; K=600 is split over 3 programs.
+    N, R = 80, 8
     S = len(ranks)
     a, b = slots(S, R, K, N, ranks, dtype, device)
     g = torch.Generator().manual_seed(1)

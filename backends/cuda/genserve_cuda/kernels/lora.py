@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16  # rows per tile: tensor-core dots need at least 16
+# The shrink splits K over programs that add their partial products atomically: at batch 1 one
+# program reading a whole [R, 4096] A would leave the GPU idle.
+SHRINK_K_PER_PROGRAM = 256
 
 
 @dataclass
@@ -88,7 +91,8 @@ def _tile_rows(pid, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_pt
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_ptr,
                    K, R, stride_xm, stride_as, stride_ar, stride_om,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   K_PER_PROGRAM: tl.constexpr):
     slot, rows, mmask = _tile_rows(tl.program_id(0), order_ptr, counts_ptr, starts_ptr, tile_slot_ptr,
                                    tile_m0_ptr, BLOCK_M)
     if slot < 0:
@@ -97,7 +101,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, til
     rmask = offs_r < R
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = tl.program_id(1) * K_PER_PROGRAM
+    for k0 in range(k_first, k_first + K_PER_PROGRAM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
@@ -108,8 +113,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, til
             acc += tl.dot(x.to(a.dtype), a, input_precision="ieee")
         else:
             acc += tl.dot(x.to(a.dtype), a)
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc,
-             mask=mmask[:, None] & rmask[None, :])
+    tl.atomic_add(out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc,
+                  mask=mmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -148,17 +153,19 @@ def _tables(rows: SortedRows) -> tuple:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: SortedRows) -> torch.Tensor:
-    """[T, R] float32: row t is ``x[t] @ A[slot(t)]^T``; rows without an adapter are left
-    unset (the expand never reads them). ``x`` [T, K], ``a`` [S, R, K] with unit stride on K."""
+    """[T, R] float32: row t is ``x[t] @ A[slot(t)]^T``, zero for rows without an adapter (the
+    expand never reads them). ``x`` [T, K], ``a`` [S, R, K] with unit stride on K. K is split
+    over programs of ``SHRINK_K_PER_PROGRAM`` columns whose partial products add atomically
+    (float32, so the order of the additions changes only the last bits)."""
     T, K = x.shape
     _, R, _ = a.shape
     assert a.shape[2] == K and a.stride(2) == 1 and x.stride(1) == 1
-    out = torch.empty(T, R, dtype=torch.float32, device=x.device)
-    grid = (rows.tile_slot.numel(),)
+    out = torch.zeros(T, R, dtype=torch.float32, device=x.device)  # split-K programs add into it
+    grid = (rows.tile_slot.numel(), triton.cdiv(K, SHRINK_K_PER_PROGRAM))
     if grid[0]:
         _shrink_kernel[grid](x, a, out, *_tables(rows), K, R, x.stride(0), a.stride(0), a.stride(1),
                              out.stride(0), IEEE=a.dtype == torch.float32, BLOCK_M=BLOCK_M,
-                             BLOCK_R=_block(R), BLOCK_K=64)
+                             BLOCK_R=_block(R), BLOCK_K=64, K_PER_PROGRAM=SHRINK_K_PER_PROGRAM)
     return out
 
 
