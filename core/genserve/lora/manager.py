@@ -192,14 +192,17 @@ class LoRAManager:
             return
         for slot, number in step.loads:
             host = self._by_number[number]
+            stale: list[torch.Tensor] = []  # what the previous adapter left past this one's rank
             for name, lora in self.layers.items():
-                lora.a[slot].zero_()
-                lora.b[slot].zero_()
                 ab = host.layers.get(name)
+                r = 0 if ab is None else ab[0].shape[0]
                 if ab is not None:
-                    r = ab[0].shape[0]
                     lora.a[slot, :r].copy_(ab[0], non_blocking=True)
                     lora.b[slot, :, :r].copy_(ab[1], non_blocking=True)
+                if r < lora.a.shape[1]:
+                    stale += [lora.a[slot, r:], lora.b[slot, :, r:]]
+            if stale:
+                torch._foreach_zero_(stale)  # one multi-tensor launch, not one per layer
         step.loaded = True
 
     @contextmanager
