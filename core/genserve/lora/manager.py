@@ -59,8 +59,12 @@ def adapter_shards(model: CausalLM, modules: dict[str, nn.Module], adapter: Peft
     check_model(adapter.adapter_id, model)
     per_layer: dict[str, list] = {}
     seen: dict[tuple, str] = {}
+    layers: dict[str, LinearBase] = {}
     for name, part in adapter.modules.items():
         target = resolve(adapter.adapter_id, model, name, modules)
+        layer = modules[target.layer]
+        assert isinstance(layer, LinearBase)  # resolve() refuses anything else
+        layers[target.layer] = layer
         key = (target.layer, target.shard_id)
         if key in seen or (target.layer, None) in seen or \
                 (target.shard_id is None and any(k[0] == target.layer for k in seen)):
@@ -68,8 +72,8 @@ def adapter_shards(model: CausalLM, modules: dict[str, nn.Module], adapter: Peft
                                                 f"overlap in {target.layer!r}")
         seen[key] = name
         per_layer.setdefault(target.layer, []).append((target.shard_id, name, part))
-    return {layer: shard_for_layer(adapter.adapter_id, modules[layer], parts)
-            for layer, parts in per_layer.items()}
+    return {name: shard_for_layer(adapter.adapter_id, layers[name], parts)
+            for name, parts in per_layer.items()}
 
 
 def slot_rank(layer: LinearBase, max_lora_rank: int) -> int:

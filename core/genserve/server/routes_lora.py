@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict
 from genserve.lora.directories import parse_dirs, resolve_allowed
 from genserve.lora.errors import LoRAError
 from genserve.lora.peft_format import read_peft_adapter
-from genserve.server.common import ERRORS, get_state, json_body, parse_body
+from genserve.server.common import (
+    ERRORS,
+    OpenAPIResponses,
+    get_state,
+    json_body,
+    parse_body,
+)
 from genserve.server.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -30,14 +36,15 @@ router = APIRouter(tags=["LoRA"])
 _JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 # Spelled out as JSON: the routes answer text/plain on success, which FastAPI would otherwise
 # document for every status.
-LORA_ERRORS = {status: {"description": why, "content": _JSON_ERROR} for status, why in {
+LORA_ERRORS: OpenAPIResponses = {status: {"description": why, "content": _JSON_ERROR} for status, why in {
     **{status: info["description"] for status, info in ERRORS.items()},
     400: "Run-time updates are off, or the adapter cannot be loaded (the reason)",
     404: "No adapter of that name is loaded",
     409: "Unfinished requests use the adapter",
     503: "The model is still loading",
 }.items()}
-SUCCESS = {200: {"description": "Done (vLLM's plain-text answer)", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+SUCCESS: OpenAPIResponses = {200: {"description": "Done (vLLM's plain-text answer)",
+                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 class LoadLoRAAdapterRequest(BaseModel):
