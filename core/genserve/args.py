@@ -126,6 +126,15 @@ FLAGS: list[Flag] = [
     Flag("--max-image-bytes", int, 10_000_000, "Largest encoded image in bytes (data URL or download)"),
     Flag("--max-image-pixels", int, 16_777_216, "Largest decoded image in pixels (width x height)"),
     Flag("--image-fetch-timeout", float, 10.0, "Seconds one image download may take"),
+    Flag("--max-loras", int, None, "LoRA adapters on the device at once (slots); more are kept on the host "
+         "and swapped in, least recently used out (default: one per --lora-adapters entry, at most 16)"),
+    Flag("--max-lora-rank", int, None, "Largest LoRA rank of any adapted module (default: the largest "
+         "startup adapter's, at least 16 with --enable-lora-runtime-updates)"),
+    Flag("--enable-lora-runtime-updates", bool, False, "Allow POST /v1/load_lora_adapter and "
+         "/v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs --lora-modules-dir",
+         extra_env=("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)),
+    Flag("--lora-modules-dir", str, None, "Comma-separated directories run-time LoRA loads may read "
+         "from; any other path (symlinks resolved) is refused"),
     # Server
     Flag("--hostname", str, "0.0.0.0", "Address to listen on"),
     Flag("--port", int, 3000, "Port to listen on", aliases=("-p",)),

@@ -132,13 +132,20 @@ def test_no_adapter_rows_cost_nothing(engine, files):
 
 
 def test_stacked_layout(engine):
-    """Slots zero-padded to the largest rank; beta's k slice of qkv_proj is untouched."""
-    lora = engine.runner.lora.layers["layers.0.self_attn.qkv_proj"]
-    # alpha: q, k, v at r=4 -> 12; beta: q at 8 + v at 2 -> 10.
-    assert tuple(lora.a.shape) == (2, 12, 64)
-    assert tuple(lora.b.shape) == (2, 64 + 2 * 32, 12)
-    beta_b = lora.b[1]
-    assert beta_b[:, 10:].abs().sum() == 0  # padding
+    """Each slot holds --max-lora-rank (default: the largest startup rank, beta's 8) per fused
+    part, zero-padded; beta's k slice of qkv_proj is untouched."""
+    manager = engine.runner.lora
+    manager.load_slots(manager.batch_for(["alpha", "beta"], [1, 1]))
+    sa, sb = manager.table.slot_of("alpha"), manager.table.slot_of("beta")
+    assert {sa, sb} == {0, 1}
+    lora = manager.layers["layers.0.self_attn.qkv_proj"]
+    # 2 slots (one per startup adapter) of 3 parts x rank 8; alpha: q, k, v at r=4 -> 12
+    # columns used; beta: q at 8 + v at 2 -> 10.
+    assert tuple(lora.a.shape) == (2, 24, 64)
+    assert tuple(lora.b.shape) == (2, 64 + 2 * 32, 24)
+    beta_b = lora.b[sb]
+    assert beta_b[:, 10:].abs().sum() == 0 and lora.a[sb, 10:].abs().sum() == 0  # padding
+    assert lora.b[sa, :, 12:].abs().sum() == 0 and lora.b[sa, :, :12].abs().sum() > 0
     assert beta_b[64:96].abs().sum() == 0  # k rows: beta has no k_proj
     assert beta_b[:64, 8:10].abs().sum() == 0 and beta_b[96:, :8].abs().sum() == 0  # block-diagonal
     assert beta_b[:64, :8].abs().sum() > 0 and beta_b[96:, 8:10].abs().sum() > 0

@@ -47,3 +47,25 @@ def test_sharded_adapters_match_peft(tmp_path, overrides):
         assert generate(engine, [(ps[2], None)], 8) == [reference_greedy(refs["base"], ps[2], 8)]
     finally:
         engine.runner.peers.shutdown()
+
+
+def test_sharded_slots_evict_and_reload(tmp_path):
+    """Three adapters in one device slot on 2 ranks: rank 0 chooses the slot loads and sends
+    them with each step, so every rank copies the same adapter into the same slot; requests
+    that need another adapter wait for the slot; every output equals PEFT's."""
+    base = save_base(tmp_path / "base", tiny_llama())
+    dirs = {"alpha": make_adapter(base, tmp_path / "alpha", seed=1, target_modules=ALL_TARGETS),
+            "beta": make_adapter(base, tmp_path / "beta", seed=2, r=6, target_modules=["k_proj", "up_proj", "o_proj"]),
+            "gamma": make_adapter(base, tmp_path / "gamma", seed=3, r=2, target_modules=["v_proj", "down_proj"])}
+    refs = {name: peft_model(base, dirs.get(name)) for name in ("base", "alpha", "beta", "gamma")}
+    engine = load_with_adapters(base, ",".join(f"{k}={v}" for k, v in dirs.items()), num_shard=2,
+                                max_loras=1)
+    try:
+        assert engine.runner.lora.max_loras == 1
+        ps = make_prompts(256, lengths=(5, 19, 9), shared_prefix=4)
+        items = [(ps[0], "alpha"), (ps[1], "gamma"), (ps[2], "beta"), (ps[1], None), (ps[2], "alpha")]
+        want = [reference_greedy(refs[a or "base"], p, 6) for p, a in items]
+        assert generate(engine, items, 6, join_every=1) == want
+        assert engine.runner.lora.table.loads >= 3  # each adapter in turn through the one slot
+    finally:
+        engine.runner.peers.shutdown()

@@ -33,6 +33,8 @@ class CudaBackend(Backend):
     # keeps WNA16 layers from asking it.
     linear_kernel_preference = ("triton_w4a16", "torch_wna16", "cuda_fp8_scaled_mm")
     distributed_backend = "nccl"
+    # Batched Triton shrink/expand over rows of different adapters; the reference elsewhere.
+    lora_preference = ("triton_sgmv", "torch")
 
     def __init__(self, options: BackendOptions | None = None):
         super().__init__(options)

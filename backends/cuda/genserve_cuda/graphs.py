@@ -5,6 +5,11 @@ memory pool) over static input buffers, and replays the smallest one that fits a
 batch, padding the rest: padded rows have slot -1 (no KV write) and seq_len 0 (zero output).
 Block tables have a fixed width, enough for ``max_seqlen_k`` tokens, so one graph serves
 every context length up to it. ``CudaModelRunner`` plugs this into the engine's runner.
+
+With LoRA adapters each size has a second graph captured with adapters on: the per-row slot
+index is one more static input (padded rows -1: no adapter), and the adapters' slot tensors
+have fixed addresses, so a step whose adapters were just copied into their slots replays the
+same graph. Steps without adapter rows replay the graph without LoRA work.
 """
 
 from __future__ import annotations
@@ -14,20 +19,24 @@ import logging
 import time
 
 import torch
-from torch import nn
-
 from genserve.attention.base import AttentionMetadata
 from genserve.engine.model_runner import ModelRunner
+from genserve.lora.manager import LoRAManager
+from genserve.lora.runtime import LoRABatch
 from genserve.models.base import CausalLM, ForwardBatch
+from torch import nn
+
 from genserve_cuda.layer_ops import CudaLayerOps
 
 logger = logging.getLogger(__name__)
 
 
-def graph_blocker(model: CausalLM) -> str | None:
+def graph_blocker(model: CausalLM, lora: LoRAManager | None = None) -> str | None:
     """Why this model's decode step can't be captured, or None."""
     from genserve.layers.attention import Attention
 
+    if lora is not None and not lora.method.graph_safe:
+        return f"LoRA method {lora.method.name!r} is not graph-safe"
     if model.is_encoder_decoder:
         return "encoder-decoder models take per-request encoder state that a graph can't hold"
     impls = {type(m.impl) for m in model.modules() if isinstance(m, Attention)}
@@ -39,8 +48,8 @@ def graph_blocker(model: CausalLM) -> str | None:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, sizes: tuple[int, ...], block_size: int, max_seqlen_k: int,
-                 device: torch.device):
-        self.model, self.device = model, device
+                 device: torch.device, lora: LoRAManager | None = None):
+        self.model, self.device, self.lora = model, device, lora
         self.sizes = sorted(set(sizes))
         self.max_seqlen_k = max_seqlen_k
         self.max_blocks = -(-max_seqlen_k // block_size)
@@ -55,7 +64,10 @@ class DecodeGraphs:
         self.seq_lens = buf(n, dtype=torch.int32)
         self.block_tables = buf(n, self.max_blocks, dtype=torch.int32)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)  # one row each
+        self.lora_index = torch.full((n,), -1, dtype=torch.long, device=device)  # slot per row
+        # batch size -> the graph and its output; ``lora_graphs`` the same captured with adapters
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self._kv_key: tuple[int, ...] | None = None
 
@@ -82,23 +94,44 @@ class DecodeGraphs:
         self.positions[start:end] = 0
         self.slot_mapping[start:end] = -1
         self.seq_lens[start:end] = 0
+        self.lora_index[start:end] = -1
 
     # -- capture --------------------------------------------------------------------------
     def _check_kv(self, kv_caches: list[torch.Tensor]) -> None:
         key = tuple(t.data_ptr() for t in kv_caches)
         if key != self._kv_key:  # graphs bake in the cache addresses
             self.graphs.clear()
+            self.lora_graphs.clear()
             self.pool = None
             self._kv_key = key
 
+    @property
+    def variants(self) -> tuple[bool, ...]:
+        """Which graphs each size gets: without LoRA, and with it when adapters are served."""
+        return (False, True) if self.lora is not None else (False,)
+
     @torch.inference_mode()
-    def capture(self, kv_caches: list[torch.Tensor], sizes: list[int] | None = None) -> None:
+    def capture(self, kv_caches: list[torch.Tensor], sizes: list[int] | None = None,
+                variants: tuple[bool, ...] | None = None) -> None:
         self._check_kv(kv_caches)
         for bs in sorted(sizes or self.sizes, reverse=True):  # largest first: smaller reuse its pool
-            if bs not in self.graphs:
-                self._capture_one(bs, kv_caches)
+            for with_lora in variants or self.variants:
+                if bs not in self._table(with_lora):
+                    self._capture_one(bs, kv_caches, with_lora)
 
-    def _capture_one(self, bs: int, kv_caches: list[torch.Tensor]) -> None:
+    def _table(self, with_lora: bool) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+        return self.lora_graphs if with_lora else self.graphs
+
+    def _forward(self, ids, pos, batch: ForwardBatch, with_lora: bool) -> torch.Tensor:
+        if not with_lora:
+            return self.model(ids, pos, batch)
+        assert self.lora is not None
+        # A fresh LoRABatch per forward: its per-step metadata (``LoRAMethod.prepare``) is then
+        # computed inside the capture, from the static index.
+        with self.lora.active(LoRABatch(self.lora_index[: ids.shape[0]], None)):
+            return self.model(ids, pos, batch)
+
+    def _capture_one(self, bs: int, kv_caches: list[torch.Tensor], with_lora: bool) -> None:
         self._pad(0, bs)
         ids, pos = self.input_ids[:bs], self.positions[:bs]
         batch = ForwardBatch(self._meta(bs), kv_caches)
@@ -107,31 +140,38 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self.model(ids, pos, batch)
+            self._forward(ids, pos, batch, with_lora)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(ids, pos, batch)
+            out = self._forward(ids, pos, batch, with_lora)
         self.pool = graph.pool()
-        self.graphs[bs] = (graph, out)
-        logger.debug("captured decode graph for batch size %d", bs)
+        self._table(with_lora)[bs] = (graph, out)
+        logger.debug("captured decode graph for batch size %d%s", bs, " with LoRA" if with_lora else "")
 
     # -- replay ---------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states of the real rows; valid until the next replay overwrites them."""
         n = input_ids.shape[0]
         bs = self.size_for(n)
+        with_lora = batch.lora is not None
+        if with_lora and self.lora is None:
+            raise RuntimeError("a step with LoRA rows reached decode graphs built without adapters")
         self._check_kv(batch.kv_caches)
-        if bs not in self.graphs:
-            self.capture(batch.kv_caches, [bs])
+        if bs not in self._table(with_lora):
+            self.capture(batch.kv_caches, [bs], (with_lora,))
         m = batch.attn
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(m.slot_mapping)
         self.seq_lens[:n].copy_(m.seq_lens)
         self.block_tables[:n, : m.block_tables.shape[1]].copy_(m.block_tables)
+        if with_lora:
+            assert self.lora is not None
+            self.lora.load_slots(batch.lora)  # host -> slot copies, queued before the replay
+            self.lora_index[:n].copy_(batch.lora.index)
         self._pad(n, bs)
-        graph, out = self.graphs[bs]
+        graph, out = self._table(with_lora)[bs]
         graph.replay()
         return out[:n]
 
@@ -150,14 +190,15 @@ class CudaModelRunner(ModelRunner):
         super().__init__(model, config, backend, lora=lora, peers=peers)
         self.graphs: DecodeGraphs | None = None
         self.graph_sizes = backend.graph_sizes()
-        self.graphs_off = graph_blocker(model) if self.graph_sizes else "disabled by --cuda-graphs"
+        self.graphs_off = graph_blocker(model, lora) if self.graph_sizes else "disabled by --cuda-graphs"
         if self.graphs_off:
             logger.info("cuda graphs off: %s", self.graphs_off)
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         if self.graphs is None and not self.graphs_off:
             max_len = self.config.max_total_tokens
-            self.graphs = DecodeGraphs(self.model, self.graph_sizes, self.block_size, max_len, self.device)
+            self.graphs = DecodeGraphs(self.model, self.graph_sizes, self.block_size, max_len, self.device,
+                                       self.lora)
             logger.info("cuda graphs: decode batch sizes %s, contexts up to %d tokens",
                         list(self.graph_sizes), max_len)
         return self.graphs
@@ -175,7 +216,8 @@ class CudaModelRunner(ModelRunner):
         if graphs is not None and self.kv_caches:
             t0 = time.perf_counter()
             graphs.capture(self.kv_caches)
-            logger.info("captured %d decode graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
+            logger.info("captured %d decode graphs in %.1f s", len(graphs.graphs) + len(graphs.lora_graphs),
+                        time.perf_counter() - t0)
 
     def execute(self, input_ids, positions, batch: ForwardBatch) -> torch.Tensor:
         graphs = self._decode_graphs()

@@ -61,7 +61,9 @@ class GaudiModelRunner(ModelRunner):
         self.graph_batch_sizes = backend.graph_sizes(config.scheduler.max_batch_size)
         attention_cls = model.ctx.attention_cls
         why_not = None
-        if not issubclass(attention_cls, HpuPagedAttention):
+        if lora is not None:  # DecodeStep's graph takes no per-row adapters: it would drop them
+            why_not = "LoRA adapters (HPU graphs are captured without per-row adapters)"
+        elif not issubclass(attention_cls, HpuPagedAttention):
             why_not = f"attention {attention_cls.name} is not hpu_paged"
         elif not self.api.is_lazy():
             why_not = "not in lazy mode (PT_HPU_LAZY_MODE=1)"

@@ -25,6 +25,7 @@ from genserve.attention.base import write_kv
 from genserve.attention.testing import FEATURES, MIXED, attention_spec, paged_batch, reference_attention
 from genserve.backends.options import BackendOptions
 from genserve.backends.select import BackendError, select_backend
+from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
@@ -250,3 +251,26 @@ def test_set_device_pins_workers(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")  # e.g. inherited from a torchrun parent
     GaudiOnCpu().set_device(3)
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_lora_adapters_run_eagerly_and_match_cpu(build, checkpoint, tmp_path):
+    """HPU graphs carry no per-row adapters: with LoRA the runner steps eagerly (it used to be
+    told so by --cuda-graphs being cleared for every backend) and gives the CPU runner's tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                     target_modules=["q_proj", "v_proj", "down_proj"])).save_pretrained(tmp_path / "a")
+    spec = f"a={tmp_path / 'a'}"
+    gaudi = build("gaudi-on-cpu", lora_adapters=spec)
+    assert not gaudi.engine.runner.use_graphs
+    prompts = make_prompts(256)
+    cpu = build("cpu", lora_adapters=spec).engine
+    items = [SamplingParams(max_new_tokens=8, adapter_id="a" if i % 2 else None) for i in range(len(prompts))]
+    def tokens(engine):
+        return [r.outputs[0].token_ids for r in run_to_completion(
+            engine, [OfflineRequest(p, sp) for p, sp in zip(prompts, items)])]
+
+    assert tokens(gaudi.engine) == tokens(cpu)

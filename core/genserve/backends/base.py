@@ -32,6 +32,9 @@ class Backend:
     # Mixed-precision linear kernels (registry names) in order of preference; the reference
     # dequantizing kernel comes last everywhere, so every format runs on every backend.
     linear_kernel_preference: tuple[str, ...] = ("torch_wna16",)
+    # LoRA methods (``genserve_register_lora`` names) in order of preference; "torch", the
+    # reference, runs everywhere.
+    lora_preference: tuple[str, ...] = ("torch",)
     # torch.distributed backend of the tensor-parallel process group.
     distributed_backend: ClassVar[str] = "gloo"
 
@@ -53,6 +56,7 @@ class Backend:
             # kernels only. Instance attributes, so the class keeps advertising its preference.
             self.attention_preference = ("torch",)
             self.linear_kernel_preference = ("torch_wna16",)
+            self.lora_preference = ("torch",)
 
     @classmethod
     def is_available(cls) -> bool:

@@ -2,7 +2,7 @@
 
 Every message starts with a fixed int64 header broadcast over the gloo control group (the one
 the workers wait on while the server is idle). A forward pass follows with one flat int64
-payload on the same group (the step's LoRA rows included, when it has any); an LM-head call follows with the hidden rows on the default group
+payload on the same group (the step's LoRA rows and slot loads included, when it has any); an LM-head call follows with the hidden rows on the default group
 (device to device under NCCL), since the rows are activations, not host metadata.
 
 Workers mirror exactly the collectives rank 0 makes: each ``execute`` and each
@@ -50,11 +50,14 @@ class Channel:
                      lora: LoRABatch | None = None) -> None:
         tokens, seqs = input_ids.numel(), attn.seq_lens.numel()
         width = attn.block_tables.shape[1]
+        # The last field: 0 without LoRA rows, else 1 + the number of slot loads the step needs.
         self._header(FORWARD, tokens, seqs, width, attn.max_seqlen_q, attn.max_seqlen_k,
-                     int(attn.is_decode_only), int(lora is not None))
+                     int(attn.is_decode_only), 0 if lora is None else 1 + len(lora.loads))
         known = attn.seq_lens if attn.known_lens is None else attn.known_lens
+        lora_parts = () if lora is None else (
+            lora.index_cpu, torch.tensor(lora.loads, dtype=torch.long).reshape(-1))
         parts = (input_ids, positions, attn.slot_mapping, attn.cu_seqlens_q, attn.seq_lens, known,
-                 attn.block_tables.reshape(-1), *(() if lora is None else (lora.index_cpu,)))
+                 attn.block_tables.reshape(-1), *lora_parts)
         # One host copy for the whole batch (a no-op on CPU): one gloo message, not seven.
         self._bcast(torch.cat([p.long() for p in parts]).cpu())
 
@@ -83,10 +86,11 @@ class Channel:
 
     def _recv_forward(self, tokens, seqs, width, max_q, max_k, decode_only, has_lora) -> Forward:
         lora_rows = tokens if has_lora else 0
-        payload = self._bcast(torch.empty(3 * tokens + 3 * seqs + 1 + seqs * width + lora_rows,
+        n_loads = max(0, has_lora - 1)
+        payload = self._bcast(torch.empty(3 * tokens + 3 * seqs + 1 + seqs * width + lora_rows + 2 * n_loads,
                                           dtype=torch.int64))
-        ids, pos, slots, cu, seq_lens, known, tables, lora_index = payload.split(
-            [tokens, tokens, tokens, seqs + 1, seqs, seqs, seqs * width, lora_rows])
+        ids, pos, slots, cu, seq_lens, known, tables, lora_index, loads = payload.split(
+            [tokens, tokens, tokens, seqs + 1, seqs, seqs, seqs * width, lora_rows, 2 * n_loads])
         dev = self.device
 
         def on_dev(t, dtype):
@@ -104,6 +108,8 @@ class Channel:
             seq_lens_cpu=seq_lens.tolist(),
             query_lens_cpu=(cu[1:] - cu[:-1]).tolist(),
         )
-        # The slots of each token row's adapter (-1: none), as rank 0's ``LoRAManager.batch_for``.
-        lora = LoRABatch(on_dev(lora_index, torch.long), lora_index) if has_lora else None
+        # The slots of each token row's adapter (-1: none) and the (slot, adapter number) loads,
+        # as rank 0's ``LoRAManager.batch_for`` made them: every rank fills the same slots.
+        lora = LoRABatch(on_dev(lora_index, torch.long), lora_index,
+                         [tuple(p) for p in loads.view(-1, 2).tolist()]) if has_lora else None
         return Forward(on_dev(ids, torch.long), on_dev(pos, torch.long), attn, lora)

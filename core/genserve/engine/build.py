@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from genserve.backends.base import Backend
 from genserve.backends.select import select_backend
@@ -47,11 +47,9 @@ class LoadedEngine:
 
 def create_backend(plugins: Plugins, args) -> Backend:
     """The --backend chosen (``select_backend``) with its typed options from the flags, bound
-    to this rank's device. Decode graphs are captured without adapters and would replay
-    without them: with --lora-adapters every step runs eagerly (docs/lora.md)."""
+    to this rank's device."""
     backend_cls = select_backend(plugins, args.backend)
-    overrides = {"graph_sizes": ()} if getattr(args, "lora_adapters", None) else {}
-    backend = backend_cls(backend_cls.options_cls.from_args(args, **overrides))
+    backend = backend_cls(backend_cls.options_cls.from_args(args))
     tp = get_tp_group()
     if tp.size > 1:
         backend.set_device(tp.rank)
@@ -90,7 +88,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
             serves (or a quantizer the backend cannot run), no usable attention
             implementation, weights missing from the checkpoint, inconsistent limits,
             ``max_total_tokens`` larger than the KV cache, no memory for one block, a bad
-            ``--lora-adapters``, or a call for more than one rank (use ``create_engine``).
+            ``--lora-adapters`` or LoRA flags that do not fit together, or a call for more than one rank (use ``create_engine``).
         UnknownEntryError: ``--quantize`` names no installed quantizer.
         PluginLoadError: a plugin asked for in ``GENSERVE_PLUGINS`` failed to load.
     """
@@ -104,7 +102,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     hf_config = load_config(src, args)
     dtype = resolve_dtype(args, backend.default_dtype)
     model, attn_cls, quant_name = build_model(plugins, backend, args, src, hf_config, dtype)
-    lora = load_lora(args.lora_adapters, plugins, model, backend, dtype) if args.lora_adapters else None
+    lora = load_lora(args, plugins, model, backend, dtype) if lora_wanted(args) else None
     tokenizer = load_tokenizer(src, args)
 
     traits = ModelTraits.of(model, hf_config)
@@ -117,6 +115,8 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
         proposer = spec_build.create_proposer(spec, ctx, plugins)
     num_blocks = kv_cache_blocks(args, traits, dtype, model, backend, proposer)
     config = create_engine_config(args, traits, dtype, num_blocks)
+    if lora is not None:  # a step never needs more adapters than there are device slots
+        config = replace(config, scheduler=replace(config.scheduler, max_loras=lora.max_loras))
     runner = backend.create_model_runner(model, config, lora=lora, peers=peers)
     speculator = None
     if spec is not None and proposer is not None:
@@ -132,6 +132,25 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
                        speculator=speculator)
     return LoadedEngine(engine, tokenizer, hf_config, src, backend, attn_cls.name, quant_name,
                         time.perf_counter() - t0)
+
+
+def lora_wanted(args) -> bool:
+    """Whether the engine serves LoRA adapters: startup ones, or loads at run time. Raises
+    ConfigError for LoRA flags that cannot work together."""
+    if args.enable_lora_runtime_updates:
+        if not args.lora_modules_dir:
+            raise ConfigError("--enable-lora-runtime-updates needs --lora-modules-dir: the directories "
+                              "run-time loads may read adapters from")
+        if get_tp_group().size > 1:
+            raise ConfigError("--enable-lora-runtime-updates is not supported with tensor parallelism "
+                              "(--num-shard) yet: load the adapters at startup with --lora-adapters")
+    elif args.lora_modules_dir:
+        raise ConfigError("--lora-modules-dir is only read with --enable-lora-runtime-updates")
+    wanted = bool(args.lora_adapters or args.enable_lora_runtime_updates)
+    if not wanted and (args.max_loras is not None or args.max_lora_rank is not None):
+        raise ConfigError("--max-loras and --max-lora-rank need LoRA adapters (--lora-adapters or "
+                          "--enable-lora-runtime-updates)")
+    return wanted
 
 
 def kv_cache_blocks(args, traits: ModelTraits, dtype, model, backend: Backend,

@@ -54,6 +54,8 @@ class LLMEngine:
         self.decoder_start_token_id = decoder_start_token_id
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, runner.model.recompute_at_length)
+        if runner.lora is not None:  # LoRA slots of running requests' adapters are never evicted
+            runner.lora.table.in_use = self.scheduler.adapters_in_use
         self.detok = Detokenizer(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.seqs: dict[str, Sequence] = {}
@@ -115,6 +117,11 @@ class LLMEngine:
         seq.error = message
         self.scheduler.finish(seq, FinishReason.ERROR)
         return self._finish_output(seq)
+
+    def adapter_users(self, adapter_id: str) -> int:
+        """Unfinished requests (waiting or running) that use LoRA adapter ``adapter_id``; may be
+        called from another thread (a snapshot)."""
+        return sum(1 for s in list(self.seqs.values()) if s.params.adapter_id == adapter_id)
 
     @property
     def has_work(self) -> bool:

@@ -106,14 +106,19 @@ def build_model(plugins: Plugins, backend, args, src: ModelSource, config, dtype
     return model, attn_cls, quant_name
 
 
-def load_lora(spec: str, plugins: Plugins, model, backend, dtype: torch.dtype):
-    """The LoRAManager for ``--lora-adapters``, its layers attached to ``model``. The method
-    (``plugins.lora``) is "torch" unless GENSERVE_LORA_METHOD names another. Raises
-    ``ConfigError`` for an adapter that cannot be applied."""
+def load_lora(args, plugins: Plugins, model, backend, dtype: torch.dtype):
+    """The LoRAManager for ``--lora-adapters`` (and ``--max-loras``, ``--max-lora-rank``,
+    ``--enable-lora-runtime-updates``), its slots attached to ``model``. The method
+    (``plugins.lora``) is the first of the backend's ``lora_preference`` registered, unless GENSERVE_LORA_METHOD names
+    another. Raises ``ConfigError`` for an adapter that cannot be applied or bad limits."""
     from genserve.lora import LoRAError, load_lora_manager
 
-    method = plugins.lora.get(os.environ.get("GENSERVE_LORA_METHOD") or "torch")()
+    name = os.environ.get("GENSERVE_LORA_METHOD") or next(
+        (n for n in backend.lora_preference if n in plugins.lora), "torch")
+    method = plugins.lora.get(name)()
     try:
-        return load_lora_manager(spec, model, method, backend.device, dtype)
-    except LoRAError as exc:
+        return load_lora_manager(args.lora_adapters, model, method, backend.device, dtype,
+                                 max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                 runtime_updates=args.enable_lora_runtime_updates)
+    except (LoRAError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc

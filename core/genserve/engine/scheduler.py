@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +26,8 @@ class SchedulerConfig:
     max_batch_size: int = 256  # sequences in one step
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
+    # LoRA: the most distinct adapters running requests may use (the device slots); None: no limit.
+    max_loras: int | None = None
 
 
 @dataclass
@@ -76,6 +78,10 @@ class Scheduler:
         # Speculative decoding: how many positions past its decode token to reserve for a
         # sequence this step (set by the engine before each ``schedule``; None: no speculation).
         self.lookahead: Callable[[Sequence], int] | None = None
+        # LoRA: running requests per adapter (at most ``max_loras`` distinct ones), and how
+        # many steps the oldest request waiting for an adapter slot has waited.
+        self.running_adapters: Counter[str] = Counter()
+        self._slot_wait: tuple[str | None, int] = (None, 0)  # (that request's id, steps)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,8 +90,37 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _start_running(self, seq: Sequence) -> None:
+        self.running.append(seq)
+        if seq.params.adapter_id is not None:
+            self.running_adapters[seq.params.adapter_id] += 1
+
+    def _stop_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        aid = seq.params.adapter_id
+        if aid is not None:
+            self.running_adapters[aid] -= 1
+            if not self.running_adapters[aid]:
+                del self.running_adapters[aid]
+
+    def adapters_in_use(self) -> frozenset[str]:
+        """The adapters running requests use: they hold device slots (``lora.slots``)."""
+        return frozenset(self.running_adapters)
+
+    def _adapter_may_join(self, seq: Sequence, behind_blocked: bool) -> bool:
+        """Whether ``seq``'s LoRA adapter leaves the running requests within the device slots.
+        A request behind one that waits for a slot may pass it only while the slot has been
+        awaited for fewer than ``max_waiting_tokens`` steps: after that adapter requests are
+        admitted in order, so the running adapters drain and the waiting one gets its slot."""
+        aid, limit = seq.params.adapter_id, self.config.max_loras
+        if aid is None or limit is None:
+            return True
+        if behind_blocked and self._slot_wait[1] >= self.config.max_waiting_tokens:
+            return False
+        return aid in self.running_adapters or len(self.running_adapters) < limit
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._stop_running(seq)
         self.blocks.free_seq(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
@@ -102,7 +137,10 @@ class Scheduler:
         TGI's rule (with a batch running, only once ``waiting_served_ratio`` x running requests
         can join, or after ``max_waiting_tokens`` steps without admission). Prompt tokens are
         limited per step to ``max_batch_prefill_tokens`` less the step's decode rows (at least
-        ``PREFILL_FLOOR``), sequences to ``max_batch_size``; blocks are allocated here.
+        ``PREFILL_FLOOR``), sequences to ``max_batch_size``; blocks are allocated here. With
+        ``max_loras`` set, running requests use at most that many distinct LoRA adapters: a
+        request whose adapter has no slot waits (others may pass it for a bounded number of
+        steps, ``_adapter_may_join``).
 
         Returns a ``SchedulerOutput``: ``scheduled`` (``ScheduledSeq``: the sequence and its
         ``num_tokens`` computed this step, from ``seq.num_computed`` on), ``preempted`` (freed,
@@ -155,10 +193,14 @@ class Scheduler:
             min_new = max(1, math.floor(decoding * self.config.waiting_served_ratio))
         admitted = 0
         if min_new == 0 or self._admissible(budget, min_new) >= min_new:
+            slot_blocked: list[Sequence] = []  # waiting for a LoRA slot: stay at the head, in order
             while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
                 seq = self.waiting[0]
                 if seq.num_pending:  # preempted while its last token is in flight: next step
                     break
+                if not self._adapter_may_join(seq, bool(slot_blocked)):
+                    slot_blocked.append(self.waiting.popleft())
+                    continue
                 if not self.blocks.can_allocate(seq):
                     if not self.running and self.blocks.num_used == 0:
                         self.waiting.popleft()  # larger than the whole cache: it can never run
@@ -173,11 +215,17 @@ class Scheduler:
                 seq.status, seq.admitted_len = Status.RUNNING, len(seq)
                 if seq.first_scheduled is None:
                     seq.first_scheduled = time.monotonic()
-                self.running.append(seq)
+                self._start_running(seq)
                 n = min(seq.num_uncomputed, budget)
                 budget -= n
                 out.scheduled.append(ScheduledSeq(seq, n))
                 admitted += 1
+            self.waiting.extendleft(reversed(slot_blocked))
+            if slot_blocked:  # count the steps the oldest of them has waited
+                head = slot_blocked[0].request_id
+                self._slot_wait = (head, self._slot_wait[1] + 1 if head == self._slot_wait[0] else 1)
+            else:
+                self._slot_wait = (None, 0)
         self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
         return out
 
@@ -198,9 +246,19 @@ class Scheduler:
         blocks permitting), counting no further than ``enough``."""
         slots = self.config.max_batch_size - len(self.running)
         count, reserve = 0, 0
+        adapters = set(self.running_adapters)
+        blocked = False
         for seq in self.waiting:
             if count >= min(slots, enough) or budget <= 0 or seq.num_pending:
                 break
+            aid = seq.params.adapter_id
+            if self.config.max_loras is not None and aid is not None and aid not in adapters:
+                if len(adapters) >= self.config.max_loras:
+                    blocked = True
+                    continue  # waits for a slot
+                adapters.add(aid)
+            elif blocked and aid is not None and self._slot_wait[1] >= self.config.max_waiting_tokens:
+                continue
             if not self.blocks.can_allocate(seq, reserve):
                 break
             reserve += self.blocks.blocks_needed(len(seq))  # an upper bound: ignores prefix hits
@@ -215,7 +273,7 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         seq.num_pending = 0
         if seq in self.running:
-            self.running.remove(seq)
+            self._stop_running(seq)
         else:
             try:
                 self.waiting.remove(seq)

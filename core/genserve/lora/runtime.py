@@ -1,4 +1,4 @@
-"""What a linear layer needs at run time: its stacked adapters and the step's row -> adapter map.
+"""What a linear layer needs at run time: its adapter slots and the step's row -> slot map.
 
 How a layer learns the step's adapters: the engine puts a ``LoRABatch`` in
 ``ForwardBatch.lora`` (``LoRAManager.batch_for``; tensor-parallel workers receive it from rank 0
@@ -11,17 +11,26 @@ layers return at once; a model without adapters has no ``LinearBase.lora`` attac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class LoRABatch:
-    """One step's adapters: ``index[row]`` is the adapter slot of each token row, -1 for none."""
+    """One step's adapters: ``index[row]`` is the slot of each token row's adapter, -1 for none.
+
+    ``loads``: (slot, adapter number) pairs to copy from the host into their slots before the
+    forward (adapter numbers are registration order, the same on every tensor-parallel rank).
+    ``meta``: the LoRA method's per-step metadata (``LoRAMethod.prepare``), made by the first
+    adapted layer of the forward and shared by the others.
+    """
 
     index: torch.Tensor  # [T] long, on the model's device
-    index_cpu: torch.Tensor  # the same on the host (tensor-parallel ranks receive it from rank 0)
+    index_cpu: torch.Tensor | None  # the same on the host (sent to tensor-parallel ranks)
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    loaded: bool = False  # the loads were copied (once per step, whoever runs it first)
+    meta: object = None
 
 
 class LoRAContext:
@@ -31,9 +40,10 @@ class LoRAContext:
 
 
 class LoRALayer:
-    """One linear layer's adapters, stacked by slot: A [n, R, in], B [n, out, R], zero-padded
-    to the largest rank R, scales folded into B. Called by ``LinearBase.forward`` with the base
-    output (before a row-parallel all-reduce) and the layer's input."""
+    """One linear layer's adapter slots: A [S, R, in], B [S, out, R] at fixed addresses (CUDA
+    graphs read them), R = ``--max-lora-rank`` x the layer's fused parts; smaller ranks and
+    modules an adapter does not target are zero in its slot, scales folded into B. Called by
+    ``LinearBase.forward`` with the base output (before a row-parallel all-reduce) and its input."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, method, context: LoRAContext):
         self.a, self.b, self.method, self.context = a, b, method, context
@@ -43,7 +53,9 @@ class LoRALayer:
         step = self.context.current
         if step is None:
             return y
+        if step.meta is None:
+            step.meta = self.method.prepare(step.index, self.a.shape[0])
         shape = y.shape
         out = self.method.apply(y.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]),
-                                self.a, self.b, self.scales, step.index)
+                                self.a, self.b, self.scales, step.index, step.meta)
         return out.reshape(shape)

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
 from genserve import __version__
-from genserve.server import routes_openai, routes_sagemaker, routes_tgi, tracing
+from genserve.server import routes_lora, routes_openai, routes_sagemaker, routes_tgi, tracing
 from genserve.server.errors import install_handlers
 from genserve.server.schemas_openai import (ChatCompletion, ChatCompletionChunk, ChatRequest, ChatTokenizeRequest,
                                             Completion, CompletionRequest)
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 # routes read with common.parse_body (referenced from their openapi_extra).
 EXTRA_SCHEMAS = (StreamResponse, GenerateResponse, ChatCompletion, ChatCompletionChunk, Completion,
                  ErrorResponse)
-REQUEST_SCHEMAS = (GenerateRequest, CompatGenerateRequest, ChatRequest, CompletionRequest, ChatTokenizeRequest)
+REQUEST_SCHEMAS = (GenerateRequest, CompatGenerateRequest, ChatRequest, CompletionRequest, ChatTokenizeRequest,
+                   routes_lora.LoadLoRAAdapterRequest, routes_lora.UnloadLoRAAdapterRequest)
 
 
 def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
@@ -56,6 +57,7 @@ def create_app(state, *, load: bool = True, on_fatal=None) -> FastAPI:
     app.include_router(routes_tgi.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_sagemaker.router)
+    app.include_router(routes_lora.router)
 
     @app.get("/api-doc/openapi.json", include_in_schema=False)
     async def tgi_openapi():
