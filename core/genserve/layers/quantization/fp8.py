@@ -8,7 +8,6 @@ kernel, elsewhere (and for shapes the fast kernels refuse) the dequantizing refe
 
 from __future__ import annotations
 
-import logging
 
 from genserve.layers.quantization.base import (
     LinearKernelChooser,
@@ -22,40 +21,13 @@ from genserve.layers.quantization.fp8_kernels import (
     FP8LinearConfig,
     FP8LinearKernel,
     TorchFP8Kernel,
+    choose_fp8_kernel,
     quantize_fp8_per_channel,
 )
-from genserve.layers.quantization.kernels import choose_linear_kernel
 from genserve.layers.quantization.targets import contains_module, decide
 
 __all__ = ["FP8_MAX", "FP8Config", "FP8WeightOnly", "choose_fp8_kernel", "quantize_fp8_per_channel"]
 
-logger = logging.getLogger(__name__)
-_logged: set[tuple[str, str]] = set()
-
-
-def choose_fp8_kernel(kernels: LinearKernelChooser | None, config: FP8LinearConfig,
-                      prefix: str) -> type[FP8LinearKernel]:
-    """The first ``FP8LinearKernel`` in the backend's preference that implements ``config``;
-    ``TorchFP8Kernel`` when none does (the reasons are logged once per kernel and reason)."""
-    if kernels is None:
-        return TorchFP8Kernel
-    registry = kernels.registry
-    names = tuple(n for n in kernels.preference
-                  if n in registry and isinstance(registry.get(n), type)
-                  and issubclass(registry.get(n), FP8LinearKernel))
-    try:
-        # The chooser is shared with the integer-weight kernels (it only asks can_implement);
-        # ``names`` holds FP8 kernels only, so the class it returns is one.
-        chosen = choose_linear_kernel(config, kernels.device, names, registry)  # type: ignore[arg-type]
-        assert issubclass(chosen, FP8LinearKernel)
-        return chosen
-    except ValueError as exc:
-        if names:
-            key = (str(exc), "")
-            if key not in _logged:
-                _logged.add(key)
-                logger.info("FP8 layers like %s use the dequantizing reference: %s", prefix, exc)
-        return TorchFP8Kernel
 
 
 class FP8WeightOnly(UnquantizedLinear):

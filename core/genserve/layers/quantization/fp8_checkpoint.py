@@ -31,7 +31,7 @@ from genserve.layers.quantization.base import (
     QuantizationError,
     QuantMethod,
 )
-from genserve.layers.quantization.fp8_kernels import FP8LinearConfig, FP8LinearKernel
+from genserve.layers.quantization.fp8_kernels import FP8LinearConfig, FP8LinearKernel, choose_fp8_kernel
 from genserve.layers.quantization.targets import contains_module, decide
 from genserve.layers.weights import materialize, set_weight_dims
 
@@ -82,7 +82,6 @@ class FP8CheckpointLinear(QuantMethod):
         self.kernel: FP8LinearKernel | None = None
 
     def create_weights(self, layer, in_features, out_features, dtype, weight_loader):
-        from genserve.layers.quantization.fp8 import choose_fp8_kernel
 
         weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
                                     requires_grad=False)

@@ -13,12 +13,21 @@ the fast kernels are tested against. A W8A8 kernel also quantizes the activation
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genserve.layers.quantization.kernels import choose_linear_kernel
+
+if TYPE_CHECKING:
+    from genserve.layers.quantization.base import LinearKernelChooser
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_EPS = 1e-12  # smallest amax used for a scale, so an all-zero row gets a finite one
@@ -107,3 +116,28 @@ class TorchFP8Kernel(FP8LinearKernel):
             scale = layer.fp8_input_scale
             x = ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
         return F.linear(x, w, bias)
+
+
+def choose_fp8_kernel(kernels: LinearKernelChooser | None, config: FP8LinearConfig,
+                      prefix: str) -> type[FP8LinearKernel]:
+    """The first ``FP8LinearKernel`` in the backend's preference that implements ``config``;
+    ``TorchFP8Kernel`` when none does (the reasons are logged once per kernel and reason)."""
+    if kernels is None:
+        return TorchFP8Kernel
+    registry = kernels.registry
+    names = tuple(n for n in kernels.preference
+                  if n in registry and isinstance(registry.get(n), type)
+                  and issubclass(registry.get(n), FP8LinearKernel))
+    try:
+        # The chooser is shared with the integer-weight kernels (it only asks can_implement);
+        # ``names`` holds FP8 kernels only, so the class it returns is one.
+        chosen = choose_linear_kernel(config, kernels.device, names, registry)  # type: ignore[arg-type]
+        assert issubclass(chosen, FP8LinearKernel)
+        return chosen
+    except ValueError as exc:
+        if names:
+            key = (str(exc), "")
+            if key not in _logged:
+                _logged.add(key)
+                logger.info("FP8 layers like %s use the dequantizing reference: %s", prefix, exc)
+        return TorchFP8Kernel
