@@ -8,7 +8,6 @@ kernel, elsewhere (and for shapes the fast kernels refuse) the dequantizing refe
 
 from __future__ import annotations
 
-
 from genserve.layers.quantization.base import (
     LinearKernelChooser,
     PerLayerQuantConfig,
