@@ -123,10 +123,16 @@ def serve(args) -> int:
     from genserve.server.app import create_app
     from genserve.server.state import ServerState
 
+    from genserve.executor.node import serve_shards_only
+
     try:  # fail fast, before opening the port, on what needs no model
-        select_backend(get_plugins(), args.backend)
+        backend_cls = select_backend(get_plugins(), args.backend)
+        # A node other than 0 (--node-rank, torchrun's RANK) runs shards only, no HTTP.
+        shards_only = serve_shards_only(args, backend_cls)
     except Exception as exc:
         return fail(exc)
+    if shards_only is not None:
+        return shards_only
     state = ServerState(args)
     holder = {}
 
