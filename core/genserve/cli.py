@@ -119,11 +119,10 @@ def serve(args) -> int:
     setup_logging(args.json_output)
     log = logging.getLogger("genserve")
     from genserve.backends.select import select_backend
+    from genserve.executor.node import serve_shards_only
     from genserve.plugins import get_plugins
     from genserve.server.app import create_app
     from genserve.server.state import ServerState
-
-    from genserve.executor.node import serve_shards_only
 
     try:  # fail fast, before opening the port, on what needs no model
         backend_cls = select_backend(get_plugins(), args.backend)

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from genserve.args import defaults
 from genserve.backends.cpu import CpuBackend
 from genserve.errors import ConfigError
 from genserve.executor.topology import resolve_topology
-from genserve.testing import generate_greedy, load_genserve, make_prompts, prompt_logits, save_reference
+from genserve.testing import (
+    generate_greedy,
+    load_genserve,
+    make_prompts,
+    prompt_logits,
+    save_reference,
+)
 
 from tests.server.tinymodel import build_tiny_llama
 
@@ -44,7 +49,7 @@ class Node:
 
     def __init__(self, folder: Path, args: list[str], env: dict | None = None):
         self.log_path = Path(tempfile.mktemp(prefix="genserve-node-", suffix=".log"))
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's life, closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "genserve.cli", "serve", "--model-id", str(folder), *ENGINE_FLAGS, *args],
             stdout=self._log, stderr=subprocess.STDOUT,
@@ -221,3 +226,45 @@ def test_idle_node_loss_fails_health_through_heartbeat(tmp_path, nodes):
     # Resumed, node 1 reads that the engine is dead and stops its shards.
     assert node1.wait(LIMIT_S) == 1
     assert "rank 0 declared the engine dead" in node1.log()
+
+
+def test_torchrun_ranks_serve_like_one_process(tmp_path, nodes):
+    """``torchrun --nproc-per-node 2 -m genserve.cli serve``: rank 0 serves HTTP, rank 1 runs its
+    shard only; greedy tokens equal the unsharded engine's; SIGTERM to torchrun stops both."""
+    build_tiny_llama(tmp_path)
+    plain = load_genserve(tmp_path)
+    http_port = free_port()
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+             "127.0.0.1", "--master-port", str(free_port()), "-m", "genserve.cli", "serve",
+             "--model-id", str(tmp_path), *ENGINE_FLAGS, "--hostname", "127.0.0.1", "--port", str(http_port)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        ids = httpx.post(url + "/tokenize", json={"inputs": "Paris is the capital"}, timeout=LIMIT_S).json()
+        prompt = [t["id"] for t in ids]
+        r = httpx.post(url + "/generate", timeout=LIMIT_S, json={"inputs": "Paris is the capital", "parameters": {
+            "max_new_tokens": 8, "details": True}})
+        assert r.status_code == 200, r.text
+        assert [t["id"] for t in r.json()["details"]["tokens"]] == generate_greedy(plain, [prompt], 8)[0]
+        log = log_path.read_text()
+        assert "rank 1 (torchrun): this process runs one shard only; HTTP is served by rank 0" in log
+        assert "tensor parallel: 2 ranks over gloo" in log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(LIMIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"torchrun did not stop:\n{log_path.read_text()[-3000:]}") from None

@@ -65,7 +65,7 @@ class Heartbeat:
                     reason = f"rank 0 declared the engine dead: {self.store.get(ENGINE_DOWN_KEY).decode()}"
                 else:
                     continue
-            except Exception as exc:  # node 0's store is gone: so is rank 0
+            except Exception as exc:  # noqa: BLE001 - any store error: node 0's store is gone, so is rank 0
                 reason = f"node 0's store is unreachable ({type(exc).__name__}: {exc})"
             if not self._stop.is_set():
                 self.on_lost(reason)
@@ -75,7 +75,7 @@ class Heartbeat:
         """Tell rank 0 why this member stops (best effort: the store may be gone)."""
         try:
             self.store.set(DOWN_KEY.format(self.name), reason)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: the store may be gone
             logger.warning("could not report the failure to rank 0: %s", exc)
 
     def stop(self) -> None:
@@ -119,5 +119,5 @@ class MemberMonitor:
         try:
             with self._lock:
                 self.store.set(ENGINE_DOWN_KEY, reason)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: the store may be gone
             logger.warning("could not tell the other nodes the engine is down: %s", exc)

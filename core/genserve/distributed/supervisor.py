@@ -73,7 +73,7 @@ class Supervisor:
             if self.members is not None:
                 try:
                     lost = self.members.poll()
-                except Exception as exc:  # the store itself failed: no member can be vouched for
+                except Exception as exc:  # noqa: BLE001 - the store failed: no member can be vouched for
                     lost = f"the rendezvous store failed: {exc}"
                 if lost is not None:
                     self.fail(lost)

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import wait
+from typing import cast
 
 from genserve.distributed.groups import START_TIMEOUT, local_env
 from genserve.distributed.heartbeat import Heartbeat, node_timeout
@@ -89,7 +90,7 @@ def run_node(args, topo: Topology, backend_cls) -> int:
     while True:
         ready = wait(list(sentinels), timeout=0.2)
         if ready:
-            rank = sentinels[ready[0]]
+            rank = sentinels[cast(int, ready[0])]  # wait() returns the sentinels it was given
             p = procs[rank]
             p.join()
             if p.exitcode == 0:  # rank 0 told every shard to stop: wait for the others

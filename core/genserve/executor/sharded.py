@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from multiprocessing.process import BaseProcess
 
 import torch.distributed as dist
 
@@ -108,12 +109,13 @@ def open_store(topo: Topology, is_master: bool, port: int | None = None, timeout
                          is_master=is_master, timeout=timeout, wait_for_workers=False)
 
 
-def spawn_workers(topo: Topology, port: int, backend_name: str, flags: dict) -> dict[int, mp.Process]:
+def spawn_workers(topo: Topology, port: int, backend_name: str, flags: dict) -> dict[int, BaseProcess]:
     """Start this node's worker ranks (all of them, but rank 0 on node 0), each told only plain values."""
     spawn = mp.get_context("spawn")
-    procs = {rank: spawn.Process(target=worker_main, name=f"genserve-shard-{rank}", daemon=True,
-                                 args=(rank, topo, port, backend_name, flags))
-             for rank in topo.local_ranks if rank != 0}
+    procs: dict[int, BaseProcess] = {
+        rank: spawn.Process(target=worker_main, name=f"genserve-shard-{rank}", daemon=True,
+                            args=(rank, topo, port, backend_name, flags))
+        for rank in topo.local_ranks if rank != 0}
     for p in procs.values():
         p.start()
     return procs

@@ -143,9 +143,8 @@ def app_builder(config: dict[str, str]) -> Application:
     autoscaling = config.pop("autoscaling_config", None)
     if isinstance(autoscaling, str):
         autoscaling = json.loads(autoscaling)
-    num_replicas = config.pop("num_replicas", None)
-    if isinstance(num_replicas, str) and num_replicas != "auto":
-        num_replicas = int(num_replicas)
+    replicas = config.pop("num_replicas", None)
+    num_replicas: int | str | None = int(replicas) if replicas not in (None, "auto") else replicas
     name = config.pop("name", "genserve")
     if config:
         raise ValueError(f"unknown app_builder arguments {sorted(config)}; known: genserve_args, "
