@@ -16,6 +16,7 @@ object handed to ``create_engine`` by hand reaches rank 0 only.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -110,11 +111,12 @@ def open_store(topo: Topology, is_master: bool, port: int | None = None, timeout
 
 
 def spawn_workers(topo: Topology, port: int, backend_name: str, flags: dict) -> dict[int, BaseProcess]:
-    """Start this node's worker ranks (all of them, but rank 0 on node 0), each told only plain values."""
+    """Start this node's worker ranks (all of them, but rank 0 on node 0), each told only plain
+    values (the topology as a dict of them: nothing of genserve's is unpickled in a worker)."""
     spawn = mp.get_context("spawn")
     procs: dict[int, BaseProcess] = {
         rank: spawn.Process(target=worker_main, name=f"genserve-shard-{rank}", daemon=True,
-                            args=(rank, topo, port, backend_name, flags))
+                            args=(rank, dataclasses.asdict(topo), port, backend_name, flags))
         for rank in topo.local_ranks if rank != 0}
     for p in procs.values():
         p.start()

@@ -89,9 +89,9 @@ def run_rank(rank: int, topo: Topology, port: int, backend_name: str, flags: dic
     destroy_groups()
 
 
-def worker_main(rank: int, topo: Topology, port: int, backend_name: str, flags: dict) -> None:
-    """A spawned worker process: ``run_rank``, then exit without interpreter teardown (code 0
-    after a stop, 1 after any error)."""
+def worker_main(rank: int, topology: dict, port: int, backend_name: str, flags: dict) -> None:
+    """A spawned worker process: ``run_rank`` (``topology``: a ``Topology``'s fields), then exit
+    without interpreter teardown (code 0 after a stop, 1 after any error)."""
     # Ctrl-C reaches the whole process group: rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in native code (NCCL, gloo) still shows where it happened
@@ -103,7 +103,7 @@ def worker_main(rank: int, topo: Topology, port: int, backend_name: str, flags: 
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [shard {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        run_rank(rank, topo, port, backend_name, flags)
+        run_rank(rank, Topology(**topology), port, backend_name, flags)
         code = 0
     except Exception:
         logger.exception("shard %d failed", rank)
