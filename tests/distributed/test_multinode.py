@@ -268,3 +268,26 @@ def test_torchrun_ranks_serve_like_one_process(tmp_path, nodes):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError(f"torchrun did not stop:\n{log_path.read_text()[-3000:]}") from None
+
+
+def test_remote_shard_exit_is_reported_by_its_node(tmp_path, nodes):
+    """A shard of node 1 dies while nothing runs: node 1 reports it through the store at once
+    (rank 0 names the shard and its signal), /health fails, and node 1 exits 1."""
+    import re
+
+    build_tiny_llama(tmp_path)
+    port, http_port = free_port(), free_port()
+    node0 = nodes(tmp_path, [*node_flags(0, 2, 2, port), "--hostname", "127.0.0.1", "--port", str(http_port)])
+    node1 = nodes(tmp_path, node_flags(1, 2, 2, port))  # the default 30 s node timeout: not what fires
+    url = f"http://127.0.0.1:{http_port}"
+    wait_healthy(node0, url)
+    shard_pid = int(re.search(r"shards \[1\] started \(pids \[(\d+)\]\)", node1.log()).group(1))
+    os.kill(shard_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert node1.wait(LIMIT_S) == 1
+    while "node 1 failed" not in node0.log() and time.monotonic() - t0 < 10:
+        time.sleep(0.2)
+    assert "node 1 failed: shard 1 exited (killed by SIGKILL)" in node0.log()
+    health = httpx.get(url + "/health", timeout=LIMIT_S)
+    assert health.status_code == 503
+    assert time.monotonic() - t0 < 10  # well inside the 30 s heartbeat timeout
