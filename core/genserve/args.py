@@ -80,6 +80,13 @@ FLAGS: list[Flag] = [
     Flag("--backend", str, "auto", "auto, cpu, cuda, rocm, ipex, neuron or gaudi", env="GENSERVE_BACKEND"),
     Flag("--num-shard", int, None, "Tensor-parallel degree"),
     Flag("--sharded", bool, False, "Shard over all visible devices"),
+    # Several machines (torchrun's names and env vars; docs/distributed.md): --num-shard stays
+    # the total tensor-parallel degree, split evenly over the nodes.
+    Flag("--nnodes", int, 1, "Machines one model spans (--num-shard is the total over all of them)"),
+    Flag("--node-rank", int, 0, "This machine's index, 0..nnodes-1; node 0 serves HTTP, the others "
+         "only run shards"),
+    Flag("--master-addr", str, None, "Address of node 0, where the ranks meet (needed with --nnodes > 1)"),
+    Flag("--master-port", int, 29500, "Port of node 0's rendezvous store"),
     Flag("--cuda-graphs", size_list, None, "Batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; 0 disables"),
     Flag("--cuda-memory-fraction", float, 1.0, "Fraction of GPU memory genserve may use"),
     Flag("--disable-custom-kernels", bool, False, "Use the reference PyTorch kernels"),

@@ -119,14 +119,19 @@ def serve(args) -> int:
     setup_logging(args.json_output)
     log = logging.getLogger("genserve")
     from genserve.backends.select import select_backend
+    from genserve.executor.node import serve_shards_only
     from genserve.plugins import get_plugins
     from genserve.server.app import create_app
     from genserve.server.state import ServerState
 
     try:  # fail fast, before opening the port, on what needs no model
-        select_backend(get_plugins(), args.backend)
+        backend_cls = select_backend(get_plugins(), args.backend)
+        # A node other than 0 (--node-rank, torchrun's RANK) runs shards only, no HTTP.
+        shards_only = serve_shards_only(args, backend_cls)
     except Exception as exc:
         return fail(exc)
+    if shards_only is not None:
+        return shards_only
     state = ServerState(args)
     holder = {}
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
+from types import SimpleNamespace
 
 from genserve.engine.async_engine import AsyncEngine
 from genserve.engine.outputs import RequestOutput
+from genserve.engine.peers import Peers
 from genserve.engine.sampling_params import SamplingParams
 
 
@@ -16,6 +18,7 @@ class IdleEngine:
 
     has_work = False
     seqs: dict = {}
+    runner = SimpleNamespace(peers=Peers())  # AsyncEngine.is_alive asks the runner's peers
 
     def __init__(self):
         self.added: list[str] = []

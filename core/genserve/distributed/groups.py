@@ -1,4 +1,4 @@
-"""Process groups for one host: every rank meets at 127.0.0.1.
+"""Process groups: the ranks meet at node 0's store (127.0.0.1 on one host).
 
 Two groups over the same ranks: the default one (NCCL on CUDA, gloo on CPU) carries the
 model's collectives under a bounded timeout; a gloo control group carries rank 0's messages,
@@ -33,12 +33,13 @@ def shard_timeout() -> float:
     return float(os.environ.get("GENSERVE_SHARD_TIMEOUT", "300"))
 
 
-def local_env() -> None:
-    """Defaults every rank needs before its first collective; the user's own values win."""
+def local_env(loopback: bool = True) -> None:
+    """Defaults every rank needs before its first collective; the user's own values win.
+    ``loopback``: every rank is on this host (the rendezvous address is a loopback one)."""
     # NVLink multicast (NVLS) fails to set up, or hangs, on hosts without multicast support;
     # ring and tree algorithms serve 2-8 GPUs of one host.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if os.path.exists("/sys/class/net/lo"):  # one host: keep the sockets off the network
+    if loopback and os.path.exists("/sys/class/net/lo"):  # one host: keep the sockets off the network
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 

@@ -5,7 +5,8 @@ second, even while the engine is idle) and times each collective call (forward, 
 that outlives the timeout means a rank is stuck. Either way the supervisor records why
 (``dead``), kills the remaining workers (their closed sockets make a gloo collective on rank 0
 fail at once) and, under NCCL, aborts the communicators so kernels waiting on a missing peer
-return.
+return. Ranks on other machines are watched through their heartbeats (``members``, a
+``heartbeat.MemberMonitor``), and told through the store when the engine is declared dead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 
+from genserve.distributed.heartbeat import MemberMonitor
 from genserve.errors import ShardFailure
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,12 @@ def describe_exit(code: int | None) -> str:
 
 
 class Supervisor:
-    def __init__(self, procs: dict, timeout: float, abort: Callable[[], None] | None = None):
-        self.procs, self.timeout, self._abort = procs, timeout, abort
+    def __init__(self, procs: dict, timeout: float, abort: Callable[[], None] | None = None,
+                 members: MemberMonitor | None = None):
+        """``procs``: this host's worker processes by rank (may be empty); ``timeout``: seconds
+        a collective call may take; ``abort``: aborts the process groups (NCCL); ``members``:
+        the remote members' heartbeats, when ranks run on other machines."""
+        self.procs, self.timeout, self._abort, self.members = procs, timeout, abort, members
         self.dead: str | None = None
         self._lock = threading.Lock()
         self._busy_since: float | None = None
@@ -64,6 +70,14 @@ class Supervisor:
             if since is not None and time.monotonic() - since > self.timeout:
                 self.fail(f"a forward or LM-head call took longer than {self.timeout:g}s: a shard hangs")
                 return
+            if self.members is not None:
+                try:
+                    lost = self.members.poll()
+                except Exception as exc:  # noqa: BLE001 - the store failed: no member can be vouched for
+                    lost = f"the rendezvous store failed: {exc}"
+                if lost is not None:
+                    self.fail(lost)
+                    return
 
     # -- called by the runner -------------------------------------------------------------
     @contextmanager
@@ -95,6 +109,8 @@ class Supervisor:
         if first:
             logger.error("tensor-parallel engine is down: %s", reason)
             self._kill_workers()
+            if self.members is not None:
+                self.members.announce_down(reason)
             if self._abort is not None:
                 try:
                     self._abort()

@@ -49,6 +49,11 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
+        lost = self.engine.runner.peers.dead
+        if lost is not None and self.dead is None:
+            # A shard or node was lost while no step ran: no step can succeed again, so /health
+            # and admission say so now instead of after the next request's failed step.
+            self.dead = f"tensor-parallel engine is down: {lost}"
         return self._thread is not None and self._thread.is_alive() and self.dead is None
 
     # -- public API -----------------------------------------------------------------------

@@ -25,6 +25,12 @@ class Peers:
     #: engine's supervisor must vouch for each step after it ran, so its steps never overlap.
     allows_overlap: bool = True
 
+    @property
+    def dead(self) -> str | None:
+        """Why the other ranks cannot compute any more (a shard or a node was lost), even while
+        no step runs; None while they can. Health checks read it."""
+        return None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 batch: ForwardBatch) -> AbstractContextManager:
         """Entered around one forward pass (``input_ids``/``positions`` [tokens], ``batch``

@@ -2,9 +2,11 @@
 executes and builds it (vLLM's ``Executor.get_class(config)``: ``get_executor_class``).
 
 - ``base``: ``Executor`` and ``UniProcExecutor`` (one process);
-- ``sharded``: ``ShardedExecutor`` (``--num-shard N``): spawns ranks 1..N-1 and builds rank 0;
+- ``sharded``: ``ShardedExecutor`` (``--num-shard N``): spawns this node's other ranks and builds rank 0;
+- ``topology``: where the ranks run (one host, ``--nnodes`` machines, torchrun's processes);
 - ``shard_workers``: rank 0's runner's ``peers``: announce, supervise and stop the workers;
-- ``worker``: the process of ranks 1..N-1.
+- ``worker``: the process of one rank other than 0;
+- ``node``: ``genserve serve`` on a node other than 0 (or a torchrun rank): shards only, no HTTP.
 
 Every rank is built by ``genserve.engine.build.build_engine``, which builds exactly one rank
 and imports nothing from here.

@@ -88,6 +88,17 @@ class ShardWorkers(Peers):
             return
         self._closed = True
         atexit.unregister(self.shutdown)  # and let the engine be collected
-        tell = self.channel.send_stop if self.channel is not None else (lambda: None)
+
+        def tell() -> None:
+            if self.channel is not None:
+                self.channel.send_stop()
+            # Leave the groups now, while the workers leave theirs, not after they exited:
+            # tearing a communicator down waits for every rank under NCCL (torch's
+            # destroy_process_group notes ncclCommAbort was a collective call in some NCCL
+            # versions). Rank 0 used to leave only after the workers had exited, which blocked
+            # for good and ended the process with "terminate called without an active
+            # exception" (2 H200s, docs/benchmarks.md).
+            destroy_groups()
+
         self.supervisor.stop(tell, grace)
-        destroy_groups()
+        destroy_groups()  # after a failure (nothing was told): the groups are aborted by now

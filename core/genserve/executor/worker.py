@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing import parent_process
 from multiprocessing.connection import wait
 
@@ -24,7 +25,6 @@ from genserve.args import defaults
 from genserve.backends.select import select_backend
 from genserve.distributed.channel import Channel, Forward
 from genserve.distributed.groups import (
-    HOST,
     READY_KEY,
     START_TIMEOUT,
     destroy_groups,
@@ -32,6 +32,7 @@ from genserve.distributed.groups import (
     share_cpu_threads,
 )
 from genserve.engine.build import build_engine
+from genserve.executor.topology import Topology
 from genserve.models.base import ForwardBatch
 from genserve.plugins import get_plugins
 
@@ -65,7 +66,32 @@ def serve(runner, channel: Channel) -> None:
             return
 
 
-def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags: dict) -> None:
+def run_rank(rank: int, topo: Topology, port: int, backend_name: str, flags: dict,
+             on_store: Callable[[], None] | None = None) -> None:
+    """Join the engine as ``rank`` and mirror rank 0 until told to stop (raises on any failure).
+    ``topo``: where the ranks meet (``port``: node 0's store); ``on_store()`` runs once the
+    store is reached (a torchrun rank starts its heartbeat there)."""
+    plugins = get_plugins()
+    backend_cls = select_backend(plugins, backend_name)
+    backend = backend_cls()
+    # Before any communicator exists, so none lands on device 0.
+    backend.set_device(rank - topo.local_ranks.start)
+    share_cpu_threads(backend.device, topo.ranks_per_node)
+    store = dist.TCPStore(topo.master_addr, port, topo.world_size, is_master=False, timeout=START_TIMEOUT)
+    if on_store is not None:
+        on_store()
+    store.set(READY_KEY.format(rank), "1")
+    tp = init_groups(rank, topo.world_size, store, backend_cls.distributed_backend)
+    args = defaults(extra_flags=backend_cls.options_cls.flags(), **{**flags, "backend": backend_name})
+    loaded = build_engine(args, plugins)
+    runner = loaded.engine.runner
+    serve(runner, Channel(tp.cpu_group, runner.backend.device))  # the engine's own backend
+    destroy_groups()
+
+
+def worker_main(rank: int, topology: dict, port: int, backend_name: str, flags: dict) -> None:
+    """A spawned worker process: ``run_rank`` (``topology``: a ``Topology``'s fields), then exit
+    without interpreter teardown (code 0 after a stop, 1 after any error)."""
     # Ctrl-C reaches the whole process group: rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in native code (NCCL, gloo) still shows where it happened
@@ -77,25 +103,17 @@ def worker_main(rank: int, world_size: int, port: int, backend_name: str, flags:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [shard {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        plugins = get_plugins()
-        backend_cls = select_backend(plugins, backend_name)
-        backend = backend_cls()
-        backend.set_device(rank)  # before any communicator exists, so none lands on device 0
-        share_cpu_threads(backend.device, world_size)
-        store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=START_TIMEOUT)
-        store.set(READY_KEY.format(rank), "1")
-        tp = init_groups(rank, world_size, store, backend_cls.distributed_backend)
-        args = defaults(extra_flags=backend_cls.options_cls.flags(), **{**flags, "backend": backend_name})
-        loaded = build_engine(args, plugins)
-        runner = loaded.engine.runner
-        serve(runner, Channel(tp.cpu_group, runner.backend.device))  # the engine's own backend
-        destroy_groups()
+        run_rank(rank, Topology(**topology), port, backend_name, flags)
         code = 0
     except Exception:
         logger.exception("shard %d failed", rank)
         code = 1
-    # Skip interpreter teardown: a broken communicator can hang it, and even after a clean stop
-    # a native thread of the store or gloo may still be joinable and abort the process.
+    hard_exit(code)
+
+
+def hard_exit(code: int) -> None:
+    """Skip interpreter teardown: a broken communicator can hang it, and even after a clean stop
+    a native thread of the store or gloo may still be joinable and abort the process."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
