@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.errors import ConfigError
 from genserve.layers.activation import get_activation
 from genserve.layers.linear import ReplicatedLinear
 from genserve.layers.norm import RMSNorm
-from genserve.models.base import ForwardBatch, ModelContext
+from genserve.models.base import ModelContext
 from genserve.models.idefics_vision import IdeficsVisionTransformer, embed_tiles
-from genserve.models.llama import LlamaForCausalLM
+from genserve.models.vision_language import VisionLanguageLM
 from genserve.multimodal.inputs import MultiModalInputs
-from genserve.multimodal.rows import merge_image_rows
 
 RENAMES = (
     ("model.text_model.", ""),
@@ -121,25 +119,14 @@ class Idefics2Connector(nn.Module):
         return self.perceiver_resampler(self.modality_projection(x), patch_mask.flatten(1))
 
 
-class Idefics2ForConditionalGeneration(LlamaForCausalLM):
+class Idefics2ForConditionalGeneration(VisionLanguageLM):
+    model_name = "idefics2"
+    renames = RENAMES
+
     def __init__(self, config, ctx: ModelContext):
-        if ctx.tp.size > 1:
-            raise ConfigError("idefics2: tensor parallelism (--num-shard > 1) is not supported for "
-                              "vision-language models yet; serve it on one device")
-        super().__init__(config.text_config, ctx)
-        self.vlm_config = config
-        self.image_token_id = config.image_token_id
+        super().__init__(config, ctx, config.image_token_id)
         self.vision_model = IdeficsVisionTransformer(config.vision_config, ctx.dtype)
         self.connector = Idefics2Connector(config, ctx.dtype)
-
-    def rename_weight(self, name):
-        for old, new in RENAMES:
-            if name.startswith(old):
-                return new + name[len(old):]
-        return name
-
-    def input_embeddings(self, input_ids, batch: ForwardBatch):
-        return merge_image_rows(self.embed(input_ids), batch.images)
 
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         """Every real tile through the encoder and the resampler (``embed_tiles``); a patch

@@ -15,13 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from genserve.errors import ConfigError
 from genserve.layers.linear import ReplicatedLinear
-from genserve.models.base import ForwardBatch, ModelContext
+from genserve.models.base import ModelContext
 from genserve.models.idefics_vision import IdeficsVisionTransformer, embed_tiles
-from genserve.models.llama import LlamaForCausalLM
+from genserve.models.vision_language import VisionLanguageLM
 from genserve.multimodal.inputs import MultiModalInputs
-from genserve.multimodal.rows import merge_image_rows
 
 RENAMES = (
     ("model.text_model.", ""),
@@ -53,25 +51,14 @@ class Idefics3Connector(nn.Module):
         return self.modality_projection.proj(pixel_shuffle(x, self.scale))
 
 
-class Idefics3ForConditionalGeneration(LlamaForCausalLM):
+class Idefics3ForConditionalGeneration(VisionLanguageLM):
+    model_name = "idefics3"
+    renames = RENAMES
+
     def __init__(self, config, ctx: ModelContext):
-        if ctx.tp.size > 1:
-            raise ConfigError("idefics3: tensor parallelism (--num-shard > 1) is not supported for "
-                              "vision-language models yet; serve it on one device")
-        super().__init__(config.text_config, ctx)
-        self.vlm_config = config
-        self.image_token_id = config.image_token_id
+        super().__init__(config, ctx, config.image_token_id)
         self.vision_model = IdeficsVisionTransformer(config.vision_config, ctx.dtype)
         self.connector = Idefics3Connector(config, ctx.dtype)
-
-    def rename_weight(self, name):
-        for old, new in RENAMES:
-            if name.startswith(old):
-                return new + name[len(old):]
-        return name
-
-    def input_embeddings(self, input_ids, batch: ForwardBatch):
-        return merge_image_rows(self.embed(input_ids), batch.images)
 
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         """Every real tile through the encoder and the connector (``embed_tiles``); a patch

@@ -21,11 +21,10 @@ from torch import nn
 from genserve.errors import ConfigError
 from genserve.layers.activation import get_activation
 from genserve.layers.linear import ColumnParallelLinear, RowParallelLinear
-from genserve.models.base import ForwardBatch, ModelContext
+from genserve.models.base import ModelContext
 from genserve.models.clip import CLIPVisionTower
-from genserve.models.llama import LlamaForCausalLM
+from genserve.models.vision_language import VisionLanguageLM
 from genserve.multimodal.inputs import MultiModalInputs
-from genserve.multimodal.rows import merge_image_rows
 
 # Checkpoint names: llava-hf's (``language_model.model.*``) and transformers 5's
 # (``model.language_model.*``) -> this module's.
@@ -54,17 +53,15 @@ class LlavaNextProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaNextForConditionalGeneration(LlamaForCausalLM):
+class LlavaNextForConditionalGeneration(VisionLanguageLM):
+    model_name = "llava_next"
+    renames = RENAMES
+
     def __init__(self, config, ctx: ModelContext):
-        if ctx.tp.size > 1:
-            raise ConfigError("llava_next: tensor parallelism (--num-shard > 1) is not supported for "
-                              "vision-language models yet; serve it on one device")
         if config.vision_config.model_type != "clip_vision_model":
             raise ConfigError(f"llava_next: vision tower {config.vision_config.model_type!r} is not "
                               "supported (CLIP only)")
-        super().__init__(config.text_config, ctx)
-        self.vlm_config = config
-        self.image_token_id = config.image_token_index
+        super().__init__(config, ctx, config.image_token_index)
         layers = config.vision_feature_layer
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
         self.select_strategy = config.vision_feature_select_strategy
@@ -79,15 +76,6 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
             getattr(config, "multimodal_projector_bias", True), ctx.dtype)
         self.image_newline = nn.Parameter(torch.empty(hidden, dtype=ctx.dtype), requires_grad=False)
 
-    def rename_weight(self, name):
-        for old, new in RENAMES:
-            if name.startswith(old):
-                return new + name[len(old):]
-        return name
-
-    def input_embeddings(self, input_ids, batch: ForwardBatch):
-        return merge_image_rows(self.embed(input_ids), batch.images)
-
     # -- images ---------------------------------------------------------------------------
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         """Every image of every request through the vision tower in one batch of tiles, then
@@ -95,7 +83,9 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
         images' rows concatenated in prompt order."""
         # transformers' anyres geometry, imported at first use: its modules import triton,
         # which plugin loading must not (tests/test_backend_plugins.py).
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import (
+            image_size_to_num_patches,
+        )
 
         cfg, vision = self.vlm_config, self.vlm_config.vision_config
         device, dtype = self.image_newline.device, self.image_newline.dtype
@@ -124,7 +114,10 @@ class LlavaNextForConditionalGeneration(LlamaForCausalLM):
         """One image's tile features [tiles, tile tokens, hidden] -> [tokens, hidden]: the base
         tile's, then the grid's (unpadded to the image's aspect ratio) with a newline per row
         (transformers' ``LlavaNextModel.pack_image_features``, "spatial_unpad")."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
 
         newline = self.image_newline
         if features.shape[0] == 1:
