@@ -19,6 +19,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_ms, median_ms  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy on this workplace's H100 (KINDS.md)
 ROWS: list[tuple] = []  # (group, case, graph ms, eager ms, baseline ms, max abs err, note)
@@ -26,23 +29,12 @@ ROWS: list[tuple] = []  # (group, case, graph ms, eager ms, baseline ms, max abs
 
 def bench(fn) -> float:
     """Median ms of ``fn`` launched from Python (includes host launch overhead when it dominates)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return median_ms(fn, rep=100)
 
 
 def bench_graph(fn) -> float:
     """Median ms of ``fn``'s kernels replayed as one CUDA graph: device time, no launch gaps."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm outside the capture
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+    return graph_ms(fn, rep=100)
 
 
 def record(group, case, ms, eager_ms, base_ms, err, note=""):

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_ms, median_ms  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # name: (out N, in K) of Llama-3-8B's linears (one layer)
     "qkv": (6144, 4096),
@@ -64,26 +67,6 @@ class Recorder:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def median_ms(fn, rep=200) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def graph_ms(fn, rep=200) -> float:
-    """Median ms of one replay of ``fn``'s kernels captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm outside the capture
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay, rep=rep)
 
 
 def copy_bandwidth() -> float:
