@@ -46,11 +46,32 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+def _text_config(config_cls, tok, layers: int = 2):
+    """The tiny language model every test VLM sits on (``config_cls``: LlamaConfig, MistralConfig)."""
+    return config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def _save_perturbed(model_cls, config, seed: int, folder: Path):
+    """``model_cls(config)`` in fp32 eval mode with every weight perturbed (so norms and biases
+    leave 1 and 0 and every tensor matters), saved to ``folder``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
 def build_tiny_llava_next(folder, seed: int = 0, vision_layers: int = 2, text_layers: int = 2):
     """Write a tiny random Llava-Next checkpoint with its processor to ``folder``; returns the
     transformers model (fp32, eval). Weights are perturbed from the default init so that every
     tensor matters (norms and biases away from 1 and 0)."""
-    import torch
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -66,20 +87,11 @@ def build_tiny_llava_next(folder, seed: int = 0, vision_layers: int = 2, text_la
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=28, patch_size=14, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    text = _text_config(LlamaConfig, tok, text_layers)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
                              image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                              vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = _save_perturbed(LlavaNextForConditionalGeneration, config, seed, folder)
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                               image_grid_pinpoints=PINPOINTS)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
@@ -98,9 +110,10 @@ def random_image(width: int, height: int, seed: int = 0):
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
 
 
-def png_bytes(image) -> bytes:
+def png_bytes(image, fmt: str = "PNG") -> bytes:
+    """A ``PIL.Image`` encoded in ``fmt`` (PNG by default)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -108,9 +121,7 @@ def data_url(image, fmt: str = "PNG") -> str:
     """``data:image/<fmt>;base64,...`` of a ``PIL.Image``."""
     import base64
 
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(png_bytes(image, fmt)).decode()}"
 
 
 def build_tiny_idefics3(folder, seed: int = 0, do_image_splitting: bool = True):
@@ -118,7 +129,6 @@ def build_tiny_idefics3(folder, seed: int = 0, do_image_splitting: bool = True):
     56x56 pixels (4x4 patches of 14), pixel shuffle by 2, so 4 image tokens per tile; images
     are resized to a longest edge of 112, i.e. split into at most 2x2 tiles plus the global
     view. Returns the transformers model (fp32, eval), weights perturbed as above."""
-    import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -137,18 +147,10 @@ def build_tiny_idefics3(folder, seed: int = 0, do_image_splitting: bool = True):
                                   chat_template=CHAT_TEMPLATE.replace("<image>\n", "<image>"))
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=56, patch_size=14)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = _text_config(LlamaConfig, tok)
     config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
                             image_token_id=processor.image_token_id)
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = _save_perturbed(Idefics3ForConditionalGeneration, config, seed, folder)
     processor.save_pretrained(folder)
     return model
 
@@ -157,7 +159,6 @@ def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
     """A tiny random Idefics2 checkpoint with its ``Idefics2Processor`` in ``folder``: images
     resized to edges between 28 and 70 pixels (so of varying size, padded and masked within a
     request), 8 resampler latents per image or crop. Returns the transformers model."""
-    import torch
     from transformers import (
         Idefics2Config,
         Idefics2ForConditionalGeneration,
@@ -173,10 +174,7 @@ def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
                                              do_image_splitting=do_image_splitting)
     processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=8,
                                   chat_template=CHAT_TEMPLATE.replace("<image>\n", "<image>"))
-    text = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = _text_config(MistralConfig, tok)
     config = Idefics2Config(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "image_size": 70, "patch_size": 14},
@@ -184,11 +182,6 @@ def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
                           "resampler_depth": 2, "resampler_n_heads": 4, "resampler_head_dim": 16,
                           "num_key_value_heads": 2},
         text_config=text, image_token_id=processor.image_token_id)
-    torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = _save_perturbed(Idefics2ForConditionalGeneration, config, seed, folder)
     processor.save_pretrained(folder)
     return model
