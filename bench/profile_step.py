@@ -5,7 +5,9 @@ twice, with overlapped steps (the default on CUDA) and waiting for each step, an
 wall time per step against the device's busy time per step (the sum of kernel durations,
 from the torch profiler), so "host-bound" and "device-bound" are measured, not guessed.
 
-    python bench/profile_step.py [--batches 1,128] [--tokens 64] [--tiny]
+    python bench/profile_step.py [--batches 1,128] [--tokens 64] [--variant bf16|fp8|w4a16|...] [--tiny]
+
+``--variant`` takes the weight variants of ``bench/gpu_llama8b.py`` (quantized dummy weights).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_llama8b import LLAMA3_8B, TINY, random_prompt  # noqa: E402
+from gpu_llama8b import ENGINE_FLAGS, LLAMA3_8B, TINY, VARIANTS, random_prompt  # noqa: E402
 
 
 def decode(engine, batch: int, prompt_len: int, new_tokens: int, rng, prof=None) -> tuple[float, int]:
@@ -52,6 +54,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--variant", default="bf16", choices=list(VARIANTS))
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per batch size")
     args = ap.parse_args()
 
     import random
@@ -60,12 +64,20 @@ def main():
 
     from genserve.args import defaults
     from genserve.engine.build import build_engine
+    from genserve.engine.warmup import warm_up
 
     folder = tempfile.mkdtemp(prefix="genserve-prof-")
-    LlamaConfig(**(TINY if args.tiny else LLAMA3_8B)).save_pretrained(folder)
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    _, quant = VARIANTS[args.variant]
+    if quant and not quant.get("online"):
+        config.quantization_config = quant
+    config.save_pretrained(folder)
     engine = build_engine(defaults(model_id=folder, load_format="dummy", backend="cuda", dtype="bfloat16",
                                    max_batch_prefill_tokens=8192, max_batch_size=256,
-                                   cuda_memory_fraction=0.9)).engine
+                                   cuda_memory_fraction=0.9, quantize=quant and quant["quant_method"],
+                                   **ENGINE_FLAGS.get(args.variant, {}))).engine
+    warm_up(engine, config.vocab_size)  # as the server does before serving (graphs, kernel variants)
+    print(f"variant {args.variant}", flush=True)
     rng = random.Random(0)
     decode(engine, 1, 16, 8, rng)  # warm-up
     print(f"{'batch':>5} {'mode':>8} {'wall ms/step':>13} {'device ms/step':>15} {'host-bound?':>12}")
@@ -82,7 +94,7 @@ def main():
             print(f"{batch:5d} {mode:>8} {wall * 1e3:13.2f} {per_step:15.2f} "
                   f"{'yes' if wall * 1e3 > 1.1 * per_step else 'no':>12}", flush=True)
             if overlap:
-                top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+                top = sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]
                 for e in top:
                     print(f"      {e.self_device_time_total / 1e3 / steps:8.3f} ms/step "
                           f"{e.count / steps:6.1f}x  {e.key[:90]}")
