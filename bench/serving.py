@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -104,13 +105,18 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--model-id", args.model_id]
     if getattr(args, "load_format", None):
         cmd += ["--load-format", args.load_format]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # the server's log goes to a file, shown when it fails to start (a bench run on the device
+    # machine has no other way to say why)
+    log = tempfile.NamedTemporaryFile(prefix="genserve-bench-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "LOG_LEVEL": "WARNING"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            with open(log.name, errors="replace") as f:
+                tail = "".join(f.readlines()[-40:])
+            raise SystemExit(f"server exited with {proc.returncode}; the end of its log ({log.name}):\n{tail}")
         try:
             if httpx.get(url + "/health", timeout=30).status_code == 200:
                 return proc, url
