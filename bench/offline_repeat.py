@@ -22,6 +22,7 @@ import gpu_llama8b as b  # noqa: E402
 HOST = Counter()  # seconds per phase of the engine's step, summed over a run
 STUCK = Counter()  # stacks of launches that took over 100 ms
 SLOW_LAUNCHES: list[tuple[float, int, int, int]] = []  # (seconds, sequences, tokens, device mallocs)
+LAUNCH_STARTS: list[tuple[float, int, int]] = []  # (perf_counter at launch, sequences, tokens)
 
 
 def time_phases(engine):
@@ -59,6 +60,7 @@ def time_phases(engine):
         watchdog = threading.Timer(0.1, sample_stack)
         watchdog.start()
         t0 = time.perf_counter()
+        LAUNCH_STARTS.append((t0, len(scheduled), sum(s.num_tokens for s in scheduled)))
         try:
             return launch(scheduled)
         finally:
@@ -112,15 +114,35 @@ def triton_variants() -> dict[str, int]:
     return counts
 
 
+def step_histogram() -> None:
+    """Where the run's wall time went by batch size: the time from one launch to the next,
+    summed per bucket of scheduled sequences (the long-output tail shows as many small steps)."""
+    buckets = (1, 16, 64, 128, 256, 384, 10 ** 9)
+    agg: dict[int, list[float]] = {}
+    for (t0, seqs, tokens), (t1, _, _) in zip(LAUNCH_STARTS, LAUNCH_STARTS[1:]):
+        lo = max(b for b in buckets if b <= max(seqs, 1))
+        row = agg.setdefault(lo, [0, 0.0, 0])
+        row[0] += 1
+        row[1] += t1 - t0
+        row[2] += tokens
+    total = sum(r[1] for r in agg.values()) or 1.0
+    print("    sequences/step  steps   wall s  share  ms/step  tokens scheduled")
+    for lo in sorted(agg):
+        n, sec, tok = agg[lo]
+        print(f"    >= {lo:<12d} {n:6d} {sec:8.2f} {100 * sec / total:5.1f}% {sec / n * 1e3:8.2f} {tok:9d}")
+
+
 def offline(engine, vocab, n=1000):
     HOST.clear()
     SLOW_LAUNCHES.clear()
+    LAUNCH_STARTS.clear()
     prompts, lens_out = b.offline_workload(vocab, n)
     wall, produced, _, _ = b.run_requests(engine, prompts, lens_out)
     steps = b.STEPS["steps"]
     for label, sec in HOST.most_common():
         print(f"    {label:28s} {sec:6.2f} s  {sec / steps * 1e3:6.2f} ms/step", flush=True)
     print(f"    {'wall':28s} {wall:6.2f} s  {wall / steps * 1e3:6.2f} ms/step", flush=True)
+    step_histogram()
     allocator_stats("after offline")
     for stack, count in STUCK.most_common(3):
         print(f"  stuck launch x{count}: {stack}", flush=True)
