@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serving import start_server, summarize  # noqa: E402
 
 STATS = ("req_per_s", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-         "e2e_p50_ms", "e2e_p99_ms")
+         "e2e_p50_ms", "e2e_p99_ms", "failed")
 
 
 def workload(n: int, vocab: int, scale: float, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -70,16 +70,27 @@ def stamps_record(start: float, stamps: list[float]) -> dict:
 async def replay(jobs, offsets, send) -> dict:
     """Start ``send(i, prompt, n_out)`` for every job at its arrival offset; summarize."""
     records: list[dict] = []
+    failures: list[str] = []
 
     async def at(i: int, offset: float, t0: float) -> None:
         await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
         start = time.perf_counter()
-        stamps = await send(i, *jobs[i])
+        try:
+            stamps = await send(i, *jobs[i])
+        except RuntimeError as e:  # a refused or failed request is counted, not fatal to the run
+            failures.append(str(e))
+            return
         records.append(stamps_record(start, stamps))
 
     t0 = time.perf_counter()
     await asyncio.gather(*[at(i, off, t0) for i, off in enumerate(offsets)])
-    return summarize(records, time.perf_counter() - t0)
+    if not records:
+        raise RuntimeError(f"every request failed; first error: {failures[0]}")
+    out = summarize(records, time.perf_counter() - t0)
+    out["failed"] = len(failures)
+    if failures:
+        print(f"  {len(failures)} requests failed; first error: {failures[0]}", flush=True)
+    return out
 
 
 async def http_rate(url: str, jobs, offsets) -> dict:
@@ -206,6 +217,9 @@ def main() -> None:
     p.add_argument("--length-scale", type=float, default=1.0)
     p.add_argument("--kv-tokens", type=int, default=65536, help="--max-batch-total-tokens for both modes")
     p.add_argument("--ttft-slo", type=float, default=1000.0, help="ms")
+    p.add_argument("--max-concurrent-requests", type=int, default=100000,
+                   help="the server's queue limit (TGI's default 128 refuses requests under load: "
+                        "this bench measures latency with every request queued, as vLLM's serving bench does)")
     p.add_argument("--skip-direct", action="store_true")
     p.add_argument("--load-format", default=None, help="e.g. dummy: random weights of the checkpoint's shape")
     p.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")

@@ -105,6 +105,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--model-id", args.model_id]
     if getattr(args, "load_format", None):
         cmd += ["--load-format", args.load_format]
+    if getattr(args, "max_concurrent_requests", None):
+        cmd += ["--max-concurrent-requests", str(args.max_concurrent_requests)]
     # the server's log goes to a file, shown when it fails to start (a bench run on the device
     # machine has no other way to say why)
     log = tempfile.NamedTemporaryFile(prefix="genserve-bench-server-", suffix=".log", delete=False)
