@@ -12,7 +12,11 @@ tile that Triton stages through shared memory by itself). Variants:
 - ``plane``: one K = 16 dot per plane, dequantized by the same inline PTX as the kernel in use;
 - ``block``: the block's 8 planes unpacked by a broadcast shift and reshaped to one ``[BN, 128]``
   operand, one K = 128 dot per block; ``post`` also moves the scale out of the dequantization
-  (``s * (x . q - 8 * sum(x))`` per block: the operand is the exact small integer ``q``).
+  (``s * (x . q - 8 * sum(x))`` per block: the operand is the exact small integer ``q``);
+- ``gather`` (not swapped, ``_gather_kernel``): each of the block's 128 rows loads its word
+  directly (8 rows share a word: the repeated addresses are L1 hits), shifts it by its own
+  plane's amount, and one K = 128 ``tl.dot(x[BM, 128], w[128, BN])`` per block follows, with
+  no reshape and no per-plane dot.
 
 Prints, per Llama-3-8B layer shape and M, microseconds per GEMM (weights rotated past the L2, one
 CUDA graph) of the kernel in use and each variant, and with ``--ir`` which MMA each variant
@@ -94,6 +98,40 @@ def _swap_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_x
                 pid_m, pid_n, pid_k, False, SPLIT, BLOCK_M, BLOCK_N)
 
 
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _gather_kernel(x_ptr, qw_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NP: tl.constexpr, SPLIT: tl.constexpr):
+    BK: tl.constexpr = 128
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BK)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    KW = K // 8
+    w_cols = qw_ptr + ((offs_n // NP).to(tl.int64) * KW * NP + offs_n % NP)[None, :]   # [1, BN]
+    word_row = (offs_k % 16)[:, None]                                                 # [BK, 1]
+    shift = ((offs_k // 16) * 4)[:, None]
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    blocks = K // BK
+    per = tl.cdiv(blocks, split_k)
+    lo = pid_k * per
+    hi = tl.minimum(lo + per, blocks)
+    for blk in range(lo, hi):
+        words = tl.load(w_cols + (blk * 16 + word_row) * NP, mask=n_mask[None, :], other=0)   # [BK, BN]
+        s = tl.load(s_ptr + blk * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        f = ((words >> shift) & 15) | 0x4B000000
+        w = ((f.to(tl.float32, bitcast=True) - 8388616.0) * s).to(dt)
+        xk = tl.load(x_rows + (blk * BK + offs_k)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
+        acc = tl.dot(xk, w, acc)
+    _store_tile(acc, s_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, split_k,
+                pid_m, pid_n, pid_k, False, SPLIT, BLOCK_M, BLOCK_N)
+
+
 class Variant:
     def __init__(self, name, mode, post, asm, bm, bn, warps, stages, waves):
         self.name, self.mode, self.post, self.asm = name, mode, post, asm
@@ -115,13 +153,24 @@ class Variant:
         split = self.split(M, N, K, sms)
         grid = (triton.cdiv(M, self.bm), triton.cdiv(N, self.bn), split)
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+        if self.mode == 2:
+            return _gather_kernel[grid](x, qweight, scales, y, ws, counters, M, N, K, x.stride(0), y.stride(0),
+                                        split, BLOCK_M=self.bm, BLOCK_N=self.bn, NP=64, SPLIT=split > 1,
+                                        num_warps=self.warps, num_stages=self.stages), y
         return _swap_kernel[grid](x, qweight, scales, y, ws, counters, M, N, K, x.stride(0), y.stride(0), split,
                                   BLOCK_M=self.bm, BLOCK_N=self.bn, NP=64, MODE=self.mode, POST=self.post,
                                   ASM=self.asm, SPLIT=split > 1, num_warps=self.warps, num_stages=self.stages), y
 
 
-def variants_for(m: int) -> list[Variant]:
+def variants_for(m: int, only: str | None = None) -> list[Variant]:
     bm = max(16, min(128, triton.next_power_of_2(m)))
+    if only == "gather":
+        out = []
+        for bm_ in sorted({bm, max(16, bm // 2), max(16, bm // 4)}):
+            for bn in (64, 128):
+                for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                    out.append(Variant("gather", 2, False, False, bm_, bn, warps, stages, 4))
+        return out
     out = []
     for bn in (64, 128, 256) if m <= 16 else (64, 128):
         for waves in (2, 4):
@@ -146,6 +195,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,16,64,128")
     ap.add_argument("--ir", action="store_true")
+    ap.add_argument("--only", default=None, choices=["gather"], help="time only these variants")
     args = ap.parse_args()
     from gpu_w4a16 import SHAPES, Shape, time_per_call
     from genserve_cuda.kernels.w4a16 import select_config, wna16_gemm
@@ -169,7 +219,7 @@ def main():
             totals[(m, "current")] = totals.get((m, "current"), 0.0) + t_cur
             print(f"{name:8s} M={m:4d} current {t_cur:8.2f} us  ({cfg})", flush=True)
             best = None
-            for v in variants_for(m):
+            for v in variants_for(m, args.only):
                 try:
                     compiled, y = v(x, sh.layers[0].w4a16_qweight, sh.layers[0].w4a16_scales, counters, sms)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
