@@ -4,7 +4,9 @@
 
 Writes ``h200-weight-variants.png``: batch-1 time per token, decode and prefill throughput of the
 Llama-3-8B shape for each weight variant (bf16, fp8, w4a16), the latest genserve row of each
-metric, with the roofline where one was recorded. Needs matplotlib (the ``bench`` extra).
+metric, with the roofline where one was recorded; and ``h200-load-test.png``: TTFT and time per
+output token p50/p99 against the request rate, over HTTP and direct, from the latest
+``bench/load_test.py`` run's ``load_*`` rows. Needs matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PANELS = (("tpot_b1_ms", "batch-1 time per token (ms)", True),
@@ -24,6 +28,20 @@ def latest(rows: list[dict], metric: str, engine: str) -> dict | None:
     """The last row recorded for ``metric`` by ``engine`` (rows are appended in time order)."""
     found = [r for r in rows if r["metric"] == metric and r["engine"] == engine]
     return found[-1] if found else None
+
+
+def load_results(rows: list[dict]) -> tuple[dict, str]:
+    """``{engine: {rate: {stat: value}}}`` of the last commit that recorded ``load_*`` rows, and it."""
+    load = [r for r in rows if r["metric"].startswith("load_")]
+    if not load:
+        return {}, ""
+    commit = load[-1].get("commit", "?")
+    out: dict = {}
+    for r in load:
+        m = re.fullmatch(r"load_(.+)_rate([0-9.]+)", r["metric"])
+        if m and r.get("commit") == commit:
+            out.setdefault(r["engine"], {}).setdefault(float(m.group(2)), {})[m.group(1)] = r["value"]
+    return out, commit
 
 
 def main() -> None:
@@ -68,6 +86,16 @@ def main() -> None:
     path = os.path.join(args.out, "h200-weight-variants.png")
     fig.savefig(path, dpi=110)
     print(path)
+
+    results, commit = load_results(rows)
+    if results:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from load_test import plot
+
+        path = os.path.join(args.out, "h200-load-test.png")
+        plot(results, path, f"genserve on one H200, Llama-3-8B shape, Poisson arrivals, streaming "
+                            f"(bench/load_test.py, {commit})")
+        print(path)
 
 
 if __name__ == "__main__":

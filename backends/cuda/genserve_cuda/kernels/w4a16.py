@@ -56,7 +56,9 @@ unpacked by a broadcast shift into ``[8, 16, BN]`` and reshaped to ``[128, BN]``
 at M = 128 (289 vs 290 us per layer) and 1.2-2x slower at M <= 16
 (bench/results/h200-w4a16-sweep-2026-12-01.txt), so the per-plane form stays. At M = 128 the
 kernel is ~2x slower than bf16 cuBLAS: closing that needs wgmma on a dequantized shared-memory
-tile (Machete), which Triton 3.6 does not let us express.
+tile (Machete), which Triton 3.6 does not let us express. Swapping the operands (the dequantized
+weights as wgmma's register A operand) and gathering each block's rows for one K = 128 dot were
+measured too and did not help (backends/cuda/NOTES.md, "Session 6").
 """
 
 from __future__ import annotations
