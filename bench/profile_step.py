@@ -26,7 +26,8 @@ from gpu_llama8b import ENGINE_FLAGS, LLAMA3_8B, TINY, VARIANTS, random_prompt  
 
 def decode(engine, batch: int, prompt_len: int, new_tokens: int, rng, prof=None) -> tuple[float, int]:
     """(seconds per decode step after the prefill, decode steps) for ``batch`` requests;
-    ``prof`` (a torch profiler) records the decode steps only."""
+    ``prof`` (a torch profiler) records the decode steps only: from the step after every request
+    has its first token (so ``new_tokens`` must outlast the prefill chunks)."""
     from genserve.engine.offline import OfflineRequest, iter_steps
     from genserve.engine.sampling_params import SamplingParams
 
@@ -34,8 +35,11 @@ def decode(engine, batch: int, prompt_len: int, new_tokens: int, rng, prof=None)
                                SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for _ in range(batch)]
     first = None
     steps = 0
+    started: set[str] = set()
     for outs in iter_steps(engine, requests):
-        if first is None and outs:  # the first tokens are out: the prefill is over
+        started.update(o.request_id for o in outs)
+        # every request has its first token: the prefill chunks are over, only decodes remain
+        if first is None and len(started) == batch:
             torch.cuda.synchronize()
             if prof is not None:
                 prof.start()
