@@ -165,11 +165,10 @@ class BlockManager:
         first, last = start // bs, end // bs
         if first == last:
             return
-        ids = seq.all_ids
         prev: Hashable = self.blocks[seq.block_table[first - 1]].hash if first > 0 else self.cache_salt(seq)
         for b in range(first, last):
             block = self.blocks[seq.block_table[b]]
-            tokens = tuple(ids[b * bs:(b + 1) * bs])
+            tokens = tuple(seq.ids_between(b * bs, (b + 1) * bs))  # not all_ids: O(block) per block
             if block.hash is None:
                 block.hash, block.tokens = self.chain_hash(prev, tokens), tokens
                 self.cached.setdefault(block.hash, block.id)

@@ -347,7 +347,7 @@ class LLMEngine:
                     text = info.text = text[: len(text) - match.after]
                 reason = FinishReason.STOP
             if reason is None and (len(seq.output_ids) >= p.max_new_tokens
-                                   or len(seq.all_ids) >= self.config.max_total_tokens):
+                                   or seq.num_known >= self.config.max_total_tokens):
                 reason = FinishReason.LENGTH
 
         out = RequestOutput(

@@ -238,7 +238,7 @@ class ModelRunner:
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                ids += seq.all_ids[start:start + n]
+                ids += seq.ids_between(start, start + n)
                 pos += range(start, start + n)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             q_lens.append(n)
@@ -302,7 +302,11 @@ class ModelRunner:
             [s.all_ids + d for s, d in zip(seqs, drafts)]
             if any(p.repetition_penalty != 1.0 or p.watermark for p in params)
             else [[] for _ in seqs],
-            [s.output_ids + d for s, d in zip(seqs, drafts)], self.device,
+            # the output histories only feed frequency/presence penalties: copying every
+            # sequence's outputs each step is O(generated) host work per row otherwise
+            [s.output_ids + d for s, d in zip(seqs, drafts)]
+            if any(p.frequency_penalty or p.presence_penalty for p in params)
+            else [[] for _ in seqs], self.device,
             self.config.watermark_gamma, self.config.watermark_delta,
         )
         constrained = [(row, p.constraint) for row, p in enumerate(params) if p.constraint is not None]

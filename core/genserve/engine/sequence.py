@@ -82,6 +82,20 @@ class Sequence:
         n = len(self.prompt_ids)
         return self.output_ids[start - n:] if start >= n else self.prompt_ids[start:] + self.output_ids
 
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building ``all_ids`` (O(end - start), not O(len))."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host holds: ``len(all_ids)`` without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
     def token_at(self, index: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[index] if index < n else self.output_ids[index - n]
