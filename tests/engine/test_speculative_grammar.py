@@ -137,6 +137,10 @@ def test_rollback_and_advance_refuse_what_they_cannot_do(tiny):
     assert torch.equal(mask_of(c, len(tok)), before)  # the matcher is still usable
     with pytest.raises(ValueError, match="does not allow token"):
         c.advance(letters[0])  # a letter where a digit must come
+    assert torch.equal(mask_of(c, len(tok)), before)  # refused, and still usable
+    c.advance(digits[2])
+    c.rollback(3)
+    assert torch.equal(mask_of(c, len(tok)), mask_of(make(), len(tok)))
 
 
 def test_valid_prefix_stops_at_the_first_forbidden_token(tiny):
@@ -310,3 +314,25 @@ def test_grammar_speculation_with_chunked_prefill_and_preemption(tiny):
     for rid in on:
         if not rid.startswith("free"):
             assert_valid(compiler, rid, on[rid])
+
+
+@pytest.mark.parametrize("which", ["self", "other"])
+def test_draft_model_drafts_under_the_grammar(tiny, tmp_path, which):
+    """The draft model samples its proposals under the request's grammar (masked as the verify
+    rows are): the target drafting for itself has its grammar proposals accepted, and with any
+    draft the outputs are those without speculation."""
+    folder, tok, compiler = tiny
+    draft = folder if which == "self" else build_tiny_llama(tmp_path / "draft", seed=4)
+    off, _ = drive_counts(load_genserve(folder), mixed_requests(tok, compiler))
+    engine = load_genserve(folder, speculative_model=str(draft), speculate=3)
+    on, counts = drive_counts(engine, mixed_requests(tok, compiler))
+    assert_same(on, off)
+    for rid in on:
+        if not rid.startswith("free"):
+            assert_valid(compiler, rid, on[rid])
+    proposed = sum(p for p, _ in counts.values())
+    assert proposed > 0
+    if which == "self":  # every proposal is the target's own token, grammar requests included
+        for rid, (p, a) in counts.items():
+            # Every step verifies up to 3 proposals and they are the tokens emitted.
+            assert p >= len(on[rid].tokens) // 2 and a >= 0.9 * p - 3, f"{rid}: {a} of {p} accepted"

@@ -43,10 +43,12 @@ class LLGuidanceConstraint(Constraint):
 
     def advance(self, token_id: int) -> None:
         stopped = self.matcher.is_stopped()
-        if not self.matcher.consume_token(token_id):
-            # Refused (a stopped matcher takes only EOS): llguidance is now in its error state,
-            # which reads as stopped; raising fails the request instead of ending it as on EOS.
-            raise ValueError(f"the grammar does not allow token {token_id}: {self.matcher.get_error()}")
+        # Checked first: a token llguidance refuses leaves the matcher in its error state (for
+        # good: it reads as stopped and cannot roll back); this way the constraint stays usable.
+        # A stopped matcher takes EOS only (validate_tokens says 0 for everything then).
+        if (not stopped and self.matcher.validate_tokens([token_id]) != 1) or not self.matcher.consume_token(token_id):
+            raise ValueError(f"the grammar does not allow token {token_id}"
+                             + (f": {self.matcher.get_error()}" if self.matcher.is_error() else ""))
         if stopped:
             self._after_stop += 1
         else:
