@@ -154,6 +154,21 @@ def test_valid_prefix_stops_at_the_first_forbidden_token(tiny):
     assert not c.is_finished() and c.valid_prefix(good) == len(good)  # nothing was consumed
 
 
+def test_engine_refuses_a_constraint_that_is_not_a_constraint(tiny):
+    """Speculation calls rollback/valid_prefix: an object without the contract is refused
+    when the request is added, not mid-step."""
+
+    class DuckTyped:  # the pre-speculation protocol, without rollback/valid_prefix
+        def fill_bitmask(self, bitmask, row): ...
+        def advance(self, token_id): ...
+        def is_finished(self): return False
+
+    engine = load_genserve(tiny[0], speculate=2)
+    with pytest.raises(TypeError, match="must be a genserve.engine.constraints.Constraint"):
+        engine.add_request("x", [1, 2, 3], SamplingParams(constraint=DuckTyped()))
+    assert not engine.has_work
+
+
 # -- the helpers the speculator and the runner use ----------------------------------------
 def test_speculative_prefix_cuts_forbidden_and_finishing_tokens(tiny):
     _, tok, compiler = tiny
