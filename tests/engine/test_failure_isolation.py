@@ -9,6 +9,7 @@ engine reads the token.
 
 import pytest
 
+from genserve.engine.constraints import Constraint
 from genserve.engine.sampling_params import SamplingParams
 from genserve.engine.sequence import FinishReason
 from genserve.testing import load_genserve, make_prompts, reference_greedy
@@ -16,7 +17,7 @@ from genserve.testing import load_genserve, make_prompts, reference_greedy
 from .tinyllama import VOCAB  # the `checkpoint` fixture's vocabulary (conftest.py)
 
 
-class RaisingConstraint:
+class RaisingConstraint(Constraint):
     """A grammar constraint that allows every token and raises at a chosen call."""
 
     def __init__(self, fail_in: str, after: int = 0):
@@ -36,6 +37,12 @@ class RaisingConstraint:
 
     def is_finished(self) -> bool:
         return False
+
+    def rollback(self, num_tokens: int) -> None:
+        pass  # it keeps no state of the tokens (it allows every one)
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        return len(token_ids)
 
 
 def good_requests():

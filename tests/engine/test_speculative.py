@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from genserve.engine.constraints import Constraint
 from genserve.engine.offline import OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
 from genserve.plugins import get_plugins
@@ -180,8 +181,9 @@ def test_large_batches_turn_speculation_off_and_say_so(checkpoint, caplog):
     assert on["r0"].tokens and engine.speculator.num_proposed > 0
 
 
-class AllowAll:
-    """A grammar constraint that allows every token (the Constraint protocol)."""
+class AllowAll(Constraint):
+    """A grammar constraint that allows every token; ``seen`` is what it has consumed, so a
+    rollback that undid too little or too much shows in it."""
 
     def __init__(self):
         self.seen = []
@@ -195,19 +197,27 @@ class AllowAll:
     def is_finished(self):
         return False
 
+    def rollback(self, num_tokens):
+        assert 0 <= num_tokens <= len(self.seen)
+        del self.seen[len(self.seen) - num_tokens:]
 
-def test_grammar_requests_decode_without_speculation(checkpoint, caplog):
+    def valid_prefix(self, token_ids):
+        return len(token_ids)
+
+
+def test_grammar_requests_speculate_and_end_at_their_tokens(checkpoint):
+    """A constrained request speculates (masks per verify row, tests/engine/
+    test_speculative_grammar.py has real grammars); its constraint ends having consumed exactly
+    the emitted tokens: every proposal it walked through was rolled back."""
     folder, _ = checkpoint
     prompt = repetitive_prompts()[1]
     engine = load_genserve(folder, speculate=3)
     c = AllowAll()
-    with caplog.at_level(logging.INFO, logger="genserve.spec_decode.speculator"):
-        on = drive(engine, [(0, "g", prompt, SamplingParams(max_new_tokens=10, ignore_eos=True, constraint=c))])
+    on = drive(engine, [(0, "g", prompt, SamplingParams(max_new_tokens=10, ignore_eos=True, constraint=c))])
     off = drive(load_genserve(folder), [(0, "g", prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))])
     assert_same(on, off)
     assert c.seen == [t.id for t in on["g"].tokens]
-    assert engine.speculator.num_proposed == 0
-    assert "grammar-constrained, decoding without speculation" in caplog.text
+    assert engine.speculator.num_proposed > 0 and engine.speculator.num_accepted > 0
 
 
 # -- draft model -------------------------------------------------------------------------
@@ -345,7 +355,7 @@ def test_lookahead_caps():
     seq.params, seq.admitted_len = SamplingParams(max_new_tokens=100), 300
     assert long_rope.lookahead(seq) == 1  # positions past 508 wait for the recomputation
     seq.params = SamplingParams(max_new_tokens=100, constraint=AllowAll())
-    assert spec.lookahead(seq) == 0
+    assert spec.lookahead(seq) == 3  # grammar requests speculate like any other
 
 
 def test_verify_rows_are_one_token_attention_sequences(checkpoint):

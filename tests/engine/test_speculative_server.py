@@ -2,6 +2,7 @@
 accepted tokens, ``/metrics`` has TGI's ``tgi_request_skipped_tokens`` and the acceptance-rate
 histogram, and the text equals the server's without speculation."""
 
+import json
 import time
 
 import pytest
@@ -63,3 +64,42 @@ def test_details_and_metrics_report_speculative_tokens(tiny):
         assert metric(text, "genserve_spec_accepted_tokens") == 2 * d["speculative_accepted_tokens"]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_grammar_requests_speculate_through_the_server(tiny):
+    """TGI's ``grammar`` (regex and JSON Schema) and OpenAI's ``response_format``: the same
+    tokens with speculation on and off, and ``details`` show verified proposals."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    inputs = 'People: {"name":"Ada Ada Ada","age":36} {"name":"Ada Ada Ada","age":36} {"name":"'
+    bodies = [{"inputs": inputs, "parameters": {"max_new_tokens": 48, "details": True, "grammar": grammar}}
+              for grammar in ({"type": "regex", "value": "[a-z ]{10,60}"}, {"type": "json", "value": schema})]
+    chat = {"messages": [{"role": "user", "content": inputs}], "max_tokens": 48, "seed": 7,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
+
+    def run(client):
+        tgi = [client.post("/generate", json=body).json() for body in bodies]
+        openai = client.post("/v1/chat/completions", json=chat).json()  # sampled, seeded
+        return tgi, openai
+
+    plain = serve(tiny)
+    try:
+        want_tgi, want_chat = run(plain)
+    finally:
+        plain.__exit__(None, None, None)
+    client = serve(tiny, speculate=4)
+    try:
+        got_tgi, got_chat = run(client)
+    finally:
+        client.__exit__(None, None, None)
+    for got, want in zip(got_tgi, want_tgi):
+        assert got["generated_text"] == want["generated_text"]
+        assert [t["id"] for t in got["details"]["tokens"]] == [t["id"] for t in want["details"]["tokens"]]
+        assert got["details"]["finish_reason"] == "eos_token"  # the grammar ended the text
+        assert got["details"]["speculative_proposed_tokens"] > 0
+    assert got_tgi[1]["details"]["speculative_accepted_tokens"] > 0
+    json.loads(got_tgi[1]["generated_text"])
+    message = got_chat["choices"][0]["message"]["content"]
+    assert message == want_chat["choices"][0]["message"]["content"]
+    assert json.loads(message)["age"] <= 120

@@ -18,6 +18,7 @@ import time
 
 from genserve.engine.block_manager import BlockManager
 from genserve.engine.config import EngineConfig
+from genserve.engine.constraints import Constraint
 from genserve.engine.detokenizer import DecodeState, Detokenizer
 from genserve.engine.outputs import PromptToken, RequestOutput
 from genserve.engine.sampler import check_rows
@@ -83,12 +84,16 @@ class LLMEngine:
         ``step()`` as a finished output with ``finish_reason`` ERROR and ``error`` set.
 
         Raises ``ValueError`` if ``request_id`` is already in use by an unfinished request or
-        ``prompt_ids`` is empty.
+        ``prompt_ids`` is empty, ``TypeError`` if ``params.constraint`` is not a ``Constraint``.
         """
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
+        if params.constraint is not None and not isinstance(params.constraint, Constraint):
+            # Checked here, not at the first step: speculation calls every method of it.
+            raise TypeError(f"SamplingParams.constraint must be a genserve.engine.constraints.Constraint, "
+                            f"not {type(params.constraint).__name__}")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         check_rows(params, seed)  # a value the sampler can't take fails here, not in a shared step
         seq = Sequence(request_id, list(prompt_ids), params, seed=seed)

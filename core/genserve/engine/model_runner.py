@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from genserve.attention.base import AttentionMetadata
-from genserve.engine.constraints import bitmask_words, unpack_bitmask
+from genserve.engine.constraints import bitmask_words, fill_verify_bitmask, unpack_bitmask
 from genserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.device import download, release, upload
@@ -309,13 +309,21 @@ class ModelRunner:
             else [[] for _ in seqs], self.device,
             self.config.watermark_gamma, self.config.watermark_delta,
         )
-        constrained = [(row, p.constraint) for row, p in enumerate(params) if p.constraint is not None]
-        if constrained:
-            bitmask = torch.full((len(seqs), bitmask_words(self.vocab_size)), -1, dtype=torch.int32)
-            for row, constraint in constrained:
-                constraint.fill_bitmask(bitmask, row)
-            batch.allowed = unpack_bitmask(bitmask.to(self.device), self.vocab_size)
+        if any(p.constraint is not None for p in params):
+            batch.allowed = self._grammar_mask(scheduled, index, ahead)
         return batch
+
+    def _grammar_mask(self, scheduled: list[ScheduledSeq], index: list[int], ahead: list[int]) -> torch.Tensor:
+        """[rows, vocab] bool: each constrained row's allowed tokens, all allowed elsewhere.
+        Verify row j of a sequence gets the grammar's mask after its proposals 0..j-1 (which
+        the speculator cut to what the grammar accepts), so a proposal the grammar forbids is
+        never accepted and every row is masked as decoding would mask that index."""
+        bitmask = torch.full((len(index), bitmask_words(self.vocab_size)), -1, dtype=torch.int32)
+        for row, (i, j) in enumerate(zip(index, ahead)):
+            constraint = scheduled[i].seq.params.constraint
+            if constraint is not None and j == 0:  # a sequence's first (or only) row
+                fill_verify_bitmask(constraint, bitmask, row, scheduled[i].spec)
+        return unpack_bitmask(bitmask.to(self.device), self.vocab_size)
 
     def encoder_states(self, scheduled: list[ScheduledSeq]) -> list | None:
         """Encoder-decoder models: encode the prompts of requests at their first step (one

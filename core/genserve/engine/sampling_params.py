@@ -27,7 +27,7 @@ class SamplingParams:
     top_n_tokens: int = 0
     prompt_logprobs: bool = False  # TGI's decoder_input_details
     watermark: bool = False
-    # A grammar-constraint object from the grammar plugin (see engine/constraints.py).
+    # A genserve.engine.constraints.Constraint (one per sequence: it holds the grammar state).
     constraint: Any = None
     adapter_id: str | None = None
     # The prompt's images (vision-language models), prepared by the model's processor. They

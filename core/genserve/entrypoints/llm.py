@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from genserve.args import FLAGS, Flag, defaults
+from genserve.engine.constraints import Constraint
 from genserve.engine.offline import GenerationOutput, OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
 
@@ -264,6 +265,8 @@ def _check_params(p: SamplingParams, adapters: frozenset[str]) -> None:
     if p.adapter_id is not None and p.adapter_id not in adapters:
         loaded = ", ".join(sorted(adapters)) or "none"
         raise ValueError(f"LoRA adapter {p.adapter_id!r} is not loaded (lora_adapters=...); loaded: {loaded}")
+    if p.constraint is not None and not isinstance(p.constraint, Constraint):
+        raise TypeError(f"constraint must be a genserve.engine.constraints.Constraint, not {type(p.constraint).__name__}")
 
 
 def _progress_bar(total: int):

@@ -12,6 +12,8 @@ import logging
 import threading
 from typing import Any, Callable
 
+from genserve.engine.constraints import Constraint
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,11 +21,20 @@ class GrammarError(ValueError):
     """The grammar is not valid; the message says why."""
 
 
-class LLGuidanceConstraint:
-    """One request's matcher (implements ``genserve.engine.constraints.Constraint``)."""
+class LLGuidanceConstraint(Constraint):
+    """One sequence's llguidance ``LLMatcher`` (regex, JSON Schema and tool-call grammars alike).
 
-    def __init__(self, matcher):
-        self.matcher = matcher
+    llguidance keeps the consumed tokens for ``LLMatcher.rollback``, except a token consumed
+    while the matcher is already stopped (an EOS after the grammar ended): that one does not
+    enter its history, so it is counted here (``_after_stop``; vLLM's guidance backend keeps
+    the same "rollback lag"). Such tokens are always the latest ones: a stopped matcher stays
+    stopped until a rollback crosses the token that stopped it.
+    """
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher, self.vocab_size = matcher, vocab_size
+        self._consumed = 0  # tokens in llguidance's history: a rollback past them would break it
+        self._after_stop = 0  # advances made while stopped, not in llguidance's history
 
     def fill_bitmask(self, bitmask, row: int) -> None:
         from llguidance.torch import fill_next_token_bitmask
@@ -31,10 +42,41 @@ class LLGuidanceConstraint:
         fill_next_token_bitmask(self.matcher, bitmask, row)
 
     def advance(self, token_id: int) -> None:
-        self.matcher.consume_token(token_id)
+        stopped = self.matcher.is_stopped()
+        # Checked first: a token llguidance refuses leaves the matcher in its error state (for
+        # good: it reads as stopped and cannot roll back); this way the constraint stays usable.
+        # A stopped matcher takes EOS only (validate_tokens says 0 for everything then).
+        if (not stopped and self.matcher.validate_tokens([token_id]) != 1) or not self.matcher.consume_token(token_id):
+            raise ValueError(f"the grammar does not allow token {token_id}"
+                             + (f": {self.matcher.get_error()}" if self.matcher.is_error() else ""))
+        if stopped:
+            self._after_stop += 1
+        else:
+            self._consumed += 1
 
     def is_finished(self) -> bool:
         return self.matcher.is_stopped()
+
+    def rollback(self, num_tokens: int) -> None:
+        if not 0 <= num_tokens <= self._consumed + self._after_stop:
+            # Checked here: llguidance would refuse too, but leave the matcher in its error state.
+            raise ValueError(f"cannot roll back {num_tokens} tokens: "
+                             f"{self._consumed + self._after_stop} were consumed")
+        uncounted = min(num_tokens, self._after_stop)
+        self._after_stop -= uncounted
+        num_tokens -= uncounted
+        if num_tokens:
+            if not self.matcher.rollback(num_tokens):
+                raise ValueError(f"grammar rollback failed: {self.matcher.get_error()}")
+            self._consumed -= num_tokens
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        # llguidance answers 0 for a list holding any id outside its vocabulary: the ids
+        # before the first such one are checked alone.
+        inside = next((i for i, t in enumerate(token_ids) if not 0 <= t < self.vocab_size), len(token_ids))
+        if not inside or self.matcher.is_stopped():
+            return 0
+        return self.matcher.validate_tokens(token_ids[:inside])
 
 
 def json_schema_of(value: Any, require_properties: bool) -> dict:
@@ -162,6 +204,6 @@ class GrammarCompiler:
             raise GrammarError(f"grammar is not valid: {prototype.get_error()}")
 
         def make() -> LLGuidanceConstraint:
-            return LLGuidanceConstraint(prototype.deep_copy())
+            return LLGuidanceConstraint(prototype.deep_copy(), self._vocab_size)
 
         return make

@@ -9,7 +9,8 @@ models' bytes per block (``kv_bytes_per_block``). What the draft has computed is
 request (``_State``): a prefix-cache hit gives the target's K/V but not necessarily the
 draft's, so a request's draft K/V starts from position 0 (one draft prefill of its prompt at
 its first proposal), and after each verify step only the positions of accepted tokens stay
-valid. Proposals are drawn with the request's own sampler and Gumbel noise (``verify``).
+valid. Proposals are drawn with the request's own sampler and Gumbel noise (``verify``), and,
+for a grammar-constrained request, under its grammar's mask.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from genserve.attention.base import AttentionMetadata
 from genserve.device import upload
+from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.kv_sizing import kv_bytes_per_block
 from genserve.engine.sampler import SamplingBatch, sample
 from genserve.errors import ConfigError
@@ -107,14 +109,20 @@ class DraftModelProposer(Proposer):
             start = 0 if st is None or st.block_table is not seq.block_table \
                 else min(st.computed, seq.num_computed)
             rows.append((seq.all_ids[start:], start))
-        self._step(requests, rows, drafts, 0)
-        for j in range(1, max(r.k for r in requests)):
-            live = [i for i, r in enumerate(requests) if r.k > j]
-            if not live:
-                break
-            sub = [requests[i] for i in live]
-            sub_drafts = [drafts[i] for i in live]
-            self._step(sub, [([d[-1]], len(r.seq) - 1 + j) for r, d in zip(sub, sub_drafts)], sub_drafts, j)
+        try:
+            self._step(requests, rows, drafts, 0)
+            for j in range(1, max(r.k for r in requests)):
+                live = [i for i, r in enumerate(requests) if r.k > j]
+                if not live:
+                    break
+                sub = [requests[i] for i in live]
+                sub_drafts = [drafts[i] for i in live]
+                self._step(sub, [([d[-1]], len(r.seq) - 1 + j) for r, d in zip(sub, sub_drafts)], sub_drafts, j)
+        finally:
+            # _step walked each grammar through the drafts: back to the request's own tokens.
+            for r, d in zip(requests, drafts):
+                if r.seq.params.constraint is not None:
+                    r.seq.params.constraint.rollback(len(d))
         for r, d in zip(requests, drafts):
             self._state[r.seq.request_id] = _State(r.seq.block_table, len(r.seq) - 1 + len(d))
         return drafts
@@ -166,5 +174,17 @@ class DraftModelProposer(Proposer):
         vocab = self.ctx.target_config.vocab_size
         if logits.shape[-1] > vocab:  # a draft with a padded vocabulary
             logits = logits[:, :vocab]
-        for d, token in zip(drafts, sample(logits, batch).tokens.tolist()):
+        constraints = [p.constraint for p in params]
+        if any(c is not None for c in constraints):
+            # Drafts under the request's grammar, masked as the verify row will be: a draft the
+            # grammar forbids would be cut before verify, and the masked draw is the coupled
+            # one (same noise, same mask) that the target's row makes.
+            bitmask = torch.full((len(seqs), bitmask_words(vocab)), -1, dtype=torch.int32)
+            for row, c in enumerate(constraints):
+                if c is not None:
+                    c.fill_bitmask(bitmask, row)
+            batch.allowed = unpack_bitmask(bitmask.to(device), logits.shape[-1])  # a draft may have fewer rows
+        for d, c, token in zip(drafts, constraints, sample(logits, batch).tokens.tolist()):
+            if c is not None:
+                c.advance(token)  # first: a grammar has consumed len(d) tokens, rolled back in propose
             d.append(token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from genserve.engine.constraints import speculative_prefix
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
 from genserve.spec_decode.base import ProposalRequest, Proposer
@@ -27,7 +28,6 @@ class Speculator:
         self.enabled = True  # False while the decode batch is above config.max_batch_size
         self.num_proposed = 0  # over the engine's life
         self.num_accepted = 0
-        self._told: set[str] = set()  # requests already logged as not speculating
 
     def lookahead_for(self, num_decoding: int) -> Callable[[Sequence], int] | None:
         """The scheduler's per-sequence lookahead for a step with ``num_decoding`` running
@@ -45,15 +45,10 @@ class Speculator:
 
     def lookahead(self, seq: Sequence) -> int:
         """Positions to reserve past ``seq``'s decode token: k, less what it may still generate
-        (a verify step emits at most 1 + k tokens), 0 for requests that cannot speculate."""
+        (a verify step emits at most 1 + k tokens) and positions the model must not compute.
+        Grammar-constrained sequences speculate too: ``propose`` cuts their proposals to what
+        the grammar accepts, and the runner masks each verify row (``engine.constraints``)."""
         p = seq.params
-        if p.constraint is not None:
-            # A grammar's matcher would have to advance through each proposal and roll back
-            # on rejection; our Constraint protocol has no rollback, so these decode normally.
-            if seq.request_id not in self._told:
-                self._told.add(seq.request_id)
-                logger.info("request %s: grammar-constrained, decoding without speculation", seq.request_id)
-            return 0
         k = min(self.config.num_tokens, p.max_new_tokens - seq.num_generated - 1)
         if self.recompute_at is not None and seq.admitted_len < self.recompute_at:
             # Positions past recompute_at - 2 would be computed with the short-context rotary
@@ -74,7 +69,21 @@ class Speculator:
         proposals = self.proposer.propose([ProposalRequest(s.seq, s.lookahead) for s in rows])
         for s, tokens in zip(rows, proposals):
             tokens = list(tokens[:s.lookahead])
+            if tokens and s.seq.params.constraint is not None:
+                tokens = tokens[:self._grammar_prefix(s.seq, tokens)]
             s.spec, s.num_tokens = tokens, 1 + len(tokens)
+
+    def _grammar_prefix(self, seq: Sequence, tokens: list[int]) -> int:
+        """How many of a grammar-constrained sequence's proposals to verify: a proposal the
+        grammar forbids could never be accepted (its verify row's mask forbids it), and the
+        masks of the rows after it could not be computed. A grammar that fails here costs the
+        sequence this step's proposals; the runner's mask fill then fails the request alone."""
+        try:
+            return speculative_prefix(seq.params.constraint, tokens)
+        except Exception as exc:
+            logger.error("request %s: its grammar failed on the proposals; no proposals this step: %s",
+                         seq.request_id, exc, exc_info=exc)
+            return 0
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         seq.spec_proposed += proposed
@@ -83,5 +92,4 @@ class Speculator:
         self.num_accepted += accepted
 
     def forget(self, seq: Sequence) -> None:
-        self._told.discard(seq.request_id)
         self.proposer.forget(seq.request_id)
