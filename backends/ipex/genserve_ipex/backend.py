@@ -34,6 +34,9 @@ class IpexBackend(Backend):
     # is the tested path), above the plain cpu backend.
     priority = 50
     attention_preference = ("ipex_paged", "torch")
+    # IPEX's WOQ int4/int8 kernel on the CPU; on an XPU it declines and the dequantizing
+    # reference runs. The core's torch kernels stay as fallbacks for what IPEX declines.
+    linear_kernel_preference = ("ipex_woq", "cpu_int4pack", "cpu_int8pack", "torch_wna16")
     distributed_backend = "ccl"
 
     options_cls = IpexOptions
