@@ -26,6 +26,12 @@ the dequantized reference in fp32). IPEX's ``lowp_mode=INT8`` (activations quant
 run time, as llama.cpp does) is not used: it changes results beyond the format's own rounding.
 
 Act-order layers (``perm``) gather the activations' columns before the op, as the core kernels do.
+
+Speed: on this project's 2-core AMD EPYC (AVX512-BF16, no AMX), shared with other jobs, one
+row through a SmolLM2 layer (1536x576, int4, groups of 32) took 0.8-20 ms here against 0.04 ms
+for torch's ``cpu_int4pack`` and 0.07 ms for the dense fp32 matmul (best of repeated runs; IPEX's
+own ``WeightOnlyQuantizedLinear.from_float`` recipes measured the same). So ``IpexBackend``
+prefers the core's torch kernels and gives this one the layers they decline.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_alibi_is_refused_because_ipex_cpu_raises_on_it():
     spec = attention_spec(alibi_slopes=(0.5, 0.25, 0.125, 0.0625))
     assert "ALiBi" in IpexPagedAttention.supports(spec, torch.float32, torch.device("cpu"))
     # What the refusal protects against: IPEX 2.8's own error on the CPU.
-    q, k, v, ctx, _, meta = paged_batch(MIXED)
+    q, _, _, ctx, _, meta = paged_batch(MIXED)
     cache = allocate_kv_cache(ctx.shape, HND, ctx.dtype, "cpu")
     cache.copy_(ctx)
     m = meta()
@@ -176,6 +176,20 @@ def test_ipex_woq_in_bf16_stays_within_bf16_rounding(bits):
     got = kernel.apply(layer, x, None)
     assert got.dtype == torch.float32
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_backend_gives_ipex_woq_the_layers_torchs_kernels_decline():
+    """torch's packed kernels first (faster here), ipex_woq before the dequantizing reference."""
+    from genserve.layers.quantization.base import LinearKernelChooser
+
+    chooser = LinearKernelChooser(torch.device("cpu"), IpexBackend.linear_kernel_preference,
+                                  load_plugins().linear_kernels)
+    q4_0 = WNA16Config(4, 32, False, False, 576, 1536, torch.float32, compute_dtype=torch.bfloat16)
+    assert chooser.choose(q4_0, "p").name == "cpu_int4pack"
+    odd = WNA16Config(4, 32, False, False, 576, 40, torch.float32)  # N % 16 != 0
+    assert chooser.choose(odd, "p").name == "ipex_woq"
+    q8_odd = WNA16Config(8, 32, False, False, 576, 40, torch.float32, has_offsets=True)
+    assert chooser.choose(q8_odd, "p").name == "ipex_woq"
 
 
 def test_ipex_woq_declines_what_it_cannot_run():
