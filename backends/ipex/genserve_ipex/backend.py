@@ -74,8 +74,10 @@ class IpexBackend(Backend):
 
     @property
     def default_dtype(self) -> torch.dtype:
-        # bf16 on both: XPU matrix engines and AMX/AVX512-BF16 CPUs are built for it.
-        return torch.bfloat16
+        # XPU: bf16, what its matrix engines are built for. CPU: fp32, as the core cpu backend,
+        # so that the default keeps token parity with transformers (bf16 drifts: docs/benchmarks.md);
+        # --dtype bfloat16 is the faster opt-in.
+        return torch.bfloat16 if self._device_type == "xpu" else torch.float32
 
     def set_device(self, rank: int) -> None:
         """Bind a tensor-parallel worker to XPU ``rank`` and register the "ccl" collectives."""

@@ -51,6 +51,7 @@ def test_backend_is_available_and_auto_picks_it_on_x86():
     assert IpexBackend.is_available()
     backend = select_backend(plugins, "auto")
     assert backend.name == "ipex" and backend().device.type == "cpu"
+    assert backend().default_dtype == torch.float32  # token parity by default, as backend cpu
     assert plugins.linear_kernels.get("ipex_woq") is IpexWoqKernel
 
 
@@ -228,6 +229,6 @@ def smollm2_cpu_reference():
 
 def test_smollm2_greedy_tokens_equal_cpu_backend(smollm2_cpu_reference):
     prompts, want = smollm2_cpu_reference
-    loaded = build_engine(defaults(backend="ipex", dtype="float32", max_total_tokens=256))
+    loaded = build_engine(defaults(backend="ipex", max_total_tokens=256))  # its default dtype
     assert loaded.attention == "ipex_paged"
     assert generate_greedy(loaded.engine, prompts, 16, join_every=1) == want
