@@ -2,15 +2,18 @@
 
 All peers run in the same process, one after the other, on the same prompts:
   - genserve: the engine directly (no HTTP), greedy, ignore_eos, in each ``--variants``
-    configuration, dtype/quantizer: ``none`` dequantizes the GGUF at load (the default, the
-    reference), ``gguf`` serves its Q4_1 layers packed (``--quantize gguf``), another name
-    (eetq, fp8) quantizes the dequantized weights at load;
+    configuration, [backend:]dtype/quantizer: ``none`` dequantizes the GGUF at load (the
+    default, the reference), ``gguf`` serves its Q4_1 layers packed (``--quantize gguf``),
+    another name (eetq, fp8) quantizes the dequantized weights at load; the backend (default
+    ``auto``) is e.g. ``cpu`` or ``ipex`` (IPEX's paged attention and WOQ kernels, in a venv
+    with intel-extension-for-pytorch: backends/ipex/README.md);
   - transformers ``generate``: fp32 dequantized from the same GGUF, batch 1 and a padded batch;
   - llama.cpp through llama-cpp-python on the same Q4_1 GGUF (batch 1), when installed.
 Figures: output tokens/s at 1 request and at N concurrent requests, and time to first token.
 
     python bench/cpu_smollm2.py [--new-tokens 128] [--concurrency 16] [--json out.jsonl]
         [--variants float32/none,float32/gguf,bfloat16/none,float32/eetq]
+        [--variants cpu:float32/gguf,ipex:float32/gguf,ipex:float32/none]
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--variants", default="float32/none,float32/gguf",
-                    help="genserve configurations to run, each dtype/quantizer: e.g. "
-                         "float32/none,float32/gguf,bfloat16/none,float32/eetq")
+                    help="genserve configurations to run, each [backend:]dtype/quantizer: e.g. "
+                         "float32/none,float32/gguf,bfloat16/none,float32/eetq,ipex:float32/gguf")
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
@@ -91,6 +94,9 @@ def main():
     from genserve.engine.build import build_engine
 
     results = []
+    # The machine may be shared: the load average goes with every row (1, 5, 15 minutes).
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    print(f"torch {torch.__version__}, {threads} threads, load average {load_before}")
 
     def record(metric, value, unit, eng, **extra):
         results.append({"metric": metric, "value": round(value, 2), "unit": unit, "engine": eng,
@@ -98,9 +104,11 @@ def main():
         print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}  {extra or ''}")
 
     for variant in args.variants.split(","):
+        backend, _, variant = variant.rpartition(":")
         dtype, quantize = variant.split("/")
         t0 = time.perf_counter()
-        loaded = build_engine(defaults(dtype=dtype, quantize=None if quantize == "none" else quantize))
+        loaded = build_engine(defaults(dtype=dtype, quantize=None if quantize == "none" else quantize,
+                                       backend=backend or "auto"))
         load_s = time.perf_counter() - t0
         tok, engine = loaded.tokenizer, loaded.engine
         text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
@@ -111,7 +119,7 @@ def main():
                    for i in range(args.concurrency)]
         engine.blocks.enable_prefix_caching = False
         genserve_run(engine, [prompt], 8)  # warm-up
-        tag = dict(dtype=dtype, quantize=quantize)
+        tag = dict(dtype=dtype, quantize=quantize, backend=loaded.backend.name, attention=loaded.attention)
         record("load_s", load_s, "s", "genserve", **tag)
         tps, ttft = genserve_run(engine, [prompt], args.new_tokens)
         record("tok_s_b1", tps, "tok/s", "genserve", **tag)
@@ -142,10 +150,14 @@ def main():
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(__file__)).stdout.strip()
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end {load_after}")
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
-                f.write(json.dumps({**r, "commit": commit, "date": time.strftime("%Y-%m-%d")}) + "\n")
+                f.write(json.dumps({**r, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+                                    "torch": torch.__version__, "loadavg_start": load_before,
+                                    "loadavg_end": load_after}) + "\n")
 
 
 if __name__ == "__main__":

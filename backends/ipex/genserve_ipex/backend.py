@@ -34,6 +34,12 @@ class IpexBackend(Backend):
     # is the tested path), above the plain cpu backend.
     priority = 50
     attention_preference = ("ipex_paged", "torch")
+    # torch's packed int4/int8 CPU matmuls first: on the 2-core AMD EPYC (AVX512-BF16) they
+    # measured 20-100x faster at one row than IPEX 2.8's WOQ linear (README, "Measured").
+    # ipex_woq takes the layers they decline (shapes, 8-bit groups, fp32 4-bit without a
+    # compute dtype), ahead of the reference that dequantizes the whole weight on every call.
+    # On an XPU all three CPU kernels decline and the reference runs.
+    linear_kernel_preference = ("cpu_int4pack", "cpu_int8pack", "ipex_woq", "torch_wna16")
     distributed_backend = "ccl"
 
     options_cls = IpexOptions
@@ -68,8 +74,10 @@ class IpexBackend(Backend):
 
     @property
     def default_dtype(self) -> torch.dtype:
-        # bf16 on both: XPU matrix engines and AMX/AVX512-BF16 CPUs are built for it.
-        return torch.bfloat16
+        # XPU: bf16, what its matrix engines are built for. CPU: fp32, as the core cpu backend,
+        # so that the default keeps token parity with transformers (bf16 drifts: docs/benchmarks.md);
+        # --dtype bfloat16 is the faster opt-in.
+        return torch.bfloat16 if self._device_type == "xpu" else torch.float32
 
     def set_device(self, rank: int) -> None:
         """Bind a tensor-parallel worker to XPU ``rank`` and register the "ccl" collectives."""

@@ -1,4 +1,5 @@
-"""Entry point of genserve-ipex: registers the backend and its paged-attention kernel.
+"""Entry point of genserve-ipex: registers the backend, its paged-attention kernel and its
+weight-only-quantized linear kernel (``ipex_woq``).
 
 Importing this module must stay cheap and work on machines without IPEX or an Intel GPU.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from genserve.hookspecs import hookimpl
 from genserve_ipex.attention import IpexPagedAttention
 from genserve_ipex.backend import IpexBackend
+from genserve_ipex.woq import IpexWoqKernel
 
 
 @hookimpl
@@ -18,3 +20,8 @@ def genserve_register_backends(register):
 @hookimpl
 def genserve_register_attention(register):
     register(IpexPagedAttention.name, IpexPagedAttention)
+
+
+@hookimpl
+def genserve_register_linear_kernels(register):
+    register(IpexWoqKernel.name, IpexWoqKernel)

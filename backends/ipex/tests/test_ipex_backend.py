@@ -1,5 +1,8 @@
 """The ipex backend plugin, tested on a CPU without IPEX or an Intel GPU.
 
+(With IPEX installed, ``test_ipex_cpu.py`` runs its real kernels; the tests here then hide
+IPEX from the interpreter, ``without_ipex``, so that they check the same code paths.)
+
 What runs for real here: registration through the ``genserve`` entry point, the availability
 check and the error ``--backend ipex`` gives, imports without the vendor libraries, the
 KV-cache layout conversion, and the runner end to end on a tiny Llama. IPEX's
@@ -13,6 +16,7 @@ Needs ``pip install -e backends/ipex --no-deps``.
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import entry_points
 
 import dataclasses
@@ -30,11 +34,19 @@ from genserve_ipex.attention import IpexPagedAttention, load_paged_attention_ops
 from genserve_ipex.backend import IpexBackend, IpexOptions  # noqa: E402
 from genserve_ipex.layout import HND, NHD, allocate_kv_cache, ipex_views  # noqa: E402
 from genserve_ipex.reference_ops import TorchPagedAttentionOps  # noqa: E402
+from genserve_ipex.vendor import ipex_installed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration, availability, selection, imports
 # ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def without_ipex(monkeypatch):
+    """IPEX hidden from this interpreter (a None entry in sys.modules: find_spec answers None
+    and an import raises ImportError), whether or not it is installed."""
+    monkeypatch.setitem(sys.modules, "intel_extension_for_pytorch", None)
+
 
 def test_entry_point_registers_backend_and_attention():
     eps = {ep.name: ep.value for ep in entry_points(group="genserve")}
@@ -46,13 +58,13 @@ def test_entry_point_registers_backend_and_attention():
     assert not [p for p in plugins.failed() if p.name == "ipex"]
 
 
-def test_reports_unavailable_without_vendor_libraries():
+def test_reports_unavailable_without_vendor_libraries(without_ipex):
     assert IpexBackend.is_available() is False
     assert "intel_extension_for_pytorch" in IpexBackend.unavailable_reason()
     assert "pip install intel-extension-for-pytorch" in IpexBackend.unavailable_reason()
 
 
-def test_explicit_backend_gives_clear_error():
+def test_explicit_backend_gives_clear_error(without_ipex):
     with pytest.raises(BackendError) as err:
         select_backend(load_plugins(), "ipex")
     msg = str(err.value)
@@ -61,12 +73,15 @@ def test_explicit_backend_gives_clear_error():
     assert select_backend(load_plugins(), "auto").name == "cpu"
 
 
+@pytest.mark.skipif("intel_extension_for_pytorch" in sys.modules or ipex_installed(),
+                    reason="IPEX is installed, so the backend is available: test_ipex_cpu.py checks "
+                           "that loading the plugin does not import it")
 def test_plugin_imports_without_touching_vendor_libraries(load_without_vendor_libraries):
     out = load_without_vendor_libraries("ipex")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
 
 
-def test_vendor_loader_names_the_install_command():
+def test_vendor_loader_names_the_install_command(without_ipex):
     with pytest.raises(ImportError, match="pip install intel-extension-for-pytorch"):
         load_paged_attention_ops()
 
@@ -95,8 +110,8 @@ def test_nhd_views_are_our_cache_without_copy():
         ipex_views(c, HND)  # a contiguous cache cannot be handed to the CPU kernels
 
 
-# IPEX's CPU kernels (HND) take no window or softcap: test_ipex_supports_and_refuses_on_cpu.
-IPEX_CASES = [(NHD, f) for f in FEATURES] + [(HND, "gqa"), (HND, "mha")]
+# IPEX's CPU kernels (HND) take no ALiBi: test_ipex_supports_and_refuses_on_cpu.
+IPEX_CASES = [(NHD, f) for f in FEATURES] + [(HND, "gqa"), (HND, "mha"), (HND, "softcap")]
 
 
 @pytest.mark.parametrize("layout,features", IPEX_CASES, ids=[f"{lay}-{f}" for lay, f in IPEX_CASES])
@@ -124,12 +139,17 @@ def test_ipex_supports_and_refuses_on_cpu():
     assert IpexPagedAttention.supports(spec, torch.float16, cpu) is not None
     assert "cuda" in IpexPagedAttention.supports(spec, torch.bfloat16, torch.device("cuda"))
     assert "causal" in IpexPagedAttention.supports(attention_spec(causal=False), torch.bfloat16, xpu)
-    windowed = attention_spec(sliding_window=4)
-    assert "sliding window" in IpexPagedAttention.supports(windowed, torch.float32, cpu)
+    # IPEX 2.8's CPU kernel takes a sliding window and softcap (test_ipex_cpu.py runs them)
+    # but raises on ALiBi slopes, which are refused up front.
+    assert IpexPagedAttention.supports(attention_spec(sliding_window=4), torch.float32, cpu) is None
+    assert IpexPagedAttention.supports(attention_spec(logit_softcap=2.0), torch.float32, cpu) is None
+    alibi = attention_spec(alibi_slopes=(0.5, 0.25, 0.125, 0.0625))
+    assert "ALiBi" in IpexPagedAttention.supports(alibi, torch.float32, cpu)
+    assert IpexPagedAttention.supports(alibi, torch.bfloat16, xpu) is None
     q, k, v, ctx, _, meta = paged_batch([(5, 5)])
     cache = allocate_kv_cache(ctx.shape, HND, ctx.dtype, "cpu")
     with pytest.raises(NotImplementedError, match="--attention torch"):
-        IpexPagedAttention(windowed, ops=TorchPagedAttentionOps(HND)).forward(q, k, v, cache, meta())
+        IpexPagedAttention(alibi, ops=TorchPagedAttentionOps(HND)).forward(q, k, v, cache, meta())
 
 
 # ---------------------------------------------------------------------------------------------

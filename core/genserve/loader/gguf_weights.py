@@ -12,6 +12,7 @@ does more than permute rows is dequantized instead (``layer_is_packable`` is Fal
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,10 @@ def open_gguf(path: Path, config) -> GGUFTensors:
     # transformers maps GGUF names to its own through a model skeleton; build it on "meta".
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    return GGUFTensors(reader, processor, get_gguf_hf_weights_map(skeleton, processor), parsed)
+    # transformers 5 takes the processor; 4.x (the one IPEX 2.8 imports with) takes none.
+    takes_processor = "processor" in inspect.signature(get_gguf_hf_weights_map).parameters
+    names = get_gguf_hf_weights_map(skeleton, processor) if takes_processor else get_gguf_hf_weights_map(skeleton)
+    return GGUFTensors(reader, processor, names, parsed)
 
 
 def tensor_types(path: Path, config) -> dict[str, GGMLQuantizationType]:
