@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ def open_gguf(path: Path, config) -> GGUFTensors:
         skeleton = AutoModelForCausalLM.from_config(config)
     # transformers 5 takes the processor; 4.x (the one IPEX 2.8 imports with) takes none.
     takes_processor = "processor" in inspect.signature(get_gguf_hf_weights_map).parameters
-    names = get_gguf_hf_weights_map(skeleton, processor) if takes_processor else get_gguf_hf_weights_map(skeleton)
+    weights_map: Any = get_gguf_hf_weights_map  # typed against transformers 5's signature
+    names = weights_map(skeleton, processor) if takes_processor else weights_map(skeleton)
     return GGUFTensors(reader, processor, names, parsed)
 
 
