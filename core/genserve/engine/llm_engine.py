@@ -269,6 +269,8 @@ class LLMEngine:
                 out = self._fail(seq, exc)
             if out is not None:
                 outputs.append(out)
+        if self.speculator is not None:
+            self.speculator.observe(plan.scheduled, results, step)
         return outputs
 
     def _take_result(self, s: ScheduledSeq, r, now: float) -> RequestOutput | None:
