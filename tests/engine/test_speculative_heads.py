@@ -10,11 +10,12 @@ import torch
 
 from genserve.engine.sampling_params import SamplingParams
 from genserve.errors import ConfigError
+from genserve.spec_decode.base import Proposer
 from genserve.spec_decode.medusa import load_heads, medusa_config
-from genserve.spec_decode.testing import random_medusa_heads, save_medusa_heads
+from genserve.spec_decode.testing import random_medusa_heads, save_eagle, save_medusa_heads
 from genserve.testing import load_genserve, make_prompts, reference_greedy, save_reference
 
-from .test_speculative import assert_same, drive
+from .test_speculative import assert_same, drive, with_proposer
 from .tinyllama import VOCAB, tiny_llama_config
 
 HIDDEN = tiny_llama_config().hidden_size
@@ -153,3 +154,178 @@ def test_bad_medusa_checkpoints_are_refused(target, tmp_path):
         load_genserve(folder, speculate=3)
     with pytest.raises(ConfigError, match="config.json has no medusa_num_heads"):
         load_genserve(target[0], speculate=2, speculative_method="medusa")
+
+
+# -- EAGLE -------------------------------------------------------------------------------
+def eagle_engine(folder, draft, k=3, **flags):
+    return load_genserve(folder, speculative_model=str(draft), speculative_method="eagle", speculate=k, **flags)
+
+
+@pytest.mark.parametrize("own_embedding", [False, True])
+@torch.inference_mode()
+def test_eagle_draft_matches_transformers(target, tmp_path, own_embedding):
+    """The draft through the paged cache (all rows at once, and a chunk then one row at a
+    time) against transformers' LlamaModel on fc(concat(embed, hidden)), with EAGLE-1's
+    first input norm and final norm left out."""
+    from genserve.models.base import ForwardBatch
+    from genserve.spec_decode.draft_model import paged_inputs
+
+    ref, fc = save_eagle(tmp_path / "eagle", tiny_llama_config(), seed=4, embed_tokens=own_embedding)
+    engine = eagle_engine(target[0], tmp_path / "eagle")
+    prop = engine.speculator.proposer
+    ref.layers[0].input_layernorm, ref.norm = torch.nn.Identity(), torch.nn.Identity()
+    embed = ref.embed_tokens if own_embedding else target[1].model.embed_tokens
+    g = torch.Generator().manual_seed(5)
+    T = 11
+    tokens = torch.randint(0, VOCAB, (T,), generator=g)
+    hidden = torch.randn(T, HIDDEN, generator=g)
+    x = fc(torch.cat([embed(tokens), hidden], -1))
+    want = ref(inputs_embeds=x[None], position_ids=torch.arange(T)[None]).last_hidden_state[0]
+
+    bs = engine.runner.block_size
+    def run(table, rows, h, first=0):
+        ids, pos, meta, _ = paged_inputs([table], [rows], bs, torch.device("cpu"), [first])
+        return prop.draft(ids, h, pos, ForwardBatch(meta, prop.kv_caches))
+
+    torch.testing.assert_close(run([0, 1, 2], (tokens.tolist(), 0), hidden), want, rtol=1e-4, atol=1e-4)
+    table = [5, 3, 4]
+    got = [run(table, (tokens[:6].tolist(), 0), hidden[:6])]
+    got += [run(table, ([int(tokens[p])], p), hidden[p:p + 1]) for p in range(6, T)]
+    torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4)
+    # Attention from a block boundary on (after a prefix-cache hit): the rows past it only.
+    want_tail = ref(inputs_embeds=x[None, bs:], position_ids=torch.arange(bs, T)[None]).last_hidden_state[0]
+    torch.testing.assert_close(run([9, 7, 8], (tokens[bs:].tolist(), bs), hidden[bs:], first=bs),
+                               want_tail, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fc_bias,own_embedding", [(True, False), (False, True)])
+def test_eagle_changes_no_output(target, tmp_path, fc_bias, own_embedding):
+    save_eagle(tmp_path / "eagle", tiny_llama_config(), seed=6, fc_bias=fc_bias, embed_tokens=own_embedding)
+    prompts = make_prompts(VOCAB, lengths=(5, 23, 9, 14))  # the last two share a cached prefix
+    engine = eagle_engine(target[0], tmp_path / "eagle")
+    on = drive(engine, mixed_requests(prompts), check_blocks=True)
+    assert_same(on, drive(load_genserve(target[0]), mixed_requests(prompts)))
+    assert [t.id for t in on["g0"].tokens] == reference_greedy(target[1], prompts[0], 16)
+    assert engine.speculator.num_proposed > 0
+    assert engine.blocks.num_used == 0 and not engine.speculator.proposer._state
+
+
+def test_eagle_after_prefix_cache_hits(target, tmp_path):
+    """A prefix-cache hit gives the target's K/V of the cached blocks but no hidden states for
+    them: the draft attends from the first block it computed (whole-block hits), or from the
+    next block boundary (a hit of the whole prompt, whose last token is computed again)."""
+    save_eagle(tmp_path / "eagle", tiny_llama_config(), seed=9)
+    p = make_prompts(VOCAB, lengths=(14,))[0]  # 26 tokens: 6 whole blocks of 4 cached
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    requests = [(0, "a", p, params), (6, "b", p + [7, 8, 9], params), (7, "c", p, params)]
+    engine = eagle_engine(target[0], tmp_path / "eagle", k=2)
+    on = drive(engine, requests, check_blocks=True)
+    assert engine.blocks.hits >= 48  # b and c: 24 tokens each, without hidden states
+    assert_same(on, drive(load_genserve(target[0]), requests))
+    assert engine.speculator.num_proposed >= 3 * 20  # b and c proposed too (a alone: 23)
+    assert engine.blocks.num_used == 0
+
+
+def test_eagle_with_chunking_and_preemption(target, tmp_path):
+    save_eagle(tmp_path / "eagle", tiny_llama_config(), seed=7)
+    prompts = make_prompts(VOCAB, lengths=(5, 23, 9, 40, 17, 31))
+    small = dict(max_batch_prefill_tokens=8, max_batch_total_tokens=96, max_total_tokens=96,
+                 max_input_tokens=80)
+    requests = [(i, f"r{i}", p, SamplingParams(max_new_tokens=16, ignore_eos=True)) for i, p in enumerate(prompts)]
+    engine = eagle_engine(target[0], tmp_path / "eagle", k=2, **small)
+    on = drive(engine, requests, check_blocks=True)
+    assert engine.scheduler.num_preemptions > 0
+    assert_same(on, drive(load_genserve(target[0], **small), requests))
+    assert engine.blocks.num_used == 0
+
+
+@torch.inference_mode()
+def test_eagle_draft_that_extrapolates_features_gets_accepted(target, tmp_path):
+    """A draft whose layer is the identity (o_proj and down_proj zero) and whose fc maps the
+    target's feature at t to its feature at t + 1 along the greedy continuation (least
+    squares: exact on fewer positions than dimensions): its proposals are the target's own
+    next tokens, so they must be accepted, which they can only be if the draft reads the
+    right feature for each position and feeds its own predictions forward."""
+    from safetensors.torch import load_file, save_file
+
+    model = target[1]
+    prompt = make_prompts(VOCAB, lengths=(9,))[0]
+    ids = prompt + reference_greedy(model, prompt, 20)
+    feats = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    a = (torch.linalg.pinv(feats[:-2]) @ feats[1:-1]).T  # a @ f[t] = f[t + 1]
+    folder = tmp_path / "eagle"
+    save_eagle(folder, tiny_llama_config(), seed=8)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["fc.weight"] = torch.cat([torch.zeros(HIDDEN, HIDDEN), a], dim=1).contiguous()
+    tensors["fc.bias"] = torch.zeros(HIDDEN)
+    for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+        tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, str(folder / "model.safetensors"))
+    engine = eagle_engine(target[0], folder, k=3)
+    out = drive(engine, [(0, "a", prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))], check_blocks=True)
+    assert [t.id for t in out["a"].tokens] == ids[len(prompt):]
+    spec = engine.speculator
+    # After the prefill's token, steps of 3 proposals + the bonus token: 3+3+3+3+2 proposals.
+    assert spec.num_accepted == spec.num_proposed == 14
+
+
+def test_bad_eagle_checkpoints_are_refused(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_llama_config()
+    cfg.hidden_size = 128
+    save_eagle(tmp_path / "wide", cfg)
+    with pytest.raises(ConfigError, match="EAGLE draft .*: hidden size 128, the target's is 64"):
+        eagle_engine(target[0], tmp_path / "wide")
+    folder = tmp_path / "e"
+    save_eagle(folder, tiny_llama_config())
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "down_proj" not in k}, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match="no weights for layers.0.mlp.down_proj.weight"):
+        eagle_engine(target[0], folder)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("fc.")}, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match="no fc.weight"):
+        eagle_engine(target[0], folder)
+    save_file({**tensors, "fc.weight": torch.zeros(HIDDEN, HIDDEN)}, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"tensor fc.weight: .*\(64, 64\)"):
+        eagle_engine(target[0], folder)
+    save_file({"midlayer.self_attn.q_proj.weight": torch.zeros(4, 4), **tensors}, str(folder / "model.safetensors"))
+    with pytest.raises(ConfigError, match="EAGLE-3 checkpoint"):
+        eagle_engine(target[0], folder)
+    with pytest.raises(ConfigError, match="'eagle' needs --speculative-model"):
+        load_genserve(target[0], speculate=2, speculative_method="eagle")
+
+
+# -- the hidden-state hook ---------------------------------------------------------------
+class BrokenObserver(Proposer):
+    """Drafts from hidden states and fails on them every other step."""
+
+    name = "test-broken-observer"
+    needs_hidden_states = True
+
+    def __init__(self):
+        self.calls = 0
+
+    @classmethod
+    def create(cls, ctx):
+        return cls()
+
+    def observe(self, rows):
+        self.calls += 1
+        assert all(r.hidden.shape[-1] == HIDDEN and r.start + len(r.hidden) <= len(r.seq) for r in rows)
+        if self.calls % 2:
+            raise RuntimeError("broken observer")
+
+    def propose(self, requests):
+        return [[1] * r.k for r in requests]
+
+
+def test_hidden_states_cost_nothing_unasked_and_a_failing_observer_costs_no_request(target, caplog):
+    assert load_genserve(target[0], speculate=2).runner.keep_hidden_states is False  # n-gram
+    prompts = make_prompts(VOCAB, lengths=(5, 23, 9, 14))
+    engine = with_proposer(load_genserve(target[0]), BrokenObserver(), k=2)
+    engine.runner.keep_hidden_states = True  # what build_engine sets for needs_hidden_states
+    on = drive(engine, mixed_requests(prompts), check_blocks=True)
+    assert_same(on, drive(load_genserve(target[0]), mixed_requests(prompts)))
+    assert engine.speculator.proposer.calls > 4
+    assert "speculative proposer failed on the step's hidden states" in caplog.text

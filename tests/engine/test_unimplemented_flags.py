@@ -53,8 +53,8 @@ def test_medusa_config_without_heads_is_refused_clearly(medusa_like):
 
 
 def test_unknown_method_and_foreign_draft_are_refused(medusa_like, tmp_path):
-    with pytest.raises(ConfigError, match="speculative method 'eagle' is not available"):
-        build_engine(flags(medusa_like, speculate=2, speculative_method="eagle"))
+    with pytest.raises(ConfigError, match="speculative method 'lookahead' is not available"):
+        build_engine(flags(medusa_like, speculate=2, speculative_method="lookahead"))
     cfg = tiny_llama_config()
     cfg.vocab_size = 300
     save_reference(cfg, tmp_path)
