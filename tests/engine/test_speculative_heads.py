@@ -168,7 +168,7 @@ def test_eagle_draft_matches_transformers(target, tmp_path, own_embedding):
     time) against transformers' LlamaModel on fc(concat(embed, hidden)), with EAGLE-1's
     first input norm and final norm left out."""
     from genserve.models.base import ForwardBatch
-    from genserve.spec_decode.draft_model import paged_inputs
+    from genserve.spec_decode.drafting import paged_inputs
 
     ref, fc = save_eagle(tmp_path / "eagle", tiny_llama_config(), seed=4, embed_tokens=own_embedding)
     engine = eagle_engine(target[0], tmp_path / "eagle")

@@ -23,7 +23,7 @@ K/V is current when ``propose`` runs ``k`` draft steps. Its K/V lives in its own
 with the target's block layout (as ``draft_model``). A sequence's draft attends only to the
 positions it computed for this sequence: a prefix-cache hit gives no hidden states for the
 cached positions, so the draft's attention starts at the first block it computed
-(``paged_inputs``'s ``firsts``), which loses context, never correctness.
+(``drafting.paged_inputs``'s ``firsts``), which loses context, never correctness.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from genserve.layers.custom_op import use_layer_ops
 from genserve.layers.weights import weight_loader_of
 from genserve.models.base import ForwardBatch, KVCacheSpec
 from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext, TargetHidden
-from genserve.spec_decode.draft_model import draw, paged_inputs
+from genserve.spec_decode.drafting import draw, paged_inputs
 
 if TYPE_CHECKING:
     from genserve.engine.model_runner import ModelRunner
@@ -236,7 +236,7 @@ class EagleProposer(Proposer):
         """Up to ``k`` proposals per sequence whose draft is current (its last pair at
         ``len - 2``): proposal 0 from the draft's last output, then ``k - 1`` draft steps, each
         on the previous proposal and the previous predicted feature. Drawn with the request's
-        own sampler (``draft_model.draw``); nothing for sequences whose draft is not current."""
+        own sampler (``drafting.draw``); nothing for sequences whose draft is not current."""
         if self.config is None:
             raise RuntimeError("EagleProposer.propose before bind()")
         drafts: list[list[int]] = [[] for _ in requests]

@@ -4,8 +4,11 @@ with Multiple Decoding Heads"), in TGI's checkpoint format.
 Head ``i`` reads the target's final hidden state ``h`` at the position the last known token
 was sampled from and predicts the token ``i + 1`` places after that one:
 ``logits_i = W_i(ResBlock_{i,L-1}(... ResBlock_{i,0}(h)))`` with ``ResBlock(x) = x + SiLU(Wx + b)``.
-Proposals are each head's greedy top-1 (a chain, not TGI's/Medusa's candidate tree); the
-verify step keeps them only where they equal what the target samples, so outputs never change.
+Proposals are a chain, one token per head (not Medusa's candidate tree): a greedy request
+takes each head's top-1 (TGI's choice); a sampled one draws from each head with its own
+sampler and noise (``drafting.draw``), so agreeing heads are accepted there too. The
+verify step keeps proposals only where they equal what the target samples, so outputs never
+change.
 
 Checkpoint (TGI's ``layers/medusa.py`` and ``models/__init__.py``; FasterDecoding/Medusa's
 ``medusa_lm_head.safetensors``): the model folder's ``config.json`` has ``medusa_num_heads``
@@ -29,8 +32,10 @@ from torch import nn
 
 from genserve.errors import ConfigError
 from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext, TargetHidden
+from genserve.spec_decode.drafting import draw
 
 if TYPE_CHECKING:
+    from genserve.engine.model_runner import ModelRunner
     from genserve.loader.source import ModelSource
 
 HEADS_FILE = "medusa_lm_head.safetensors"
@@ -151,6 +156,7 @@ class MedusaProposer(Proposer):
 
     def __init__(self, heads: MedusaHeads, vocab_size: int):
         self.heads, self.vocab_size = heads, vocab_size
+        self.config = None  # the engine's config (watermark settings), from bind()
         self._last: dict[str, _Last] = {}
 
     @classmethod
@@ -188,10 +194,18 @@ class MedusaProposer(Proposer):
     def forget(self, request_id: str) -> None:
         self._last.pop(request_id, None)
 
+    def bind(self, runner: ModelRunner, num_blocks: int) -> None:
+        self.config = runner.config
+
     @torch.inference_mode()
     def propose(self, requests: list[ProposalRequest]) -> list[list[int]]:
-        """Head ``i``'s argmax as proposal ``i`` for each sequence whose last token's hidden
-        state was observed (nothing for the others, e.g. right after a recomputation)."""
+        """Proposal ``i`` from head ``i`` for each sequence whose last token's hidden state was
+        observed (nothing for the others, e.g. right after a recomputation), drawn with the
+        request's own sampler as output index ``num_generated + i`` (``drafting.draw``:
+        the head's argmax for greedy requests, a draw coupled with the target's for sampled
+        ones)."""
+        if self.config is None:
+            raise RuntimeError("MedusaProposer.propose before bind()")
         out: list[list[int]] = [[] for _ in requests]
         live = []
         for i, r in enumerate(requests):
@@ -201,8 +215,11 @@ class MedusaProposer(Proposer):
         if not live:
             return out
         num = min(max(requests[i].k for i, _ in live), self.heads.num_heads)
-        logits = self.heads(torch.stack([h for _, h in live]), num)  # [num, B, vocab]
-        tokens = logits[..., :self.vocab_size].argmax(-1).t().tolist()  # [B, num]
-        for (i, _), row in zip(live, tokens):
-            out[i] = row[:requests[i].k]
+        logits = self.heads(torch.stack([h for _, h in live]), num)[..., :self.vocab_size]  # [num, B, vocab]
+        for j in range(num):
+            rows = [n for n, (i, _) in enumerate(live) if requests[i].k > j]
+            sub = [live[n][0] for n in rows]
+            tokens = draw(logits[j, rows], [requests[i] for i in sub], [out[i] for i in sub], j, self.config)
+            for i, token in zip(sub, tokens):
+                out[i].append(token)
         return out
