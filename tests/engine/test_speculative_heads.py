@@ -294,6 +294,13 @@ def test_bad_eagle_checkpoints_are_refused(target, tmp_path):
         eagle_engine(target[0], folder)
     with pytest.raises(ConfigError, match="'eagle' needs --speculative-model"):
         load_genserve(target[0], speculate=2, speculative_method="eagle")
+    from transformers import GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    save_reference(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=1, n_head=4, n_positions=128), gpt2)
+    save_eagle(folder, tiny_llama_config())
+    with pytest.raises(ConfigError, match="GPT2.* is not of the Llama family"):
+        eagle_engine(gpt2, folder)
 
 
 # -- the hidden-state hook ---------------------------------------------------------------

@@ -48,14 +48,16 @@ if TYPE_CHECKING:
 
 
 class EagleDraft(nn.Module):
-    """The draft network: ``fc``, ``layers`` (the target family's decoder layers, the first
-    without its input norm) and an optional own ``embed_tokens``; the target's embedding and
-    LM head otherwise. ``forward(ids [T], hidden [T, H], positions [T], batch)`` -> the
-    predicted features [T, H] (the LM head's input)."""
+    """The draft network: ``fc``, ``layers`` (the target family's decoder layers, built by the
+    target's ``make_layer``, the first without its input norm) and an optional own
+    ``embed_tokens``, else the target's embedding (the target's LM head turns its output into
+    logits). ``forward(ids [T], hidden [T, H], positions [T], batch)`` -> the predicted
+    features [T, H] (the LM head's input)."""
 
     def __init__(self, target, config, ctx, fc_bias: bool, own_embedding: bool):
         super().__init__()
-        self.target = [target]  # a list: not a submodule (its parameters are not the draft's)
+        self.target_embed = target.embed  # a bound method: the target's module stays out of the draft's
+        self.embed_tokens: nn.Module | None = None
         with torch.device(ctx.device), use_layer_ops(ctx.layer_ops):
             self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=fc_bias, dtype=ctx.dtype)
             self.layers = nn.ModuleList(target.make_layer(config, i, ctx) for i in range(config.num_hidden_layers))
@@ -71,8 +73,7 @@ class EagleDraft(nn.Module):
             layer.self_attn.rotary_emb = self.rotary
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        own = getattr(self, "embed_tokens", None)
-        return own(ids) if own is not None else self.target[0].embed(ids)
+        return self.target_embed(ids) if self.embed_tokens is None else self.embed_tokens(ids)
 
     def forward(self, ids, hidden, positions, batch: ForwardBatch) -> torch.Tensor:
         x = self.fc(torch.cat([self.embed(ids), hidden.to(self.fc.weight.dtype)], dim=-1))
@@ -132,6 +133,7 @@ class EagleProposer(Proposer):
 
     def __init__(self, draft: EagleDraft, ctx: ProposerContext):
         self.draft, self.ctx = draft, ctx
+        self.lm_head = ctx.target_model.compute_logits  # EAGLE-1 drafts end in the target's LM head
         self.vocab_size = ctx.target_config.vocab_size
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -145,6 +147,7 @@ class EagleProposer(Proposer):
         from genserve.loader.hf_config import load_config
         from genserve.loader.safetensors_weights import iter_safetensors, safetensors_files
         from genserve.models.llama import LlamaForCausalLM
+        from safetensors import safe_open
 
         path = getattr(ctx.args, "speculative_model", None)
         if not path:
@@ -167,8 +170,6 @@ class EagleProposer(Proposer):
             raise ConfigError(f"EAGLE draft {path}: {exc}") from None
         names = set()
         for f in files:
-            from safetensors import safe_open
-
             with safe_open(str(f), framework="pt") as handle:
                 names |= {n.removeprefix("model.") for n in handle.keys()}
         if any(n.startswith("midlayer.") for n in names):
@@ -248,7 +249,6 @@ class EagleProposer(Proposer):
                 live.append((i, st))
         if not live:
             return drafts
-        target = self.draft.target[0]
         feats = torch.stack([st.last for _, st in live])
         for j in range(max(requests[i].k for i, _ in live)):
             keep = [n for n, (i, _) in enumerate(live) if requests[i].k > j]
@@ -260,7 +260,7 @@ class EagleProposer(Proposer):
                 feats = self._run([s.block_table for s in seqs],
                                   [([drafts[i][-1]], len(s) - 2 + j) for (i, _), s in zip(live, seqs)],
                                   feats, [st.origin for _, st in live])
-            logits = target.compute_logits(feats)[:, :self.vocab_size]
+            logits = self.lm_head(feats)[:, :self.vocab_size]
             sub = [requests[i] for i, _ in live]
             for (i, _), token in zip(live, draw(logits, sub, [drafts[i] for i, _ in live], j, self.config)):
                 drafts[i].append(token)
