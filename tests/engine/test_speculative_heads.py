@@ -240,20 +240,16 @@ def test_eagle_with_chunking_and_preemption(target, tmp_path):
 
 
 @torch.inference_mode()
-def test_eagle_draft_that_extrapolates_features_gets_accepted(target, tmp_path):
-    """A draft whose layer is the identity (o_proj and down_proj zero) and whose fc maps the
-    target's feature at t to its feature at t + 1 along the greedy continuation (least
-    squares: exact on fewer positions than dimensions): its proposals are the target's own
-    next tokens, so they must be accepted, which they can only be if the draft reads the
-    right feature for each position and feeds its own predictions forward."""
+def fitted_eagle(folder, model, prompt, new_tokens):
+    """An EAGLE draft whose layer is the identity (o_proj and down_proj zero) and whose fc maps
+    the target's feature at t to its feature at t + 1 along ``model``'s greedy continuation of
+    ``prompt`` (least squares: exact on fewer positions than dimensions): its proposals are
+    the target's own next tokens. Returns that continuation."""
     from safetensors.torch import load_file, save_file
 
-    model = target[1]
-    prompt = make_prompts(VOCAB, lengths=(9,))[0]
-    ids = prompt + reference_greedy(model, prompt, 20)
+    ids = prompt + reference_greedy(model, prompt, new_tokens)
     feats = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
     a = (torch.linalg.pinv(feats[:-2]) @ feats[1:-1]).T  # a @ f[t] = f[t + 1]
-    folder = tmp_path / "eagle"
     save_eagle(folder, tiny_llama_config(), seed=8)
     tensors = load_file(str(folder / "model.safetensors"))
     tensors["fc.weight"] = torch.cat([torch.zeros(HIDDEN, HIDDEN), a], dim=1).contiguous()
@@ -261,12 +257,48 @@ def test_eagle_draft_that_extrapolates_features_gets_accepted(target, tmp_path):
     for name in ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
         tensors[name] = torch.zeros_like(tensors[name])
     save_file(tensors, str(folder / "model.safetensors"))
-    engine = eagle_engine(target[0], folder, k=3)
+    return ids[len(prompt):]
+
+
+def test_eagle_draft_that_extrapolates_features_gets_accepted(target, tmp_path):
+    """Its proposals can only be accepted if the draft reads the right target feature for
+    each position and feeds its own predictions forward."""
+    prompt = make_prompts(VOCAB, lengths=(9,))[0]
+    want = fitted_eagle(tmp_path / "eagle", target[1], prompt, 20)
+    engine = eagle_engine(target[0], tmp_path / "eagle", k=3)
     out = drive(engine, [(0, "a", prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))], check_blocks=True)
-    assert [t.id for t in out["a"].tokens] == ids[len(prompt):]
+    assert [t.id for t in out["a"].tokens] == want
     spec = engine.speculator
     # After the prefill's token, steps of 3 proposals + the bonus token: 3+3+3+3+2 proposals.
     assert spec.num_accepted == spec.num_proposed == 14
+
+
+def test_eagle_keeps_up_while_speculation_is_off(target, tmp_path, caplog):
+    """Above --speculative-max-batch-size no step proposes, but the draft still runs over every
+    step's rows: after every step each decoding sequence's draft has computed every pair up to
+    its last token (so proposals resume at once, and right, when speculation is back on)."""
+    import logging
+
+    from genserve.engine.offline import OfflineRequest, OutputCollector, iter_steps
+
+    prompt, other = make_prompts(VOCAB, lengths=(9, 6))[:2]
+    want = fitted_eagle(tmp_path / "eagle", target[1], prompt, 24)
+    engine = eagle_engine(target[0], tmp_path / "eagle", k=3, speculative_max_batch_size=1)
+    requests = [OfflineRequest(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True), request_id="a"),
+                OfflineRequest(other, SamplingParams(max_new_tokens=8, ignore_eos=True), request_id="b")]
+    collector = OutputCollector(requests)
+    state = engine.speculator.proposer._state
+    with caplog.at_level(logging.INFO, logger="genserve.spec_decode.speculator"):
+        for outputs in iter_steps(engine, requests):
+            collector.add(outputs)
+            for seq in engine.scheduler.running:
+                if seq.num_generated:
+                    assert (state[seq.request_id].origin, state[seq.request_id].computed) == (0, len(seq) - 1)
+    assert "speculation off: 2 sequences decoding" in caplog.text and "speculation back on" in caplog.text
+    out = {r.request_id: r.outputs[0] for r in collector.results()}
+    assert [t.id for t in out["a"].tokens] == want
+    spec = engine.speculator
+    assert spec.num_proposed >= 9 and spec.num_accepted == spec.num_proposed  # a's, after b finished
 
 
 def test_bad_eagle_checkpoints_are_refused(target, tmp_path):
