@@ -100,7 +100,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     plugins = plugins or get_plugins()
     backend = create_backend(plugins, args)
     src = sources.resolve(args.model_id, args.revision, args.gguf_file)
-    src, medusa = medusa_heads.model_source(src, args)  # TGI: a Medusa folder names its base model
+    src, medusa = medusa_heads.model_source(src)  # TGI: a Medusa folder names its base model
     hf_config = load_config(src, args)
     if medusa is not None:  # the heads' fields decide the speculative method (spec_build.resolve)
         hf_config.medusa_num_heads = medusa["medusa_num_heads"]

@@ -55,7 +55,7 @@ def medusa_config(folder: Path) -> dict | None:
             if k in config}
 
 
-def model_source(src: ModelSource, args) -> tuple[ModelSource, dict | None]:
+def model_source(src: ModelSource) -> tuple[ModelSource, dict | None]:
     """The model a ``--model-id`` serves, and its Medusa fields (None: no heads).
 
     TGI's layout of a Medusa repository (``models/__init__.py``): its ``config.json`` has
