@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -44,7 +44,9 @@ from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext
 from genserve.spec_decode.drafting import draw, paged_inputs
 
 if TYPE_CHECKING:
+    from genserve.engine.config import EngineConfig
     from genserve.engine.model_runner import ModelRunner
+    from genserve.models.llama import LlamaLayer
 
 
 class EagleDraft(nn.Module):
@@ -60,17 +62,19 @@ class EagleDraft(nn.Module):
         self.embed_tokens: nn.Module | None = None
         with torch.device(ctx.device), use_layer_ops(ctx.layer_ops):
             self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=fc_bias, dtype=ctx.dtype)
-            self.layers = nn.ModuleList(target.make_layer(config, i, ctx) for i in range(config.num_hidden_layers))
+            layers: list[LlamaLayer] = [target.make_layer(config, i, ctx) for i in range(config.num_hidden_layers)]
+            self.layers = nn.ModuleList(layers)
             if own_embedding:
                 from genserve.layers.embedding import VocabParallelEmbedding
 
                 self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
         # EAGLE-1 normalises the fc output only through the layer's post-attention norm: its
         # first layer has no input norm (cnets.py skips it; vLLM's llama_eagle.py too).
-        self.layers[0].input_layernorm = nn.Identity()
-        self.rotary = self.layers[0].self_attn.rotary_emb
-        for layer in self.layers[1:]:
+        cast(Any, layers[0]).input_layernorm = nn.Identity()
+        self.rotary = layers[0].self_attn.rotary_emb
+        for layer in layers[1:]:
             layer.self_attn.rotary_emb = self.rotary
+        self.attn_spec = layers[0].self_attn.attn.spec
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target_embed(ids) if self.embed_tokens is None else self.embed_tokens(ids)
@@ -84,8 +88,7 @@ class EagleDraft(nn.Module):
         return x + residual
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        attn = self.layers[0].self_attn.attn.spec
-        return KVCacheSpec(len(self.layers), attn.num_kv_heads, attn.head_dim)
+        return KVCacheSpec(len(self.layers), self.attn_spec.num_kv_heads, self.attn_spec.head_dim)
 
 
 def load_draft(draft: EagleDraft, names_and_tensors, stacked_params) -> None:
@@ -137,7 +140,7 @@ class EagleProposer(Proposer):
         self.vocab_size = ctx.target_config.vocab_size
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
-        self.config = None  # the engine's config, from bind()
+        self.config: EngineConfig | None = None  # the engine's config, from bind()
         self._state: dict[str, _State] = {}
 
     @classmethod
@@ -241,15 +244,16 @@ class EagleProposer(Proposer):
         if self.config is None:
             raise RuntimeError("EagleProposer.propose before bind()")
         drafts: list[list[int]] = [[] for _ in requests]
-        live = []
+        live, last = [], []
         for i, r in enumerate(requests):
             st = self._state.get(r.seq.request_id)
             if st is not None and st.last is not None and st.block_table is r.seq.block_table \
                     and st.computed == len(r.seq) - 1:
                 live.append((i, st))
+                last.append(st.last)
         if not live:
             return drafts
-        feats = torch.stack([st.last for _, st in live])
+        feats = torch.stack(last)
         for j in range(max(requests[i].k for i, _ in live)):
             keep = [n for n, (i, _) in enumerate(live) if requests[i].k > j]
             live, feats = [live[n] for n in keep], feats[keep]

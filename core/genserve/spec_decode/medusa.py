@@ -35,6 +35,7 @@ from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext
 from genserve.spec_decode.drafting import draw
 
 if TYPE_CHECKING:
+    from genserve.engine.config import EngineConfig
     from genserve.engine.model_runner import ModelRunner
     from genserve.loader.source import ModelSource
 
@@ -156,7 +157,7 @@ class MedusaProposer(Proposer):
 
     def __init__(self, heads: MedusaHeads, vocab_size: int):
         self.heads, self.vocab_size = heads, vocab_size
-        self.config = None  # the engine's config (watermark settings), from bind()
+        self.config: EngineConfig | None = None  # the engine's config (watermark settings), from bind()
         self._last: dict[str, _Last] = {}
 
     @classmethod
