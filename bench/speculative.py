@@ -1,5 +1,5 @@
 """Speculative decoding (issue 14): what a verify step costs, what that implies, and n-gram /
-draft-model runs against no speculation.
+draft-model / Medusa / EAGLE runs against no speculation.
 
     python bench/speculative.py --tiny       # tiny random models, CPU: checks the script
     python bench/speculative.py --smollm2    # CPU, embedded SmolLM2, n-gram on a rewrite task
@@ -12,6 +12,9 @@ Figures (printed, and appended to bench/results/<device>.jsonl like the other be
     K tokens, which random weights reject: every step verifies K + 1 rows), and its ratio to the
     decode step (the issue asks <= 1.15 at K = 4);
   - ``draft_token_ms``: one draft-model step at batch 1 (Llama-3.2-1B shape on GPU);
+  - ``medusa_step_cost_ms`` / ``eagle_step_cost_ms``: what Medusa heads (K heads) and an EAGLE-1
+    draft (one target-shaped layer) add to a batch-1 verify step (proposing, plus taking the
+    step's hidden states), and the speed-ups implied with them;
   - ``implied_speedup_*``: decode-step cost over the cost per emitted token when each proposal is
     accepted with probability a (a = 0.6, 0.8): E[tokens per verify step] = (1 - a^(K+1)) / (1 - a)
     (Leviathan et al. 2023, Eq. 1), cost per verify step = verify + K x draft (n-gram: draft = 0);
@@ -82,21 +85,33 @@ class AlwaysPropose:
     def propose(self, requests):
         return [[self.rng.randrange(self.vocab) for _ in range(r.k)] for r in requests]
 
+    needs_hidden_states = False
+
     def forget(self, request_id):
         pass
 
 
 class Timed:
-    """Wraps a proposer; ``seconds`` collects the wall time of each ``propose`` call."""
+    """Wraps a proposer; ``seconds`` collects the wall time of each ``propose`` call and
+    ``observe_seconds`` that of each ``observe`` (EAGLE runs its draft over a step's accepted
+    rows there; Medusa keeps the last row)."""
 
     def __init__(self, inner):
-        self.inner, self.name, self.seconds = inner, inner.name, []
+        self.inner, self.name, self.seconds, self.observe_seconds = inner, inner.name, [], []
+        self.needs_hidden_states = inner.needs_hidden_states
 
     def propose(self, requests):
         t0 = time.perf_counter()
         out = self.inner.propose(requests)  # draft tokens are read on the host: synchronised
         self.seconds.append(time.perf_counter() - t0)
         return out
+
+    def observe(self, rows):
+        t0 = time.perf_counter()
+        self.inner.observe(rows)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the draft's forward is queued, not finished
+        self.observe_seconds.append(time.perf_counter() - t0)
 
     def forget(self, request_id):
         self.inner.forget(request_id)
@@ -221,6 +236,49 @@ def main():
                 "x", "genserve")
         rec(f"tok_s_draft_k{k}_b1", tps, "tok/s", "genserve", acceptance=accept,
             note="random weights: acceptance meaningless")
+    if target_dir is not None:
+        del engine, loaded
+        heads_runs(args, target_dir, k, decode, verify, rec, random_prompt, new_tokens, gpu)
+
+
+def heads_runs(args, target_dir: str, k: int, decode: float, verify: float, rec, random_prompt,
+               new_tokens: int, gpu: bool) -> None:
+    """Medusa (k heads of one ResBlock ending in the target's LM head: TGI's MedusaHeadV2
+    layout, whose cost equals k own LM heads) and EAGLE-1 (one Llama layer), random weights:
+    their cost per verify step (proposing plus taking the step's hidden states) and the
+    speed-ups those imply."""
+    from transformers import LlamaConfig
+
+    from genserve.spec_decode.testing import random_medusa_heads, save_eagle, save_medusa_heads
+
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    heads_dir = Path(tempfile.mkdtemp(prefix="genserve-spec-bench-medusa-"))
+    save_medusa_heads(heads_dir, random_medusa_heads(k, 1, config.hidden_size, config.vocab_size, lm_heads=False),
+                      k, 1, base_model=Path(target_dir))
+    eagle_dir = Path(tempfile.mkdtemp(prefix="genserve-spec-bench-eagle-"))
+    save_eagle(eagle_dir, config)
+    runs = (("medusa", heads_dir, {}),
+            ("eagle", target_dir, dict(speculative_model=str(eagle_dir), speculative_method="eagle")))
+    for name, model_dir, flags in runs:
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+        loaded = build(args, str(model_dir), speculate=k, speculative_max_batch_size=1 << 20, **flags)
+        engine = loaded.engine
+        timed = Timed(engine.speculator.proposer)
+        engine.speculator.proposer = timed
+        run(engine, random_prompt, 8)
+        timed.seconds.clear()
+        timed.observe_seconds.clear()
+        tps, steps, accept = run(engine, random_prompt, new_tokens)
+        cost = statistics.median(timed.seconds) + statistics.median(timed.observe_seconds[1:])  # [0]: prefill
+        rec(f"{name}_step_cost_ms", cost * 1e3, "ms", "genserve", note="propose + observe per verify step")
+        rec(f"step_{name}_verify_k{k}_ms", statistics.median(steps) * 1e3, "ms", "genserve")
+        for a in (0.6, 0.8):
+            rec(f"implied_speedup_{name}_a{a}", decode * expected_tokens(a, k) / (verify + cost), "x", "genserve")
+        rec(f"tok_s_{name}_k{k}_b1", tps, "tok/s", "genserve", acceptance=accept,
+            note="random weights: acceptance meaningless")
+        del engine, loaded
 
 
 if __name__ == "__main__":

@@ -113,11 +113,12 @@ FLAGS: list[Flag] = [
          "Wait for each step's tokens before launching the next (GPUs overlap them by default)",
          env="GENSERVE_DISABLE_OVERLAP_STEPS"),
     Flag("--speculate", int, None, "Speculative tokens proposed per sequence and step (n-gram proposals, "
-         "or Medusa heads when the checkpoint has them; 4 with --speculative-model; 0: off)"),
-    Flag("--speculative-model", str, None, "Draft model (path or hub id) sharing the tokenizer: proposes tokens",
-         env="GENSERVE_SPECULATIVE_MODEL"),
-    Flag("--speculative-method", str, None, "Proposer by registered name (ngram, draft_model, or a "
-         "plugin's); default: draft_model with --speculative-model, else medusa/ngram as TGI",
+         "or Medusa heads when the checkpoint has them: as many as it has heads by default; 4 with "
+         "--speculative-model; 0: off)"),
+    Flag("--speculative-model", str, None, "Draft model (path or hub id) sharing the tokenizer: proposes "
+         "tokens; with --speculative-method eagle, an EAGLE-1 draft", env="GENSERVE_SPECULATIVE_MODEL"),
+    Flag("--speculative-method", str, None, "Proposer by registered name (ngram, draft_model, medusa, eagle, "
+         "or a plugin's); default: draft_model with --speculative-model, else medusa/ngram as TGI",
          env="GENSERVE_SPECULATIVE_METHOD"),
     Flag("--speculative-max-batch-size", int, None, "No speculation while more sequences decode "
          "than this (default 32)", env="GENSERVE_SPECULATIVE_MAX_BATCH_SIZE"),

@@ -101,7 +101,7 @@ def test_accepted_prefix():
 
 def test_builtin_proposers_register_through_the_hook():
     names = set(get_plugins().spec_proposers)
-    assert {"ngram", "draft_model", "medusa"} <= names
+    assert {"ngram", "draft_model", "medusa", "eagle"} <= names
 
 
 # -- n-gram ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from genserve.loader import source as sources
 from genserve.loader.hf_config import eos_ids, load_config, load_tokenizer
 from genserve.plugins import Plugins, get_plugins
 from genserve.spec_decode import build as spec_build
+from genserve.spec_decode import medusa as medusa_heads
 from genserve.spec_decode.base import Proposer, ProposerContext
 from genserve.spec_decode.speculator import Speculator
 
@@ -99,7 +100,11 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
     plugins = plugins or get_plugins()
     backend = create_backend(plugins, args)
     src = sources.resolve(args.model_id, args.revision, args.gguf_file)
+    src, medusa = medusa_heads.model_source(src)  # TGI: a Medusa folder names its base model
     hf_config = load_config(src, args)
+    if medusa is not None:  # the heads' fields decide the speculative method (spec_build.resolve)
+        hf_config.medusa_num_heads = medusa["medusa_num_heads"]
+        hf_config.medusa_num_layers = medusa.get("medusa_num_layers")
     dtype = resolve_dtype(args, backend.default_dtype)
     model, attn_cls, quant_name = build_model(plugins, backend, args, src, hf_config, dtype)
     lora = load_lora(args, plugins, model, backend, dtype) if lora_wanted(args) else None
@@ -123,6 +128,7 @@ def build_engine(args, plugins: Plugins | None = None, *, peers: Peers | None = 
         if not runner.supports_speculation:
             raise ConfigError(f"--speculate: backend {backend.name!r} does not run verify steps")
         speculator = Speculator(proposer, spec, traits.recompute_at_length, config.max_total_tokens)
+        runner.keep_hidden_states = proposer.needs_hidden_states
     runner.allocate_kv_cache(num_blocks)
     if proposer is not None:
         proposer.bind(runner, num_blocks)

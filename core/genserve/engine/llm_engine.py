@@ -274,7 +274,24 @@ class LLMEngine:
                 out = self._fail(seq, exc)
             if out is not None:
                 outputs.append(out)
+        if self.speculator is not None:
+            self._observe(plan, results, step)
         return outputs
+
+    def _observe(self, plan: SchedulerOutput, results, step: LaunchedStep) -> None:
+        """Hand the step's hidden states to a proposer that drafts from them. A proposer that
+        fails costs its requests' speculation state (rebuilt from their next steps), never
+        the requests."""
+        assert self.speculator is not None
+        try:
+            self.speculator.observe(plan.scheduled, results, step)
+        except Exception as exc:
+            if engine_failure(exc):
+                raise
+            logger.error("speculative proposer failed on the step's hidden states; its requests start "
+                         "their proposals over: %s", exc, exc_info=exc)
+            for s in plan.scheduled:
+                self.speculator.proposer.forget(s.seq.request_id)
 
     def _take_result(self, s: ScheduledSeq, r, now: float) -> RequestOutput | None:
         seq = s.seq

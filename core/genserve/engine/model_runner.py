@@ -68,6 +68,7 @@ class PreparedBatch:
     logit_rows: torch.Tensor | None  # rows whose logits feed the sampler; None: every row
     sampling_index: list[int]  # scheduled index for each sampled row (k + 1 rows for a verify row)
     prompt_rows: dict[int, tuple[int, int]]  # scheduled index -> (first row, n rows) for prompt logprobs
+    row_starts: list[int] = field(default_factory=list)  # each scheduled sequence's first input row
 
 
 def _pack_aligned(segments: list[list[int]], dtype: torch.dtype, device) -> list:
@@ -93,6 +94,10 @@ class LaunchedStep:
                  out: SamplerOutput | None = None, device: torch.device | None = None):
         self.scheduled = scheduled
         self.sampling_index = sampling_index or []
+        # With ``ModelRunner.keep_hidden_states``: the forward's hidden states [T, hidden] and
+        # each scheduled sequence's first row in them, for proposers that draft from them.
+        self.hidden: torch.Tensor | None = None
+        self.row_starts: list[int] = []
         self.prompt_logprobs: dict[int, list[float]] = {}
         self._host: list[torch.Tensor | None] = []
         self._handles: list = []  # pinned buffers to give back once read
@@ -158,6 +163,10 @@ class ModelRunner:
     # per decoding sequence, every row sampled). Runners that replace them say False, and
     # --speculate is refused on them.
     supports_speculation: bool = True
+    # Whether ``launch`` hands its forward's hidden states to the ``LaunchedStep`` (set by the
+    # engine's builder for a proposer with ``needs_hidden_states``: Medusa, EAGLE). A reference
+    # to the tensor the logits are computed from, so it costs no copy and no second forward.
+    keep_hidden_states: bool = False
 
     model: CausalLM
     config: EngineConfig
@@ -205,12 +214,14 @@ class ModelRunner:
         logit_rows: list[int] = []
         sampling_index: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
+        row_starts: list[int] = []
         ref_dst: list[int] = []  # input rows whose token is still on the device
         ref_src: list[int] = []
         bs = self.block_size
         for i, s in enumerate(scheduled):
             seq, start, n = s.seq, s.seq.num_computed, s.num_tokens
             row0 = len(ids)
+            row_starts.append(row0)
             table = seq.block_table
             if s.spec:
                 # Verify: the last known token, then the proposals, each row its own one-token
@@ -285,7 +296,8 @@ class ModelRunner:
             query_lens_cpu=q_lens,
         )
         rows = None if every_row else longs[o_rows:o_rows + S]
-        return PreparedBatch(input_ids, longs[o_pos:o_pos + T], attn, rows, sampling_index, prompt_rows)
+        return PreparedBatch(input_ids, longs[o_pos:o_pos + T], attn, rows, sampling_index, prompt_rows,
+                             row_starts)
 
     def sampling_batch(self, scheduled: list[ScheduledSeq], index: list[int]) -> SamplingBatch:
         seqs = [scheduled[i].seq for i in index]
@@ -383,6 +395,8 @@ class ModelRunner:
                                         self.sampling_batch(scheduled, prep.sampling_index))
             self.last_tokens = out.tokens  # the next step's inputs may be gathered from these
             step = LaunchedStep(scheduled, prep.sampling_index, out, self.device)
+        if self.keep_hidden_states:
+            step.hidden, step.row_starts = hidden, prep.row_starts
         for i, (row0, n) in prep.prompt_rows.items():
             step.prompt_logprobs[i] = self._prompt_logprobs(scheduled[i], hidden[row0:row0 + n])
         return self.peers.finish(step)

@@ -37,6 +37,22 @@ class ProposalRequest:
     k: int
 
 
+@dataclass
+class TargetHidden:
+    """What the target computed for one sequence in a step, for proposers that draft from its
+    hidden states (``Proposer.needs_hidden_states``): ``hidden`` [n, hidden_size] are the
+    target's final hidden states (the LM head's input, after the final norm) at positions
+    ``start .. start + n - 1`` whose K/V the step kept (a verify step's accepted rows only).
+    The row at ``len(seq) - 2``, when present, is the one the last known token was sampled from.
+
+    ``hidden`` is a view of the step's output, valid only during ``observe`` (a CUDA graph
+    replay overwrites it): a proposer copies what it keeps."""
+
+    seq: Sequence
+    start: int
+    hidden: torch.Tensor
+
+
 class Proposer(ABC):
     """Offers tokens for the target model to verify. Registered by name through
     ``genserve_register_spec_proposers``; ``--speculative-method NAME`` or the automatic choice
@@ -47,6 +63,11 @@ class Proposer(ABC):
     """
 
     name: ClassVar[str] = "?"
+    # Whether it drafts from the target's hidden states (Medusa, EAGLE): the runner then keeps
+    # each step's hidden states (those it computes logits from; no second forward) and the
+    # engine hands every sequence's kept rows to ``observe`` once the step's tokens are known.
+    # Proposers that leave it False cost nothing.
+    needs_hidden_states: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -67,6 +88,11 @@ class Proposer(ABC):
         """Up to ``r.k`` token ids for each request (an empty list: nothing to propose).
         Sequences are decoding: every token but the last is in the target's KV cache, and
         their block tables have slots for ``k`` positions past the last token."""
+
+    def observe(self, rows: list[TargetHidden]) -> None:
+        """After each step, with ``needs_hidden_states``: the rows the target computed for each
+        sequence still running (see ``TargetHidden``), in the step's order. Called before the
+        next ``propose``; a sequence preempted since the step is left out."""
 
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted: drop its state."""

@@ -12,18 +12,21 @@ logger = logging.getLogger(__name__)
 
 
 def resolve(args, hf_config) -> SpeculativeConfig | None:
-    """The speculative settings the flags ask for, or None (off: ``--speculate`` unset or 0 and
-    no ``--speculative-model``).
+    """The speculative settings the flags ask for, or None (off: ``--speculate`` 0, or unset
+    with no ``--speculative-model`` and no Medusa heads).
 
     Method: ``--speculative-method`` when given; else TGI's rule, Medusa heads when the
-    checkpoint has them (``medusa_num_heads`` in its config), n-gram otherwise, and a draft
-    model when ``--speculative-model`` names one. ``--speculate`` defaults to 4 with a draft
-    model. Raises ``ConfigError`` for a negative count or a threshold below 1.
+    checkpoint has them (``medusa_num_heads`` in its config: they are used unless
+    ``--speculate 0``, as in TGI), n-gram otherwise, and a draft model when
+    ``--speculative-model`` names one. ``--speculate`` defaults to the number of Medusa heads
+    with Medusa (TGI), else 4. Raises ``ConfigError`` for a negative count or a threshold
+    below 1.
     """
     k = args.speculate
     model = getattr(args, "speculative_model", None)
     method = getattr(args, "speculative_method", None)
-    if not k and not model and not method:
+    heads = getattr(hf_config, "medusa_num_heads", None)
+    if not k and not model and not method and not (heads and k is None):
         return None
     if k is not None and k < 0:
         raise ConfigError(f"--speculate {k}: must be >= 0")
@@ -34,15 +37,18 @@ def resolve(args, hf_config) -> SpeculativeConfig | None:
     if method is None:
         if model:
             method = "draft_model"
-        elif getattr(hf_config, "medusa_num_heads", None):
+        elif heads:
             method = "medusa"
         else:
             method = "ngram"
+    method = method.lower()
     max_batch = getattr(args, "speculative_max_batch_size", None)
     if max_batch is not None and max_batch < 1:
         raise ConfigError(f"--speculative-max-batch-size {max_batch}: must be >= 1")
     kwargs = {} if max_batch is None else {"max_batch_size": max_batch}
-    return SpeculativeConfig(num_tokens=k or 4, method=method.lower(), model=model, **kwargs)
+    if not k:
+        k = (heads if method == "medusa" else None) or 4
+    return SpeculativeConfig(num_tokens=k, method=method, model=model, **kwargs)
 
 
 def create_proposer(config: SpeculativeConfig, ctx: ProposerContext, plugins) -> Proposer:

@@ -16,20 +16,17 @@ for a grammar-constrained request, under its grammar's mask.
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from genserve.attention.base import AttentionMetadata
 from genserve.device import upload
-from genserve.engine.constraints import bitmask_words, unpack_bitmask
 from genserve.engine.kv_sizing import kv_bytes_per_block
-from genserve.engine.sampler import SamplingBatch, sample
 from genserve.errors import ConfigError
 from genserve.models.base import ForwardBatch
 from genserve.spec_decode.base import ProposalRequest, Proposer, ProposerContext
+from genserve.spec_decode.drafting import draw, paged_inputs
 
 if TYPE_CHECKING:
     from genserve.engine.model_runner import ModelRunner
@@ -133,58 +130,12 @@ class DraftModelProposer(Proposer):
         next token of each sequence from its last row and append it to its ``drafts``."""
         runner = self.runner
         assert runner is not None
-        bs = runner.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        cu, seq_lens, last = [0], [], []
-        for r, (tokens, start) in zip(requests, rows):
-            table = r.seq.block_table
-            ids += tokens
-            pos += range(start, start + len(tokens))
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(tokens))]
-            cu.append(len(ids))
-            seq_lens.append(start + len(tokens))
-            last.append(len(ids) - 1)
-        width = max(len(r.seq.block_table) for r in requests)
-        tables = [r.seq.block_table + [0] * (width - len(r.seq.block_table)) for r in requests]
+        ids, pos, meta, last = paged_inputs([r.seq.block_table for r in requests], rows,
+                                            runner.block_size, runner.device)
+        hidden = runner.forward(ids, pos, ForwardBatch(meta, runner.kv_caches))
         device = runner.device
-        q_lens = [b - a for a, b in itertools.pairwise(cu)]
-        meta = AttentionMetadata(
-            cu_seqlens_q=upload(torch.tensor(cu, dtype=torch.int32), device),
-            seq_lens=upload(torch.tensor(seq_lens, dtype=torch.int32), device),
-            block_tables=upload(torch.tensor(tables, dtype=torch.int32), device),
-            slot_mapping=upload(torch.tensor(slots, dtype=torch.long), device),
-            max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens),
-            is_decode_only=all(q == 1 for q in q_lens),
-            seq_lens_cpu=seq_lens, query_lens_cpu=q_lens,
-        )
-        hidden = runner.forward(upload(torch.tensor(ids, dtype=torch.long), device),
-                                upload(torch.tensor(pos, dtype=torch.long), device),
-                                ForwardBatch(meta, runner.kv_caches))
         logits = runner.compute_logits(hidden[upload(torch.tensor(last, dtype=torch.long), device)])
-        seqs = [r.seq for r in requests]
-        params = [s.params for s in seqs]
-        hist = [s.all_ids + d for s, d in zip(seqs, drafts)]
-        batch = SamplingBatch.build(
-            params, [s.seed for s in seqs], [s.num_generated + j for s in seqs],
-            hist if any(p.repetition_penalty != 1.0 or p.watermark for p in params) else [[] for _ in seqs],
-            [s.output_ids + d for s, d in zip(seqs, drafts)], device,
-            runner.config.watermark_gamma, runner.config.watermark_delta)
         vocab = self.ctx.target_config.vocab_size
-        if logits.shape[-1] > vocab:  # a draft with a padded vocabulary
-            logits = logits[:, :vocab]
-        constraints = [p.constraint for p in params]
-        if any(c is not None for c in constraints):
-            # Drafts under the request's grammar, masked as the verify row will be: a draft the
-            # grammar forbids would be cut before verify, and the masked draw is the coupled
-            # one (same noise, same mask) that the target's row makes.
-            bitmask = torch.full((len(seqs), bitmask_words(vocab)), -1, dtype=torch.int32)
-            for row, c in enumerate(constraints):
-                if c is not None:
-                    c.fill_bitmask(bitmask, row)
-            batch.allowed = unpack_bitmask(bitmask.to(device), logits.shape[-1])  # a draft may have fewer rows
-        for d, c, token in zip(drafts, constraints, sample(logits, batch).tokens.tolist()):
-            if c is not None:
-                c.advance(token)  # first: a grammar has consumed len(d) tokens, rolled back in propose
+        for d, token in zip(drafts, draw(logits[:, :vocab], requests, drafts, j, runner.config,
+                                          under_grammar=True)):
             d.append(token)

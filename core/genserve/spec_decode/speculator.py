@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from genserve.engine.constraints import speculative_prefix
 from genserve.engine.scheduler import ScheduledSeq
 from genserve.engine.sequence import Sequence
-from genserve.spec_decode.base import ProposalRequest, Proposer
+from genserve.spec_decode.base import ProposalRequest, Proposer, TargetHidden
 from genserve.spec_decode.config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from genserve.engine.model_runner import LaunchedStep, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,22 @@ class Speculator:
             logger.error("request %s: its grammar failed on the proposals; no proposals this step: %s",
                          seq.request_id, exc, exc_info=exc)
             return 0
+
+    def observe(self, scheduled: list[ScheduledSeq], results: list[StepResult], step: LaunchedStep) -> None:
+        """Hand a completed step's hidden states to a proposer that drafts from them: each
+        sequence still running and not preempted since the launch gets the rows whose K/V it
+        kept (all its rows; of a verify row, the last known token's and the accepted ones)."""
+        if not self.proposer.needs_hidden_states or step.hidden is None:
+            return
+        rows = []
+        for s, r, row0 in zip(scheduled, results, step.row_starts):
+            seq = s.seq
+            if seq.is_finished or seq.block_table is not s.block_table:
+                continue
+            n = 1 + len(r.accepted) if s.spec else s.num_tokens
+            rows.append(TargetHidden(seq, s.start, step.hidden[row0:row0 + n]))
+        if rows:
+            self.proposer.observe(rows)
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         seq.spec_proposed += proposed
