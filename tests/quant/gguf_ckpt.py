@@ -46,7 +46,7 @@ def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: in
     GGUF tensor kind, e.g. ``{"attn_v": Q8_0}``); embeddings ``embedding`` (F32), output
     ``output`` (Q8_0; None: tied to the embeddings, as SmolLM2), norms F32. ``hidden`` 256 gives
     every row a whole K-quant super-block (``requantize_with_llama_cpp``)."""
-    HIDDEN = hidden  # noqa: N806 (the module default, overridden)
+    HIDDEN = hidden  # the module default, overridden
     rng = np.random.default_rng(seed)
     tok = gguf.GGUFReader(smollm2_gguf())
     vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
