@@ -10,17 +10,27 @@ A GGUF tensor of ``N`` rows and ``K`` columns stores each row as blocks along ``
 * ``Q4_K``: super-blocks of 256, fp16 ``d`` and ``dmin``, eight 6-bit sub-block scales ``sc`` and
   minimums ``mn`` (12 bytes, ``gguf.quants.Q4_K.get_scale_min``), 128 bytes of nibbles (64-weight
   chunks: low nibbles one sub-block of 32, high nibbles the next): ``w = d*sc*q - dmin*mn``.
+* ``Q5_0`` / ``Q5_1``: as ``Q4_0`` / ``Q4_1`` plus 4 bytes ``qh`` holding each weight's fifth bit
+  (bit ``j`` of the little-endian word for weight ``j``): ``w = d * (q - 16)`` / ``d * q + m``.
+* ``Q5_K``: as ``Q4_K`` plus 32 bytes ``qh`` (bit ``j`` of byte ``i``: the fifth bit of weight
+  ``i`` of sub-block ``j``): ``w = d*sc*q - dmin*mn``.
+* ``Q6_K``: super-blocks of 256: 128 bytes of low nibbles, 64 bytes of 2-bit highs, sixteen int8
+  sub-block scales (16 weights each), fp16 ``d``: ``w = d * sc * (q - 32)``.
 
-Each maps exactly onto the canonical integer form of ``kernels.py`` with 32-weight groups,
-``W = (q - z) * s + o``: ``Q4_0`` (z = 8, s = d), ``Q4_1`` (z = 8, s = d, o = m + 8d),
-``Q4_K`` (z = 8, s = d*sc, o = 8 d*sc - dmin*mn), ``Q8_0`` (8 bits, z = 128, s = d). The loader
-(``genserve.loader.gguf_weights``) decodes the blocks once into ``qweight`` (one value a byte),
-``scales`` and ``offsets``; ``GGUFLinearMethod`` hands them to the kernel the backend prefers
-(on CPU ``cpu_int4pack``, torch's packed int4 matmul, in bf16). Other types (F16, Q5_*, Q6_K,
-...), layers whose fused parts differ in type, layers no fast kernel takes, the embeddings and
-the lm_head are dequantized to the model's dtype at load, as before. Opt-in with
-``--quantize gguf`` (vLLM's name): the bf16 matmuls are not token-identical to transformers on the
-dequantized model, which a GGUF file without the flag stays (docs/quantization.md).
+Each maps exactly onto the canonical integer form of ``kernels.py``, ``W = (q - z) * s + o``
+(``PACKED``): the 4-bit types with 32-weight groups, ``Q4_0`` (z = 8, s = d), ``Q4_1`` (z = 8,
+s = d, o = m + 8d), ``Q4_K`` (z = 8, s = d*sc, o = 8 d*sc - dmin*mn); the 5- to 8-bit types as
+8-bit ``q`` around z = 128: ``Q5_0`` (q + 112, s = d), ``Q5_1`` (q + 128, s = d, o = m),
+``Q5_K`` (q + 128, s = d*sc, o = -dmin*mn), ``Q8_0`` (q + 128, s = d), all in groups of 32, and
+``Q6_K`` (q + 96, s = d*sc) in groups of 16. The loader (``genserve.loader.gguf_weights``)
+decodes the blocks once into ``qweight`` (one value a byte), ``scales`` and ``offsets``;
+``GGUFLinearMethod`` hands them to the kernel the backend prefers (on CPU ``cpu_int4pack``,
+torch's packed int4 matmul, in bf16), and ``GGUFEmbeddingMethod`` does the same for the token
+embedding and the LM head (lookups dequantize the rows they gather). Other types (F16, BF16,
+Q2_K, Q3_K, IQ*, ...), layers whose fused parts differ in type and layers no fast kernel takes
+are dequantized to the model's dtype at load, as before. Opt-in with ``--quantize gguf`` (vLLM's
+name): the bf16 matmuls are not token-identical to transformers on the dequantized model, which
+a GGUF file without the flag stays (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -157,7 +167,8 @@ def decode_blocks(raw: np.ndarray, qtype: GGMLType, k: int
 
 class GGUFLinearMethod(WNA16LinearMethod):
     """One linear layer's GGUF blocks, decoded by the loader into ``qweight [N, K]`` (uint8, one
-    value a byte), ``scales [N, K/32]`` and, for ``Q4_1``/``Q4_K``, ``offsets [N, K/32]``."""
+    value a byte), ``scales [N, K/group]`` and, for the types with minimums (``Q4_1``, ``Q4_K``,
+    ``Q5_1``, ``Q5_K``), ``offsets [N, K/group]``."""
 
     def __init__(self, scheme: WNA16Scheme, kernels: LinearKernelChooser, prefix: str, offsets: bool):
         super().__init__(scheme, kernels, prefix)
