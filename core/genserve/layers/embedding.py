@@ -82,7 +82,7 @@ class ParallelLMHead(VocabParallelEmbedding, CustomOp):
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         if embedding.quant is None:
-            self.weight = embedding.weight
+            self.weight, self.quant = embedding.weight, None
             return
         # The head multiplies by the embedding's packed table: no dense weight, and the
         # reference forward (a backend's dense lm_head op reads ``weight``).
