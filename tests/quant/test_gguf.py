@@ -207,23 +207,34 @@ def smollm2_prompts():
 
 
 def test_embedded_smollm2_packed_matches_dequantized(smollm2_prompts):
-    """``--quantize gguf`` (Q4_1 layers packed, bf16 int4 matmuls) against the default (fp32
-    weights dequantized by gguf): same greedy tokens on these prompts (not on every prompt:
-    docs/quantization.md); logits within bf16 rounding (measured max 1.2 on logits up to 37.6)."""
+    """``--quantize gguf`` (Q4_1 layers and the tied Q8_0 embedding / LM head packed, bf16 int4
+    matmuls) against the default (fp32 weights dequantized by gguf), teacher forced along the
+    default's 24 greedy tokens: logits within bf16 rounding (measured max 1.2 on logits up to
+    37.6), the same argmax wherever the default's top-2 margin exceeds twice that (2.5), and the
+    same greedy tokens up to the first position whose margin is below it. (Two of these prompts
+    open with margins of 0.08 and 0.11: "What is the capital of France?" flips its first token
+    packed, docs/quantization.md.)"""
     from genserve.args import defaults
     from genserve.engine.build import build_engine
 
-    runs = []
+    runs, ref_tokens = [], None
     for quantize in (None, "gguf"):
         engine = build_engine(defaults(backend="cpu", quantize=quantize, max_batch_total_tokens=2048)).engine
         engine.blocks.enable_prefix_caching = False
-        runs.append(([prompt_logits(engine, p) for p in smollm2_prompts],
-                     [generate_greedy(engine, [p], 24)[0] for p in smollm2_prompts], _kernels(engine)))
+        tokens = [generate_greedy(engine, [p], 24)[0] for p in smollm2_prompts]
+        ref_tokens = ref_tokens or tokens
+        runs.append(([prompt_logits(engine, p + t) for p, t in zip(smollm2_prompts, ref_tokens)], tokens,
+                     _kernels(engine)))
         del engine
-    (ref_logits, ref_tokens, ref_kinds), (logits, tokens, kinds) = runs
+    (ref_logits, _, ref_kinds), (logits, tokens, kinds) = runs
     assert ref_kinds == {("UnquantizedLinear", "NoneType")}
     assert kinds == PACKED_KINDS  # the Q8_0 tied embedding / LM head too
-    assert tokens == ref_tokens
-    for ours, theirs in zip(logits, ref_logits):
+    margin_bound = 2.5
+    for p, ours, theirs, mine, want in zip(smollm2_prompts, logits, ref_logits, tokens, ref_tokens):
         assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
         assert (ours - theirs).abs().max() <= 0.06 * theirs.abs().max()
+        top2 = theirs[len(p) - 1:-1].topk(2, dim=-1).values           # the generated positions
+        clear = (top2[:, 0] - top2[:, 1]) > margin_bound
+        assert torch.equal(ours[len(p) - 1:-1].argmax(-1)[clear], theirs[len(p) - 1:-1].argmax(-1)[clear])
+        first_close = int((~clear).nonzero()[0]) if (~clear).any() else len(want)
+        assert mine[:first_close] == want[:first_close]
