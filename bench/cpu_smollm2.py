@@ -99,9 +99,11 @@ def main():
     print(f"torch {torch.__version__}, {threads} threads, load average {load_before}")
 
     def record(metric, value, unit, eng, **extra):
+        # The machine is shared: the 1-minute load average beside each figure says how quiet it was.
+        load = round(os.getloadavg()[0], 2)
         results.append({"metric": metric, "value": round(value, 2), "unit": unit, "engine": eng,
-                        "device": "cpu", "threads": threads, **extra})
-        print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}  {extra or ''}")
+                        "device": "cpu", "threads": threads, "load_avg_1m": load, **extra})
+        print(f"{eng:13s} {metric:28s} {value:10.2f} {unit}  load {load:5.2f}  {extra or ''}")
 
     for variant in args.variants.split(","):
         backend, _, variant = variant.rpartition(":")

@@ -23,10 +23,30 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def requantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> Path:
+    """``src`` (an F32 GGUF) quantized by llama.cpp's own ``llama_model_quantize``
+    (llama-cpp-python) to ``ftype`` (``llama_cpp.LLAMA_FTYPE_MOSTLY_*``), every tensor but the
+    norms in that type (``pure``): how K-quant files (Q5_K, Q6_K, ...) are made, which
+    ``gguf.quants`` cannot quantize."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = ftype, True, 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}")
+    return dst
+
+
 def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: int = 0,
-                          qtypes: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+                          qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
+                          hidden: int = HIDDEN, output: gguf.GGMLQuantizationType | None = None,
+                          embedding: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
     """A 2-layer Llama (hidden 128) whose linear weights are ``qtype`` (``qtypes`` overrides per
-    GGUF tensor kind, e.g. ``{"attn_v": Q8_0}``); embeddings F32, output Q8_0, norms F32."""
+    GGUF tensor kind, e.g. ``{"attn_v": Q8_0}``); embeddings ``embedding`` (F32), output
+    ``output`` (Q8_0; None: tied to the embeddings, as SmolLM2), norms F32. ``hidden`` 256 gives
+    every row a whole K-quant super-block (``requantize_with_llama_cpp``)."""
+    HIDDEN = hidden  # the module default, overridden
     rng = np.random.default_rng(seed)
     tok = gguf.GGUFReader(smollm2_gguf())
     vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
@@ -54,11 +74,12 @@ def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: in
         w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
 
     head_dim = HIDDEN // HEADS
-    w.add_tensor("token_embd.weight", dense(vocab, HIDDEN, scale=0.5))
+    w.add_tensor("token_embd.weight", gguf.quants.quantize(dense(vocab, HIDDEN, scale=0.5), embedding),
+                 raw_dtype=embedding)
     w.add_tensor("output_norm.weight", 1 + dense(HIDDEN, scale=0.1))
-    out = dense(vocab, HIDDEN, scale=0.5)
-    w.add_tensor("output.weight", gguf.quants.quantize(out, gguf.GGMLQuantizationType.Q8_0),
-                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    if output is not None:
+        w.add_tensor("output.weight", gguf.quants.quantize(dense(vocab, HIDDEN, scale=0.5), output),
+                     raw_dtype=output)
     for i in range(LAYERS):
         b = f"blk.{i}"
         w.add_tensor(f"{b}.attn_norm.weight", 1 + dense(HIDDEN, scale=0.1))

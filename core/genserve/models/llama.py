@@ -133,7 +133,8 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__(config, ctx)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.dtype, ctx.quant,
+                                                   "model.embed_tokens")
         layers = [self.make_layer(config, i, ctx) for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(layers)
         # Every layer rotates alike: share one fp32 cos/sin table of max_position rows (otherwise
@@ -145,7 +146,7 @@ class LlamaForCausalLM(CausalLM):
         # engine's generic hook; None for every other rotary).
         self.recompute_at_length = self.rotary_emb.recompute_at_length
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype, self.norm_offset)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=ctx.dtype, quant_config=ctx.quant)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_to(self.embed_tokens)
 

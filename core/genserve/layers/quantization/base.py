@@ -65,6 +65,17 @@ class QuantMethod:
         return set()
 
 
+class EmbeddingMethod(QuantMethod):
+    """A quantized vocabulary table ``[rows, hidden]``: ``create_weights(layer, hidden, rows,
+    dtype, weight_loader)`` registers its tensors, ``embedding(layer, ids)`` gives the rows
+    ``ids`` (int64 ``[T]``) as ``[T, hidden]`` in the model's dtype, and ``apply(layer, hidden,
+    bias)`` the logits ``hidden [T, hidden] @ table.T`` (the LM head). A tied LM head shares its
+    embedding's method object and calls it with itself as ``layer``."""
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class UnquantizedLinear(QuantMethod):
     name = "none"
 
@@ -148,6 +159,12 @@ class QuantizationConfig:
         """The method for the linear ``layer`` whose checkpoint tensors start with ``prefix``
         (e.g. ``model.layers.0.self_attn.qkv_proj``); None leaves it unquantized."""
         raise NotImplementedError
+
+    def get_embedding_method(self, layer: nn.Module, prefix: str) -> EmbeddingMethod | None:
+        """The method for a vocabulary table ``layer`` (``VocabParallelEmbedding`` or
+        ``ParallelLMHead``, checkpoint prefix ``model.embed_tokens`` / ``lm_head``); None (every
+        format but GGUF) keeps it a dense ``weight``."""
+        return None
 
 
 class PerLayerQuantConfig(QuantizationConfig):

@@ -10,7 +10,9 @@
   to ``zero``. 8-bit grouped weights (GGUF ``Q8_0``, grouped GPTQ 8-bit) run through the same op
   exactly, split into two 4-bit halves: ``q = 16 * hi + lo`` gives, per group of ``g``, a ``hi``
   group (scale ``16 s``, zero ``0``) and a ``lo`` group (scale ``s``, zero ``(136 - z) * s + o``)
-  over the activations' group repeated twice (``K' = 2K``). The op is fast only with bf16
+  over the activations' group repeated twice (``K' = 2K``). 8-bit groups of 16 (GGUF ``Q6_K``)
+  pad each half to the op's smallest group, 32, with zero activations (``K' = 4K``, as many
+  bytes as bf16). The op is fast only with bf16
   activations (measured on this 2-core AMD EPYC, 1536x576 at M=1: 27 us in bf16, 766 us in fp32,
   1217 us in fp16, against 69 us for the dense fp32 matmul), so it runs in
   ``WNA16Config.compute_dtype`` when a format sets one (GGUF: bf16).
@@ -51,13 +53,13 @@ class CpuInt4PackKernel(MPLinearKernel):
         k, n, g = config.in_features, config.out_features, config.group_size
         if config.bits not in (4, 8):
             return f"{config.bits}-bit weights (4, or 8 in groups)"
-        if config.bits == 8 and (g == k or g % 32):
-            return "8-bit per-channel weights (cpu_int8pack's) or groups not a multiple of 32"
+        if config.bits == 8 and (g == k or (g % 32 and g != 16)):
+            return "8-bit per-channel weights (cpu_int8pack's) or groups neither 16 nor a multiple of 32"
         if config.act_dtype not in _ACT_DTYPES or _compute_dtype(config) not in _ACT_DTYPES:
             return f"activations in {config.act_dtype}"
         if n % 16 or k % 2:
             return f"{k}x{n} weight (needs N % 16 == 0 and an even K)"
-        if k % g or g % 16 or (g % 32 and g != k):
+        if k % g or g % 16 or (g % 32 and g != k and not (config.bits == 8 and g == 16)):
             return f"group size {g} for K={k} (needs a multiple of 32 dividing K)"
         return None
 
@@ -74,7 +76,10 @@ class CpuInt4PackKernel(MPLinearKernel):
         else:  # two 4-bit groups per 8-bit group: [hi nibbles, lo nibbles] (module docstring)
             n, g = c.out_features, c.group_size
             q8 = weights.qweight.t().to(torch.int32).reshape(n, -1, 1, g)  # [N, G, 1, g]
-            q = torch.cat([q8 >> 4, q8 & 15], dim=2).reshape(n, -1).contiguous()   # [N, 2K]
+            q = torch.cat([q8 >> 4, q8 & 15], dim=2)                        # [N, G, 2, g]
+            if g == 16:  # the op's smallest group is 32: pad each half (its activations are 0)
+                q = torch.nn.functional.pad(q, (0, 16), value=8)
+            q = q.reshape(n, -1).contiguous()                               # [N, 2K] (4K for g=16)
             scale = torch.stack([16 * s, s], dim=1).flatten(0, 1)           # [2G, N]
             zero = torch.stack([torch.zeros_like(s), (136.0 - z) * s + offset], dim=1).flatten(0, 1)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -86,10 +91,14 @@ class CpuInt4PackKernel(MPLinearKernel):
     def apply(self, layer, x, bias):
         c = self.config
         rows = _rows(x, layer.int4_perm).to(_compute_dtype(c))
+        group = c.group_size
         if c.bits == 8:  # each activation group twice, against the hi and lo halves
             m, g = rows.shape[0], c.group_size
-            rows = rows.reshape(m, -1, 1, g).expand(m, -1, 2, g).reshape(m, -1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.int4_weight, c.group_size,
+            rows = rows.reshape(m, -1, 1, g).expand(m, -1, 2, g)
+            if g == 16:  # zeros against the padding of each half
+                rows, group = torch.nn.functional.pad(rows, (0, 16)), 32
+            rows = rows.reshape(m, -1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.int4_weight, group,
                                                       layer.int4_scales_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if bias is None else y + bias
