@@ -189,12 +189,12 @@ def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
 
 
 IDEFICS_FAKE_TOKEN = "<fake_token_around_image>"
-# Idefics v1 has no processor chat template upstream; the tiny one writes TGI's idefics-instruct
-# prompt ("User:" ... "<end_of_utterance>\nAssistant:"), images where the content parts put them.
+# Transformers' IdeficsProcessor keeps no chat template (its __init__ drops one, and a saved
+# one loads onto the tokenizer), so the tiny checkpoint's is the tokenizer's, over string
+# contents with <image> where each image goes: TGI's idefics-instruct prompt shape.
 IDEFICS_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:{{ message['content'] }}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
@@ -218,8 +218,8 @@ def build_tiny_idefics(folder, seed: int = 0, qk_layer_norms: bool = True, cross
     if extra != [len(tok) - 2, len(tok) - 1]:
         raise RuntimeError(f"the image tokens are not the tokenizer's last two ids: {extra}, {len(tok)}")
     image_processor = IdeficsImageProcessor(image_size=28)
-    processor = IdeficsProcessor(image_processor=image_processor, tokenizer=tok,
-                                 chat_template=IDEFICS_CHAT_TEMPLATE)
+    tok.chat_template = IDEFICS_CHAT_TEMPLATE
+    processor = IdeficsProcessor(image_processor=image_processor, tokenizer=tok)
     config = IdeficsConfig(
         vocab_size=len(tok) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
         num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
