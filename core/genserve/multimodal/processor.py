@@ -30,9 +30,10 @@ class MultiModalProcessor:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        made = cls(processor, image_token_id)
         logger.info("images: %s (image token %r, id %d)", type(processor).__name__,
-                    processor.image_token, image_token_id)
-        return cls(processor, image_token_id)
+                    made.image_token, made.image_token_id)
+        return made
 
     @staticmethod
     def for_engine(loaded, args) -> MultiModalProcessor | None:
