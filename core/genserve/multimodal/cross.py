@@ -21,7 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from genserve.multimodal.inputs import CrossAttentionGroup, CrossImages, MultiModalInputs
+from genserve.multimodal.inputs import (
+    CrossAttentionGroup,
+    CrossImages,
+    MultiModalInputs,
+)
 from genserve.multimodal.rows import encode_new
 
 if TYPE_CHECKING:

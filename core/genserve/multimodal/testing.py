@@ -209,7 +209,12 @@ def build_tiny_idefics(folder, seed: int = 0, qk_layer_norms: bool = True, cross
     large ``initializer_range``, so the images matter in the logits and greedy outputs vary
     (upstream's zero gates would hide the cross-attention, its 0.02 init repeats one token).
     Returns the transformers model (fp32, eval)."""
-    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessor, IdeficsProcessor
+    from transformers import (
+        IdeficsConfig,
+        IdeficsForVisionText2Text,
+        IdeficsImageProcessor,
+        IdeficsProcessor,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
