@@ -13,8 +13,8 @@ from genserve.multimodal.testing import random_image
 from transformers import AutoProcessor
 
 NEW = 8
-CPU = dict(backend="cpu", dtype="float32", block_size=4, max_batch_total_tokens=4096,
-           max_batch_prefill_tokens=64, max_images=2, max_image_pixels=5000)
+CPU = {"backend": "cpu", "dtype": "float32", "block_size": 4, "max_batch_total_tokens": 4096,
+       "max_batch_prefill_tokens": 64, "max_images": 2, "max_image_pixels": 5000}
 A, B = random_image(50, 40, seed=1), random_image(40, 60, seed=2)
 
 

@@ -18,12 +18,15 @@ class MultiModalProcessor:
     """``processor``: the checkpoint's ``AutoProcessor``; ``image_token_id``: the model's
     placeholder id (``CausalLM.image_token_id``)."""
 
-    image_token: str = "<image>"  # when the processor does not name its own
-
     def __init__(self, processor, image_token_id: int):
         self.processor = processor
         self.image_token_id = image_token_id
-        self.image_token: str = getattr(processor, "image_token", None) or self.image_token
+        self.image_token: str = self.image_token_of(processor)
+
+    @staticmethod
+    def image_token_of(processor) -> str:
+        """The text that stands for one image in a prompt: the processor's ``image_token``."""
+        return processor.image_token
 
     @classmethod
     def load(cls, path, image_token_id: int, trust_remote_code: bool = False) -> MultiModalProcessor:
@@ -90,16 +93,20 @@ class InterleavedProcessor(MultiModalProcessor):
     processor prepends. A text piece that is a URL and nothing else is refused: the processor
     would download it as an image, past the server's image limits."""
 
-    image_token = "<image>"  # IdeficsProcessor has no ``image_token`` attribute
+    IMAGE_TOKEN = "<image>"  # transformers' processing_idefics.IMAGE_TOKEN
 
     def __init__(self, processor, image_token_id: int):
         # The tokenizer's id for <image> is the truth (the model infers it from the config).
-        token_id = processor.tokenizer.convert_tokens_to_ids(InterleavedProcessor.image_token)
+        token_id = processor.tokenizer.convert_tokens_to_ids(self.IMAGE_TOKEN)
         if token_id != image_token_id:
             logger.warning("images: the tokenizer's %s is id %d, the model expected %d",
-                           InterleavedProcessor.image_token, token_id, image_token_id)
+                           self.IMAGE_TOKEN, token_id, image_token_id)
         super().__init__(processor, token_id)
-        self.image_token = InterleavedProcessor.image_token
+
+    @staticmethod
+    def image_token_of(processor) -> str:
+        """IdeficsProcessor has no ``image_token`` attribute; its image token is ``<image>``."""
+        return InterleavedProcessor.IMAGE_TOKEN
 
     def call_processor(self, text: str, images: list, add_special_tokens: bool) -> dict[str, Any]:
         from transformers.models.idefics.processing_idefics import is_url
