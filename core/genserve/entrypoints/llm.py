@@ -24,12 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from genserve.args import FLAGS, Flag, defaults
-from genserve.engine.offline import (
-    GenerationOutput,
-    OfflineRequest,
-    OutputCollector,
-    iter_steps,
-)
+from genserve.engine.offline import GenerationOutput, OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
 from genserve.multimodal.images import ImageLimits
 from genserve.multimodal.processor import MultiModalProcessor
