@@ -262,8 +262,12 @@ class IdeficsForVisionText2Text(VisionLanguageLM):
         return cross_image_inputs(self, scheduled, device, self.embed_tokens.weight.dtype)
 
     # -- text -----------------------------------------------------------------------------
+    def input_embeddings(self, input_ids, batch):
+        """The token embeddings alone: the images enter through the cross-attention layers."""
+        return self.embed(input_ids)
+
     def forward(self, input_ids, positions, batch):
-        x, residual = self.embed(input_ids), None
+        x, residual = self.input_embeddings(input_ids, batch), None
         rows = self.rotary_emb.cache_rows(positions, batch.attn)
         cross = batch.images
         assert cross is None or isinstance(cross, CrossImages)
