@@ -237,7 +237,7 @@ def test_the_docs_examples_run(smollm2, monkeypatch, tmp_path):
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "offline.md").read_text()
-    intro, flags, prompts, dummy, engine_loop = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    intro, flags, prompts, images, dummy, engine_loop = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     seen = []
 
     def build(args):  # the embedded model is the session's (fp32, CPU); other models are not loaded
@@ -259,6 +259,9 @@ def test_the_docs_examples_run(smollm2, monkeypatch, tmp_path):
     a = seen[-1]
     assert (a.model_id, a.dtype, a.backend, a.max_total_tokens, a.max_batch_total_tokens, a.num_shard,
             a.lora_adapters) == ("./my-llama", "bfloat16", "cuda", 4096, 65536, 2, "sql=./sql-adapter")
+    with pytest.raises(_Built):  # the images example (run for real in tests/multimodal/test_offline_images.py)
+        exec(images, {})  # noqa: S102
+    assert (seen[-1].model_id, seen[-1].dtype, seen[-1].backend) == ("HuggingFaceM4/idefics2-8b", "bfloat16", "cuda")
     with pytest.raises(_Built):
         exec(dummy.replace("/tmp/llama-8b-shape", str(tmp_path)), {})  # noqa: S102
     assert (seen[-1].model_id, seen[-1].load_format) == (str(tmp_path), "dummy")

@@ -44,6 +44,11 @@ def model_dir(kind: str) -> Path:
 
             build_tiny_idefics2(root / "idefics2")
             _dirs["idefics2"] = root / "idefics2"
+        elif kind == "idefics":  # a tiny random Idefics v1 (gated cross-attention)
+            from genserve.multimodal.testing import build_tiny_idefics
+
+            build_tiny_idefics(root / "idefics")
+            _dirs["idefics"] = root / "idefics"
         elif kind == "faulty":  # tokenizer ids beyond the model's vocabulary
             _dirs["faulty"] = build_tiny_llama(root / "faulty", model_vocab=300,
                                                max_position_embeddings=16384)
@@ -75,6 +80,9 @@ def server_specs() -> dict:
             ONE_THREAD),
         "idefics2_server": lambda: ServerProcess("idefics2", [
             "--model-id", str(model_dir("idefics2")), "--max-batch-total-tokens", "4096"], ONE_THREAD),
+        "idefics_server": lambda: ServerProcess("idefics", [
+            "--model-id", str(model_dir("idefics")), "--max-batch-total-tokens", "4096", "--max-images", "2",
+            "--max-input-tokens", "80", "--max-total-tokens", "160"], ONE_THREAD),
     }
 
 
@@ -94,7 +102,7 @@ def pytest_collection_finish(session):
 def pytest_runtest_setup(item):
     """When the first server test is about to run, start every server the session will need."""
     for name in ("smol_server", "tiny_server", "limited_server", "faulty_server", "metaspace_server",
-                 "vision_server", "idefics2_server"):
+                 "vision_server", "idefics2_server", "idefics_server"):
         if name in _wanted:
             start(name)
     _wanted.clear()
@@ -154,6 +162,17 @@ def idefics2_server() -> ServerProcess:
 @pytest.fixture(scope="session")
 def idefics2_dir() -> Path:
     return model_dir("idefics2")
+
+
+@pytest.fixture(scope="session")
+def idefics_server() -> ServerProcess:
+    """The tiny random Idefics v1 (tests/server/test_vision.py)."""
+    return _ready("idefics_server")
+
+
+@pytest.fixture(scope="session")
+def idefics_dir() -> Path:
+    return model_dir("idefics")
 
 
 @pytest.fixture(scope="session")

@@ -312,3 +312,51 @@ def test_idefics2_over_http_matches_transformers(idefics2_server, idefics2_dir):
         want = greedy(text, [IMAGE])
         assert resp.json()["choices"][0]["message"]["content"] == processor.tokenizer.decode(
             [t for t in want if t != eos], skip_special_tokens=True)
+
+
+def test_idefics_v1_over_http_matches_transformers(idefics_server, idefics_dir):
+    """Idefics v1 (cross-attention to the images, IdeficsProcessor's interleaved prompt):
+    markdown images in `inputs`, chat image_url parts through the tokenizer's template (one
+    BOS), streaming, a text-only request, and its refusals, as transformers answers."""
+    import json
+
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    model = IdeficsForVisionText2Text.from_pretrained(idefics_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(idefics_dir)
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+
+    def greedy(prompt: list) -> list[int]:
+        out = processor(text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            g = model.generate(**out, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        ids = g[0, out["input_ids"].shape[1]:].tolist()
+        return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+    with httpx.Client(base_url=idefics_server.url, timeout=60) as client:
+        want = greedy(["Look:", IMAGE, "and", OTHER, "?"])
+        assert token_ids(generate(client, f"Look: ![]({data_url(IMAGE)}) and ![]({data_url(OTHER)})?")) == want
+        with client.stream("POST", "/generate_stream", json={
+                "inputs": f"![]({data_url(IMAGE)})Describe this image.", "parameters": {"max_new_tokens": NEW}}) as resp:
+            events = [json.loads(line[5:]) for line in resp.iter_lines() if line.startswith("data:")]
+        assert [e["token"]["id"] for e in events] == greedy([IMAGE, "Describe this image."])
+        assert token_ids(generate(client, "Describe this image.")) == greedy(["Describe this image."])
+
+        resp = chat(client, [image_part(data_url(IMAGE)), {"type": "text", "text": "Describe this image."}])
+        assert resp.status_code == 200, resp.text
+        text = tok.apply_chat_template([{"role": "user", "content": "<image>Describe this image."}],
+                                       tokenize=False, add_generation_prompt=True)
+        assert text.startswith(tok.bos_token)
+        before, after = text[len(tok.bos_token):].split("<image>")
+        want = greedy([before, IMAGE, after])  # the processor writes the one BOS
+        assert resp.json()["choices"][0]["message"]["content"] == tok.decode(
+            [t for t in want if t != eos], skip_special_tokens=True)
+
+        url = data_url(IMAGE)
+        assert_refused(generate(client, f"![]({url})![]({url})![]({url})"), "too many images", "limit 2")
+        assert_refused(generate(client, "What is <image> here?"), "<image>", "images")
+        assert_refused(generate(client, f"![]({url})https://example.com/cat.png"), "would be fetched")
+        assert_refused(generate_ids(client, [5, processor.image_token_id, 6]), "image token")
+        long_text = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
+        assert_refused(generate(client, f"![]({url}){long_text}"), "must have less than 80 tokens")

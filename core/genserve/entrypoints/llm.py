@@ -27,13 +27,18 @@ from genserve.args import FLAGS, Flag, defaults
 from genserve.engine.constraints import Constraint
 from genserve.engine.offline import GenerationOutput, OfflineRequest, OutputCollector, iter_steps
 from genserve.engine.sampling_params import SamplingParams
+from genserve.multimodal.images import ImageLimits
+from genserve.multimodal.processor import MultiModalProcessor
 
 # A prompt: text (tokenized with the model's special tokens, as TGI's /generate does), token
-# ids, or vLLM's dict forms {"prompt": text} / {"prompt_token_ids": ids}.
+# ids, or vLLM's dict forms {"prompt": text} / {"prompt_token_ids": ids}; on a vision-language
+# model, {"prompt": text, "multi_modal_data": {"image": image or [images]}} with PIL images and
+# the model's image token (``LLM.image_token``) in the text once per image.
 PromptType = str | Sequence[int] | dict
 
 _HTTP = "configures the HTTP server, which LLM does not run"
 _LIMIT = "limits HTTP requests; LLM takes SamplingParams as given"
+_URL_IMAGES = "applies to the images the server reads from URLs; LLM takes PIL images"
 # serve flags LLM refuses, with the reason. Every other flag in genserve.args.FLAGS is an
 # engine flag that build_engine reads, and LLM accepts it.
 NOT_OFFLINE_FLAGS: dict[str, str] = {
@@ -42,7 +47,7 @@ NOT_OFFLINE_FLAGS: dict[str, str] = {
     "usage_stats": _HTTP, "served_model_name": _HTTP, "validation_workers": _HTTP,
     "max_concurrent_requests": _LIMIT, "max_best_of": _LIMIT, "max_stop_sequences": _LIMIT,
     "max_top_n_tokens": _LIMIT, "max_client_batch_size": _LIMIT, "enable_prefill_logprobs": _LIMIT,
-    "disable_grammar_support": _LIMIT,
+    "disable_grammar_support": _LIMIT, "max_image_bytes": _URL_IMAGES, "image_fetch_timeout": _URL_IMAGES,
 }
 U64_MAX = 2**64 - 1
 
@@ -125,7 +130,17 @@ class LLM:
         self.engine = self.loaded.engine
         self.vocab_size = self.engine.runner.vocab_size
         self.adapters = frozenset(parse_lora_adapters(self.args.lora_adapters))
+        # Vision-language models: the server's processor adapter and image limits
+        # (--max-images, --max-image-pixels); None for a text-only model.
+        self.multimodal = MultiModalProcessor.for_engine(self.loaded, self.args)
+        self.image_limits = ImageLimits.from_args(self.args)
         warm_up(self.engine, self.vocab_size)
+
+    @property
+    def image_token(self) -> str | None:
+        """The text that marks an image's place in a prompt (e.g. ``"<image>"``); None for a
+        text-only model."""
+        return None if self.multimodal is None else self.multimodal.image_token
 
     def get_tokenizer(self):
         """The model's Hugging Face tokenizer (None for a model without tokenizer files)."""
@@ -165,25 +180,38 @@ class LLM:
         return collector.results()
 
     def _request(self, prompt: PromptType, params: SamplingParams) -> OfflineRequest:
-        text = None
+        text, images, multimodal = None, None, None
         if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or len(prompt) != 1:
-                raise ValueError(f"a prompt dict has exactly one of 'prompt', 'prompt_token_ids'; got {sorted(prompt)}")
-            prompt = next(iter(prompt.values()))
+            given = set(prompt) - {"multi_modal_data"}
+            unknown = given - {"prompt", "prompt_token_ids"}
+            if unknown or len(given) != 1:
+                raise ValueError("a prompt dict has exactly one of 'prompt', 'prompt_token_ids' (and "
+                                 f"'multi_modal_data' with 'prompt'); got {sorted(prompt)}")
+            if "multi_modal_data" in prompt:
+                if "prompt" not in prompt:
+                    raise ValueError("'multi_modal_data' goes with a text 'prompt' holding the image tokens")
+                images = self._images(prompt["multi_modal_data"])
+            prompt = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
         if isinstance(prompt, str):
             tokenizer = self.loaded.tokenizer
             if tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as token ids")
             if not prompt:
                 raise ValueError("a prompt cannot be empty")
-            text, ids = prompt, list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            text = prompt
+            if self.multimodal is not None:  # as the server: the processor, with or without images
+                ids, multimodal = self.multimodal.process(prompt, images or [], add_special_tokens=True)
+            else:
+                ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
             ids = list(prompt)
             if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
                 raise TypeError("a token-id prompt is a list of ints")
             if any(not 0 <= t < self.vocab_size for t in ids):
                 raise ValueError(f"token ids must be >= 0 and < {self.vocab_size}")
+            if self.multimodal is not None and self.multimodal.image_token_id in ids:
+                raise ValueError("token ids hold the image token but no image: give a text prompt with "
+                                 "'multi_modal_data'")
         cfg = self.engine.config
         if not ids:
             raise ValueError("a prompt cannot be empty")
@@ -194,7 +222,28 @@ class LLM:
                              f"({cfg.max_total_tokens}); given {len(ids)} + {params.max_new_tokens}")
         _check_params(params, self.adapters)
         # A copy per request: one SamplingParams given for many prompts is not shared.
-        return OfflineRequest(ids, dataclasses.replace(params), prompt=text)
+        return OfflineRequest(ids, dataclasses.replace(params, multimodal=multimodal), prompt=text)
+
+    def _images(self, data) -> list:
+        """The PIL images of a prompt's ``multi_modal_data`` (``{"image": image or [images]}``),
+        RGB, within --max-images and --max-image-pixels. Raises ``ValueError``/``TypeError``."""
+        if self.multimodal is None:
+            raise ValueError("image inputs are not supported by this model (it is text-only)")
+        if not isinstance(data, dict) or set(data) != {"image"}:
+            raise ValueError(f"multi_modal_data takes one key, 'image'; got {data!r:.80}")
+        images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+        from PIL import Image
+
+        if not all(isinstance(im, Image.Image) for im in images):
+            raise TypeError("multi_modal_data['image'] is a PIL image or a list of them")
+        limits = self.image_limits
+        if len(images) > limits.max_images:
+            raise ValueError(f"too many images: {len(images)} (limit {limits.max_images} per request; max_images=...)")
+        for im in images:
+            if im.width * im.height > limits.max_pixels:
+                raise ValueError(f"image has too many pixels: {im.width}x{im.height} (limit {limits.max_pixels}; "
+                                 "max_image_pixels=...)")
+        return [im.convert("RGB") for im in images]
 
     def shutdown(self) -> None:
         """Stop the worker ranks of a sharded engine; nothing to do for one process."""

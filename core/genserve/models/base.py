@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -14,10 +14,13 @@ from genserve.distributed.state import TPGroup, get_tp_group
 from genserve.layers.custom_op import LayerOps, use_layer_ops
 from genserve.layers.quantization.base import QuantizationConfig, QuantMethod
 from genserve.layers.weights import weight_loader_of
+from genserve.multimodal.processor import MultiModalProcessor
+from genserve.multimodal.rows import merged_image_rows
 
 if TYPE_CHECKING:
+    from genserve.engine.scheduler import ScheduledSeq
     from genserve.lora.runtime import LoRABatch
-    from genserve.multimodal.inputs import ImageRows, MultiModalInputs
+    from genserve.multimodal.inputs import MultiModalInputs, StepImages
 
 
 @dataclass
@@ -61,9 +64,10 @@ class ForwardBatch:
     # them from rank 0 with the step's other inputs); None when no row uses one. The runner
     # makes them current for the adapted linear layers around the forward (``LoRAManager.active``).
     lora: LoRABatch | None = None
-    # Vision-language models: the step's image embeddings and the rows they replace
-    # (``genserve.multimodal.rows.image_rows``); None when no scheduled row is an image token.
-    images: ImageRows | None = None
+    # Vision-language models: what the model's ``step_images`` built for this step, e.g. the
+    # image embeddings and the rows they replace (``ImageRows``), or the cross-attention inputs
+    # (``CrossImages``); None when no scheduled row needs an image.
+    images: StepImages | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class CausalLM(nn.Module):
     # request and hands the step's image rows to ``forward`` in ``ForwardBatch.images``.
     # None: a text-only model (the server refuses images for it).
     image_token_id: int | None = None
+    # How the server calls the checkpoint's transformers processor for a prompt with images
+    # (a placeholder per image in the text, by default; Idefics v1 takes an interleaved list).
+    processor_cls: ClassVar[type[MultiModalProcessor]] = MultiModalProcessor
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
@@ -128,8 +135,16 @@ class CausalLM(nn.Module):
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         """Vision-language models: per request, the embeddings [len(positions), hidden] of
         all its images in prompt order, one row per placeholder token. Called once per step
-        with every request that needs them, so the vision encoder runs batched."""
+        with every request that needs them, so the vision encoder runs batched. (Models that
+        cross-attend to their images return their own per-request state, see ``step_images``.)"""
         raise NotImplementedError
+
+    def step_images(self, scheduled: list[ScheduledSeq], device: torch.device) -> StepImages | None:
+        """Vision-language models: this step's image inputs for ``forward`` (``ForwardBatch.images``),
+        running ``embed_images`` for the requests that need it first. Default: the image
+        embeddings written over their placeholder rows (``rows.merged_image_rows``); a model
+        whose text rows cross-attend to the images instead overrides it (Idefics v1)."""
+        return merged_image_rows(self, scheduled, device)
 
     def rename_weight(self, name: str) -> str | None:
         """Map a checkpoint tensor name to this model's; None drops it."""

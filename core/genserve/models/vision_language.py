@@ -4,6 +4,8 @@ A subclass adds its vision tower and projector and implements ``embed_images``; 
 refuses tensor parallelism (the towers are not sharded yet), keeps the full config as
 ``vlm_config`` and the image token id, maps checkpoint names by ``renames`` (prefix -> prefix),
 and merges the images' embedding rows into the token embeddings (``merge_image_rows``).
+Idefics v1 uses all of it but the merge: its text rows cross-attend to the images instead
+(``idefics.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ class VisionLanguageLM(LlamaForCausalLM):
         if ctx.tp.size > 1:
             raise ConfigError(f"{self.model_name}: tensor parallelism (--num-shard > 1) is not supported "
                               "for vision-language models yet; serve it on one device")
-        super().__init__(config.text_config, ctx)
+        super().__init__(self.text_config_of(config), ctx)
         self.vlm_config = config
         self.image_token_id = image_token_id
+
+    @classmethod
+    def text_config_of(cls, config):
+        """The config the Llama text model is built from (``self.config``, what the engine
+        reads): ``config.text_config`` for the models that nest it."""
+        return config.text_config
 
     def rename_weight(self, name):
         for old, new in self.renames:

@@ -29,8 +29,9 @@ CHAT_TEMPLATE = (
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
-def build_tokenizer(folder: Path):
-    """A byte-level BPE (``tokenizers``) as a ``PreTrainedTokenizerFast`` with ``<image>``."""
+def build_tokenizer(folder: Path, extra_specials: tuple[str, ...] = ()):
+    """A byte-level BPE (``tokenizers``) as a ``PreTrainedTokenizerFast`` with
+    ``extra_specials``, then ``<image>``, as its last special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +43,7 @@ def build_tokenizer(folder: Path):
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>")
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.add_special_tokens({"additional_special_tokens": [*extra_specials, IMAGE_TOKEN]})
     return fast
 
 
@@ -183,5 +184,59 @@ def build_tiny_idefics2(folder, seed: int = 0, do_image_splitting: bool = True):
                           "num_key_value_heads": 2},
         text_config=text, image_token_id=processor.image_token_id)
     model = _save_perturbed(Idefics2ForConditionalGeneration, config, seed, folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+IDEFICS_FAKE_TOKEN = "<fake_token_around_image>"
+# Transformers' IdeficsProcessor keeps no chat template (its __init__ drops one, and a saved
+# one loads onto the tokenizer), so the tiny checkpoint's is the tokenizer's, over string
+# contents with <image> where each image goes: TGI's idefics-instruct prompt shape.
+IDEFICS_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:{{ message['content'] }}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tiny_idefics(folder, seed: int = 0, qk_layer_norms: bool = True, cross_layer_interval: int = 2,
+                       initializer_range: float = 0.3):
+    """A tiny random Idefics (v1) checkpoint with its ``IdeficsProcessor`` in ``folder``: a
+    CLIP-style encoder over 28x28 images (2x2 patches of 14), a Perceiver resampler to 4
+    latents, 4 Llama layers with a gated cross-attention layer before every
+    ``cross_layer_interval``-th, and the decoupled vocabulary of the real checkpoints (the last
+    two ids, ``<fake_token_around_image>`` and ``<image>``, in ``additional_embedding`` /
+    ``additional_fc``). The gates start at 1 (then perturbed) and the weights are drawn with a
+    large ``initializer_range``, so the images matter in the logits and greedy outputs vary
+    (upstream's zero gates would hide the cross-attention, its 0.02 init repeats one token).
+    Returns the transformers model (fp32, eval)."""
+    from transformers import (
+        IdeficsConfig,
+        IdeficsForVisionText2Text,
+        IdeficsImageProcessor,
+        IdeficsProcessor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder, (IDEFICS_FAKE_TOKEN,))  # the ids of HuggingFaceM4/idefics-9b's order
+    extra = [tok.convert_tokens_to_ids(t) for t in (IDEFICS_FAKE_TOKEN, IMAGE_TOKEN)]
+    if extra != [len(tok) - 2, len(tok) - 1]:
+        raise RuntimeError(f"the image tokens are not the tokenizer's last two ids: {extra}, {len(tok)}")
+    image_processor = IdeficsImageProcessor(image_size=28)
+    tok.chat_template = IDEFICS_CHAT_TEMPLATE
+    processor = IdeficsProcessor(image_processor=image_processor, tokenizer=tok)
+    config = IdeficsConfig(
+        vocab_size=len(tok) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        cross_layer_interval=cross_layer_interval, qk_layer_norms=qk_layer_norms, alpha_initializer="ones",
+        alpha_type="vector", use_resampler=True, tie_word_embeddings=False, freeze_text_layers=False,
+        freeze_vision_layers=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, initializer_range=initializer_range,
+        vision_config={"embed_dim": 32, "image_size": 28, "patch_size": 14, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        perceiver_config={"use_resampler": True, "resampler_n_latents": 4, "resampler_depth": 2,
+                          "resampler_n_heads": 2, "resampler_head_dim": 8,
+                          "qk_layer_norms_perceiver": qk_layer_norms})
+    model = _save_perturbed(IdeficsForVisionText2Text, config, seed, folder)
     processor.save_pretrained(folder)
     return model
