@@ -17,7 +17,7 @@ import torch
 from genserve.errors import ConfigError
 from genserve.models.base import ForwardBatch, ModelContext
 from genserve.models.llama import LlamaForCausalLM
-from genserve.multimodal.inputs import MultiModalInputs
+from genserve.multimodal.inputs import ImageRows, MultiModalInputs
 from genserve.multimodal.rows import merge_image_rows
 
 
@@ -52,7 +52,10 @@ class VisionLanguageLM(LlamaForCausalLM):
         return name
 
     def input_embeddings(self, input_ids, batch: ForwardBatch):
-        return merge_image_rows(self.embed(input_ids), batch.images)
+        images = batch.images
+        # the models that merge rows build ImageRows (step_images); Idefics v1 overrides this
+        assert images is None or isinstance(images, ImageRows), type(images)
+        return merge_image_rows(self.embed(input_ids), images)
 
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -12,7 +12,7 @@ Models that cross-attend to their images instead (Idefics v1) build their step i
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,10 +20,20 @@ from genserve.multimodal.inputs import ImageRows, MultiModalInputs, StepImages
 
 if TYPE_CHECKING:
     from genserve.engine.scheduler import ScheduledSeq
-    from genserve.models.base import CausalLM
 
 
-def image_rows(model: CausalLM, scheduled: list[ScheduledSeq], device: torch.device) -> StepImages | None:
+class ImageModel(Protocol):
+    """What these functions use of a model (``genserve.models.base.CausalLM`` implements it;
+    typed structurally so that models.base can import this module without a cycle)."""
+
+    image_token_id: int | None
+
+    def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]: ...
+
+    def step_images(self, scheduled: list[ScheduledSeq], device: torch.device) -> StepImages | None: ...
+
+
+def image_rows(model: ImageModel, scheduled: list[ScheduledSeq], device: torch.device) -> StepImages | None:
     """The step's image inputs for ``scheduled`` (rows laid out as ``ModelRunner.prepare`` lays
     them: each sequence's ``num_tokens`` rows from ``seq.num_computed``, in order): None for a
     text-only model, else what the model's ``step_images`` builds (``merged_image_rows`` for
@@ -34,7 +44,7 @@ def image_rows(model: CausalLM, scheduled: list[ScheduledSeq], device: torch.dev
     return model.step_images(scheduled, device)
 
 
-def encode_new(model: CausalLM, inputs: list[MultiModalInputs]) -> list[MultiModalInputs]:
+def encode_new(model: ImageModel, inputs: list[MultiModalInputs]) -> list[MultiModalInputs]:
     """Run the vision encoder (``CausalLM.embed_images``, one batched call) for the requests
     of ``inputs`` that have no ``embeds`` yet, and keep the result on them; returns those."""
     new = list({id(mm): mm for mm in inputs if mm.embeds is None}.values())
@@ -44,7 +54,7 @@ def encode_new(model: CausalLM, inputs: list[MultiModalInputs]) -> list[MultiMod
     return new
 
 
-def merged_image_rows(model: CausalLM, scheduled: list[ScheduledSeq], device: torch.device) -> ImageRows | None:
+def merged_image_rows(model: ImageModel, scheduled: list[ScheduledSeq], device: torch.device) -> ImageRows | None:
     """The step's ``ImageRows`` for ``scheduled``, or None when no row is an image placeholder.
     Raises ``RuntimeError`` when the model returns a different number of embeddings than a
     request has placeholders (the engine then fails that request alone)."""
