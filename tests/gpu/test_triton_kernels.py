@@ -70,34 +70,6 @@ def test_decode_split_k_forced(device, num_splits):
     check(spec_of(8, 2, 64), [(3, 1), (150, 1), (300, 1)], device, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("h,hkv,num_splits", [(8, 2, 3), (8, 1, 5), (4, 4, 2)])
-def test_decode_fused_split_merge(device, h, hkv, num_splits):
-    """The last split of a (sequence, KV head) merges in the decode launch: the same output as
-    the separate merge launch, and every arrival counter back at zero for the next launch."""
-    from genserve_cuda.kernels import decode_attention as da
-
-    dtype = torch.float16
-    gen = torch.Generator().manual_seed(next(_seed))
-    batch = make_paged_batch([(3, 1), (90, 1), (200, 1)], h, hkv, 64, 16, dtype, device, generator=gen)
-    spec = spec_of(h, hkv, 64)
-    ref = TorchReferenceAttention(spec).forward(batch.q, batch.k, batch.v, batch.kv_cache.clone(), batch.meta)
-    m = batch.meta
-    q = batch.q.view(-1, h, 64)
-    cache = batch.kv_cache.clone()
-    from genserve_cuda.kernels.kv_cache import write_kv_cache
-
-    write_kv_cache(batch.k.view(-1, hkv, 64), batch.v.view(-1, hkv, 64), cache, m.slot_mapping)
-    args = (q, cache, m.block_tables, m.seq_lens, spec.scale, int(m.seq_lens.max()))
-    fused = da.paged_decode_attention(*args, num_splits=num_splits)
-    separate = da.paged_decode_attention(*args, num_splits=num_splits, fused_reduce=False)
-    assert torch.equal(da._COUNTERS[q.device][: q.shape[0] * hkv].cpu(), torch.zeros(q.shape[0] * hkv, dtype=torch.int32))
-    torch.testing.assert_close(fused, separate, atol=1e-3, rtol=1e-3)
-    err, excess = max_excess(fused, ref.view_as(fused), dtype)
-    assert excess <= 0, f"max abs error {err:.3g} exceeds the {dtype} tolerance"
-    again = da.paged_decode_attention(*args, num_splits=num_splits)  # counters reused, left at zero
-    assert torch.equal(again, fused)
-
-
 def test_decode_long_context_split_k(device, on_gpu):
     if not on_gpu:
         pytest.skip("long contexts are too slow for the interpreter")

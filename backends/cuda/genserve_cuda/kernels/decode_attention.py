@@ -3,11 +3,8 @@
 Grid ``(batch, kv_heads, splits)``. A program loads the query rows of every query head that
 shares its KV head (GQA packing: K/V are read once per KV head, not once per query head) and
 walks its slice of the context through the block table. With more than one split, each
-program writes a normalised partial output and its log-sum-exp, and the last program of a
-(sequence, KV head) to finish merges them (an arrival counter per pair, which that program
-resets for the next launch: no second kernel, no memset, CUDA-graph safe). The split count
-depends only on host-known sizes, so the launch is CUDA-graph safe. When no counter buffer is
-at hand (first use inside a graph capture), a separate ``_reduce_kernel`` merges instead.
+program writes a normalised partial output and its log-sum-exp, and a second kernel merges
+them; the split count depends only on host-known sizes, so the launch is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -30,14 +27,13 @@ MAX_SPLITS = 32
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, slopes_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, cnt_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_h, stride_bt,
     scale, softcap, window, num_splits, head_dim, block_size, num_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOTS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -102,85 +98,34 @@ def _decode_kernel(
         tl.store(part_out_ptr + row[:, None] * head_dim + d[None, :], out, mask=omask)
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=gmask)
-        if FUSED_REDUCE:
-            # every thread's partial is stored before one thread counts this split in (release)
-            tl.debug_barrier()
-            pair = b * (num_heads // GROUP) + kvh
-            arrived = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, gmask, d, dmask,
-                              stride_ot, stride_oh, num_splits, head_dim, num_heads, SPLITS_PAD, True)
-                tl.atomic_xchg(cnt_ptr + pair, 0)  # ready for the next launch
     else:
         tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, hmask, d, dmask, stride_ot, stride_oh,
-                  num_splits, head_dim, num_heads, SPLITS_PAD: tl.constexpr, FROM_L2: tl.constexpr):
-    """Merge the split partials of query heads ``heads`` ([G]) of sequence ``b`` into ``out``:
-    weights ``2**(lse_s - max lse)`` (empty splits, lse = -inf, weigh 0). ``FROM_L2`` reads past
-    the L1 (partials written by other programs of the same launch)."""
-    s = tl.arange(0, SPLITS_PAD)
-    smask = s < num_splits
-    row = (b * num_heads + heads).to(tl.int64)[:, None] * num_splits + s[None, :]          # [G, S]
-    lmask = hmask[:, None] & smask[None, :]
-    if FROM_L2:
-        lse = tl.load(part_lse_ptr + row, mask=lmask, other=float("-inf"), cache_modifier=".cg")
-    else:
-        lse = tl.load(part_lse_ptr + row, mask=lmask, other=float("-inf"))
-    m = tl.max(lse, 1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])                        # [G, S]
-    denom = tl.sum(w, 1)
-    acc = tl.zeros([heads.shape[0], d.shape[0]], tl.float32)
-    for i in range(0, num_splits):
-        ws = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)                                   # [G]
-        prow = (b * num_heads + heads).to(tl.int64) * num_splits + i
-        omask = hmask[:, None] & dmask[None, :]
-        if FROM_L2:
-            o = tl.load(part_out_ptr + prow[:, None] * head_dim + d[None, :], mask=omask, other=0.0,
-                        cache_modifier=".cg")
-        else:
-            o = tl.load(part_out_ptr + prow[:, None] * head_dim + d[None, :], mask=omask, other=0.0)
-        acc += ws[:, None] * o
-    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hmask[:, None] & dmask[None, :])
-
-
 @triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_splits, head_dim, num_heads,
-    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The merge as its own launch, one program per (sequence, KV head): for launches with no
-    arrival counters (see ``_counters``)."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    g = tl.arange(0, GROUP_PAD)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g, g < GROUP, d, d < head_dim,
-                  stride_ot, stride_oh, num_splits, head_dim, num_heads, SPLITS_PAD, False)
+    smask = s < num_splits
+    row = (b * num_heads + h).to(tl.int64) * num_splits + s
+    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+    o = tl.load(part_out_ptr + row[:, None] * head_dim + d[None, :],
+                mask=smask[:, None] & (d < head_dim)[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < head_dim)
 
 
 _SM_COUNT: dict[int, int] = {}
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 1 << 14  # (sequence, KV head) pairs: 2,048 sequences of 8 KV heads
-
-
-def _counters(device: torch.device, pairs: int) -> torch.Tensor | None:
-    """Zeroed int32 arrival counters (one per (sequence, KV head) pair) kept per device and left
-    zeroed by every launch. None when a larger buffer would have to be allocated during a CUDA
-    graph capture (its memory would belong to the graph's pool): the caller merges separately."""
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= pairs:
-        return buf
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    buf = torch.zeros(max(pairs, _MIN_COUNTERS), dtype=torch.int32, device=device)
-    _COUNTERS[device] = buf
-    return buf
 
 
 def _sm_count(device: torch.device) -> int:
@@ -216,16 +161,7 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    fused_reduce: bool = True,
 ) -> torch.Tensor:
-    """Attention of one new query token per sequence over its paged context.
-
-    ``q [B, H, D]``; ``kv_cache [2, num_blocks, block_size, Hkv, D]``; ``block_tables [B, max_blocks]``
-    int32; ``seq_lens [B]`` int32 (context length including the new token). Returns ``[B, H, D]``
-    in ``q``'s dtype (into ``out`` when given). ``num_splits`` None: chosen from the sizes
-    (``choose_num_splits``); ``fused_reduce`` False merges splits in a second launch (the
-    reference for the fused merge in tests).
-    """
     B, H, D = q.shape
     Hkv = kv_cache.shape[3]
     group = H // Hkv
@@ -240,33 +176,28 @@ def paged_decode_attention(
         num_splits = choose_num_splits(B, Hkv, span, _sm_count(q.device))
     BLOCK_D = max(16, next_pow2(D))
     split = num_splits > 1
-    counters = None
     if split:
         part_out = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-        counters = _counters(q.device, B * Hkv) if fused_reduce else None
     else:
         part_out = part_lse = out  # unused
-    GROUP_PAD = max(16, next_pow2(group))
-    SPLITS_PAD = max(2, next_pow2(num_splits))
     _decode_kernel[(B, Hkv, num_splits)](
         q, kv_cache, block_tables, seq_lens, alibi_slopes if alibi_slopes is not None else q,
-        out, part_out, part_lse, counters if counters is not None else seq_lens,
+        out, part_out, part_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         scale, logit_softcap or 0.0, sliding_window or 0, num_splits, D, kv_cache.shape[2], H,
-        GROUP=group, GROUP_PAD=GROUP_PAD, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), BLOCK_D=BLOCK_D, BLOCK_N=block_n,
         USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=logit_softcap is not None,
         USE_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the target's default
         F16_DOTS=kv_cache.element_size() == 1 and q.dtype == torch.bfloat16,
-        FUSED_REDUCE=counters is not None, SPLITS_PAD=SPLITS_PAD,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if split and counters is None:
-        _reduce_kernel[(B, Hkv)](
+    if split:
+        _reduce_kernel[(B, H)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits, D, H,
-            SPLITS_PAD=SPLITS_PAD, BLOCK_D=BLOCK_D, GROUP=group, GROUP_PAD=GROUP_PAD,
+            SPLITS_PAD=max(2, next_pow2(num_splits)), BLOCK_D=BLOCK_D,
         )
     return out
