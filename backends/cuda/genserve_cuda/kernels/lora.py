@@ -27,16 +27,8 @@ import triton.language as tl
 BLOCK_M = 16  # rows per tile: tensor-core dots need at least 16
 # The shrink splits K over programs, each writing its own partial product: at batch 1 one
 # program reading a whole [R, 4096] A would leave the GPU idle. The expand sums the partials
-# while loading its rows' shrink results, so the split count is kept to what fills the GPU:
-# about SHRINK_PROGRAMS programs over the tile table, at most one split per 256 columns of K.
-SHRINK_MIN_K_PER_PROGRAM = 256
-SHRINK_PROGRAMS = 256
-
-
-def shrink_splits(k: int, tiles: int) -> int:
-    """K splits of a shrink over ``tiles`` tile-table entries (fixed by the row and slot counts,
-    so CUDA-graph safe): 16 at batch 1 (K = 4096), 4 for a 64-row batch over 64 adapters."""
-    return max(1, min(triton.cdiv(k, SHRINK_MIN_K_PER_PROGRAM), triton.cdiv(SHRINK_PROGRAMS, max(tiles, 1))))
+# (K / 256 of them: 16 for 4096, 56 for 14336) while loading its rows' shrink results.
+SHRINK_K_PER_PROGRAM = 256
 
 
 @dataclass
@@ -101,8 +93,8 @@ def _tile_rows(pid, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_pt
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_ptr,
                    K, R, stride_xm, stride_as, stride_ar, stride_om, stride_osplit,
-                   k_per_program, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   K_PER_PROGRAM: tl.constexpr):
     slot, rows, mmask = _tile_rows(tl.program_id(0), order_ptr, counts_ptr, starts_ptr, tile_slot_ptr,
                                    tile_m0_ptr, BLOCK_M)
     if slot < 0:
@@ -111,8 +103,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, til
     rmask = offs_r < R
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    k_first = tl.program_id(1) * k_per_program
-    for k0 in range(k_first, k_first + k_per_program, BLOCK_K):
+    k_first = tl.program_id(1) * K_PER_PROGRAM
+    for k0 in range(k_first, k_first + K_PER_PROGRAM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
@@ -169,21 +161,18 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: SortedRows) -> torch.Ten
     """[splits, T, R] float32 partial products: summed over the first axis, row t is
     ``x[t] @ A[slot(t)]^T``; rows without an adapter are left unwritten (the expand never reads
     them). ``x`` [T, K], ``a`` [S, R, K] with unit stride on K. K is split over
-    ``shrink_splits`` programs per tile, each writing its own partial, so no zeroed buffer (a
-    memset launch per layer) is needed."""
+    ``cdiv(K, SHRINK_K_PER_PROGRAM)`` programs per tile, each writing its own partial, so no
+    zeroed buffer (a memset launch per layer) is needed."""
     T, K = x.shape
     _, R, _ = a.shape
     assert a.shape[2] == K and a.stride(2) == 1 and x.stride(1) == 1
-    block_k = 64
-    splits = shrink_splits(K, rows.tile_slot.numel())
-    k_per_program = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_program)  # no empty split
+    splits = triton.cdiv(K, SHRINK_K_PER_PROGRAM)
     out = torch.empty(splits, T, R, dtype=torch.float32, device=x.device)
     grid = (rows.tile_slot.numel(), splits)
     if grid[0]:
         _shrink_kernel[grid](x, a, out, *_tables(rows), K, R, x.stride(0), a.stride(0), a.stride(1),
-                             out.stride(1), out.stride(0), k_per_program, IEEE=a.dtype == torch.float32,
-                             BLOCK_M=BLOCK_M, BLOCK_R=_block(R), BLOCK_K=block_k)
+                             out.stride(1), out.stride(0), IEEE=a.dtype == torch.float32, BLOCK_M=BLOCK_M,
+                             BLOCK_R=_block(R), BLOCK_K=64, K_PER_PROGRAM=SHRINK_K_PER_PROGRAM)
     return out
 
 
