@@ -1,6 +1,5 @@
 """Batched LoRA over a batch whose rows use different adapters: one shrink launch (x @ A^T)
-and one expand launch (y += s * (. @ B^T)) per linear layer, and nothing else (no memset: the
-shrink's split-K programs write separate partials that the expand adds up as it loads them).
+and one expand launch (y += s * (. @ B^T)) per linear layer.
 
 The layout follows Punica's SGMV (segmented gather matrix-vector products): once per step the
 rows are grouped by adapter slot (``sort_rows``: rows without an adapter first, then each
@@ -25,9 +24,8 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16  # rows per tile: tensor-core dots need at least 16
-# The shrink splits K over programs, each writing its own partial product: at batch 1 one
-# program reading a whole [R, 4096] A would leave the GPU idle. The expand sums the partials
-# (K / 256 of them: 16 for 4096, 56 for 14336) while loading its rows' shrink results.
+# The shrink splits K over programs that add their partial products atomically: at batch 1 one
+# program reading a whole [R, 4096] A would leave the GPU idle.
 SHRINK_K_PER_PROGRAM = 256
 
 
@@ -92,7 +90,7 @@ def _tile_rows(pid, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_pt
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr, tile_m0_ptr,
-                   K, R, stride_xm, stride_as, stride_ar, stride_om, stride_osplit,
+                   K, R, stride_xm, stride_as, stride_ar, stride_om,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    K_PER_PROGRAM: tl.constexpr):
     slot, rows, mmask = _tile_rows(tl.program_id(0), order_ptr, counts_ptr, starts_ptr, tile_slot_ptr,
@@ -115,14 +113,13 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, til
             acc += tl.dot(x.to(a.dtype), a, input_precision="ieee")
         else:
             acc += tl.dot(x.to(a.dtype), a)
-    split = tl.program_id(1).to(tl.int64)
-    tl.store(out_ptr + split * stride_osplit + rows[:, None] * stride_om + offs_r[None, :], acc,
-             mask=mmask[:, None] & rmask[None, :])
+    tl.atomic_add(out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc,
+                  mask=mmask[:, None] & rmask[None, :])
 
 
 @triton.jit
 def _expand_kernel(s_ptr, b_ptr, y_ptr, scale_ptr, order_ptr, counts_ptr, starts_ptr, tile_slot_ptr,
-                   tile_m0_ptr, N, R, num_splits, stride_ssplit, stride_sm, stride_bs, stride_bn, stride_ym,
+                   tile_m0_ptr, N, R, stride_sm, stride_bs, stride_bn, stride_ym,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     slot, rows, mmask = _tile_rows(tl.program_id(0), order_ptr, counts_ptr, starts_ptr, tile_slot_ptr,
                                    tile_m0_ptr, BLOCK_M)
@@ -132,10 +129,8 @@ def _expand_kernel(s_ptr, b_ptr, y_ptr, scale_ptr, order_ptr, counts_ptr, starts
     rmask = offs_r < R
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for split in range(0, num_splits):  # the shrink's split-K partials, in a fixed order
-        s += tl.load(s_ptr + split * stride_ssplit + rows[:, None] * stride_sm + offs_r[None, :],
-                     mask=mmask[:, None] & rmask[None, :], other=0.0)
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :],
+                mask=mmask[:, None] & rmask[None, :], other=0.0)
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                 mask=rmask[:, None] & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N] = B^T
     if IEEE:
@@ -158,20 +153,18 @@ def _tables(rows: SortedRows) -> tuple:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: SortedRows) -> torch.Tensor:
-    """[splits, T, R] float32 partial products: summed over the first axis, row t is
-    ``x[t] @ A[slot(t)]^T``; rows without an adapter are left unwritten (the expand never reads
-    them). ``x`` [T, K], ``a`` [S, R, K] with unit stride on K. K is split over
-    ``cdiv(K, SHRINK_K_PER_PROGRAM)`` programs per tile, each writing its own partial, so no
-    zeroed buffer (a memset launch per layer) is needed."""
+    """[T, R] float32: row t is ``x[t] @ A[slot(t)]^T``, zero for rows without an adapter (the
+    expand never reads them). ``x`` [T, K], ``a`` [S, R, K] with unit stride on K. K is split
+    over programs of ``SHRINK_K_PER_PROGRAM`` columns whose partial products add atomically
+    (float32, so the order of the additions changes only the last bits)."""
     T, K = x.shape
     _, R, _ = a.shape
     assert a.shape[2] == K and a.stride(2) == 1 and x.stride(1) == 1
-    splits = triton.cdiv(K, SHRINK_K_PER_PROGRAM)
-    out = torch.empty(splits, T, R, dtype=torch.float32, device=x.device)
-    grid = (rows.tile_slot.numel(), splits)
+    out = torch.zeros(T, R, dtype=torch.float32, device=x.device)  # split-K programs add into it
+    grid = (rows.tile_slot.numel(), triton.cdiv(K, SHRINK_K_PER_PROGRAM))
     if grid[0]:
         _shrink_kernel[grid](x, a, out, *_tables(rows), K, R, x.stride(0), a.stride(0), a.stride(1),
-                             out.stride(1), out.stride(0), IEEE=a.dtype == torch.float32, BLOCK_M=BLOCK_M,
+                             out.stride(0), IEEE=a.dtype == torch.float32, BLOCK_M=BLOCK_M,
                              BLOCK_R=_block(R), BLOCK_K=64, K_PER_PROGRAM=SHRINK_K_PER_PROGRAM)
     return out
 
@@ -180,15 +173,14 @@ def lora_expand(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scales: torch
                 rows: SortedRows) -> torch.Tensor:
     """``y`` [T, N] += scales[slot] * s[t] @ B[slot]^T for every row with an adapter, in place
     (each row is written by the programs of its own tiles only); returns ``y``.
-    ``s`` [splits, T, R] partials from ``lora_shrink``, ``b`` [S, N, R] with unit stride on R."""
+    ``s`` [T, R] from ``lora_shrink``, ``b`` [S, N, R] with unit stride on R."""
     T, N = y.shape
     _, _, R = b.shape
-    assert b.shape[1] == N and b.stride(2) == 1 and y.stride(1) == 1 and s.shape[1:] == (T, R)
+    assert b.shape[1] == N and b.stride(2) == 1 and y.stride(1) == 1 and s.shape == (T, R)
     block_n = 64
     grid = (rows.tile_slot.numel(), triton.cdiv(N, block_n))
     if grid[0]:
-        _expand_kernel[grid](s, b, y, scales, *_tables(rows), N, R, s.shape[0], s.stride(0), s.stride(1),
-                             b.stride(0), b.stride(1),
+        _expand_kernel[grid](s, b, y, scales, *_tables(rows), N, R, s.stride(0), b.stride(0), b.stride(1),
                              y.stride(0), IEEE=b.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                              BLOCK_R=_block(R))
     return y
