@@ -26,6 +26,7 @@ CUDA graphs capture only steps without images, ``graphs.DecodeGraphs.can_run``).
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,8 @@ class IdeficsPerceiverResampler(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         latents = self.latents.expand(context.shape[0], -1, -1)
-        for attn, mlp in self.blocks:  # type: ignore[misc]
+        for block in self.blocks:
+            attn, mlp = cast(nn.ModuleList, block)
             latents = attn(context, latents) + latents
             latents = mlp(latents) + latents
         return self.layer_norm(latents)
@@ -199,7 +201,7 @@ class IdeficsForVisionText2Text(VisionLanguageLM):
     model_name = "idefics"
     renames = RENAMES
     processor_cls = InterleavedProcessor
-    stacked_params = LlamaForCausalLM.stacked_params + (
+    stacked_params: tuple[tuple[str, tuple[str, object]], ...] = LlamaForCausalLM.stacked_params + (
         (".additional_embedding", ("", "additional")),
         (".additional_fc", ("", "additional")),
     )
@@ -255,7 +257,8 @@ class IdeficsForVisionText2Text(VisionLanguageLM):
         for mm in inputs:
             mine = latents[k:k + mm.num_images].flatten(0, 1)
             k += mm.num_images
-            out.append(torch.stack([layer.cross_attn.keys_values(mine) for layer in self.gated_cross_attn_layers]))
+            out.append(torch.stack([cast(IdeficsGatedCrossAttentionLayer, layer).cross_attn.keys_values(mine)
+                                    for layer in self.gated_cross_attn_layers]))
         return out
 
     def step_images(self, scheduled, device):

@@ -119,7 +119,7 @@ class LlamaDecoderLayer(LlamaLayer):
 
 
 class LlamaForCausalLM(CausalLM):
-    stacked_params = (
+    stacked_params: tuple[tuple[str, tuple[str, object]], ...] = (
         (".q_proj", (".qkv_proj", "q")),
         (".k_proj", (".qkv_proj", "k")),
         (".v_proj", (".qkv_proj", "v")),

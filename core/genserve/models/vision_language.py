@@ -17,7 +17,7 @@ import torch
 from genserve.errors import ConfigError
 from genserve.models.base import ForwardBatch, ModelContext
 from genserve.models.llama import LlamaForCausalLM
-from genserve.multimodal.inputs import MultiModalInputs
+from genserve.multimodal.inputs import ImageRows, MultiModalInputs
 from genserve.multimodal.rows import merge_image_rows
 
 
@@ -52,7 +52,9 @@ class VisionLanguageLM(LlamaForCausalLM):
         return name
 
     def input_embeddings(self, input_ids, batch: ForwardBatch):
-        return merge_image_rows(self.embed(input_ids), batch.images)
+        images = batch.images
+        assert images is None or isinstance(images, ImageRows)  # what merged_image_rows builds
+        return merge_image_rows(self.embed(input_ids), images)
 
     def embed_images(self, inputs: list[MultiModalInputs]) -> list[torch.Tensor]:
         raise NotImplementedError

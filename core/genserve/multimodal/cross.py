@@ -79,7 +79,7 @@ def _group(members: list[tuple[MultiModalInputs, int, torch.Tensor]], num_rows: 
     keys = max(state.shape[2] for state in states)  # type: ignore[union-attr]
     key_mask = torch.zeros(len(members), num_rows, keys, dtype=torch.bool)
     gate = torch.zeros(len(members), num_rows)
-    rows = []
+    rows: list[int] = []
     for i, (mm, row0, mask) in enumerate(members):
         n = mm.embeds.shape[2]  # type: ignore[union-attr]
         per_image = n // mm.num_images
