@@ -38,6 +38,29 @@ def requantize_with_llama_cpp(src: Path, dst: Path, ftype: int) -> Path:
     return dst
 
 
+# K-quant super-blocks (256 weights) that gguf.quants cannot write: bytes per block and where the
+# fp16 super-block scales sit (llama.cpp's block_q4_K / block_q5_K / block_q6_K).
+_K_LAYOUT = {
+    gguf.GGMLQuantizationType.Q4_K: (144, (0, 2)),   # d, dmin, 12 bytes of 6-bit scales, 128 of nibbles
+    gguf.GGMLQuantizationType.Q5_K: (176, (0, 2)),   # as Q4_K plus 32 bytes of fifth bits
+    gguf.GGMLQuantizationType.Q6_K: (210, (208,)),   # 128 low nibbles, 64 high bits, 16 int8 scales, d
+}
+
+
+def random_k_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Valid random ``qtype`` blocks for a ``[rows, cols]`` tensor (``cols`` a multiple of 256):
+    random quants and sub-block scales, small fp16 super-block scales (so activations stay sane),
+    Q6_K's int8 sub-scales kept in [-8, 8). For files where llama.cpp's quantizer is not
+    installed; ``gguf.quants.dequantize`` reads them like any other."""
+    nbytes, scale_at = _K_LAYOUT[qtype]
+    blocks = rng.integers(0, 256, (rows * cols // 256, nbytes), dtype=np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        blocks[:, 192:208] = rng.integers(-8, 8, (len(blocks), 16), dtype=np.int8).view(np.uint8)
+    for off in scale_at:
+        blocks[:, off:off + 2] = rng.uniform(2e-4, 1e-3, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, cols // 256 * nbytes)
+
+
 def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: int = 0,
                           qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
                           hidden: int = HIDDEN, output: gguf.GGMLQuantizationType | None = None,
@@ -71,7 +94,10 @@ def write_tiny_llama_gguf(path: Path, qtype: gguf.GGMLQuantizationType, seed: in
 
     def add(name, kind, data):
         t = (qtypes or {}).get(kind, qtype)
-        w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+        if t in _K_LAYOUT:  # gguf cannot quantize K-quants: random valid blocks of the shape
+            w.add_tensor(name, random_k_blocks(rng, *data.shape, t), raw_dtype=t)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
 
     head_dim = HIDDEN // HEADS
     w.add_tensor("token_embd.weight", gguf.quants.quantize(dense(vocab, HIDDEN, scale=0.5), embedding),

@@ -115,13 +115,17 @@ def _tiny_file(folder, qtype):
     ``gguf.quants`` where it quantizes the type (the token embedding Q8_0 and tied to the LM
     head, as in the embedded SmolLM2); K-quants, which
     gguf cannot quantize, by llama.cpp's quantizer from an F32 file (hidden 256, one super-block
-    a row; every tensor, the tied token embedding included, in ``qtype``)."""
-    import llama_cpp
-
+    a row; every tensor, the tied token embedding included, in ``qtype``). Where llama-cpp-python
+    is not installed (CI: it builds from source), the K-quant files hold random valid blocks
+    written by ``GGUFWriter`` (hidden 256, the token embedding Q8_0)."""
+    if qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):
+        return write_tiny_llama_gguf(folder / "tiny.gguf", qtype, embedding=T.Q8_0, output=None)
+    try:
+        import llama_cpp
+    except ImportError:
+        return write_tiny_llama_gguf(folder / "tiny.gguf", qtype, hidden=256, embedding=T.Q8_0, output=None)
     ftypes = {T.Q4_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S, T.Q5_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S,
               T.Q6_K: llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}
-    if qtype not in ftypes:
-        return write_tiny_llama_gguf(folder / "tiny.gguf", qtype, embedding=T.Q8_0, output=None)
     write_tiny_llama_gguf(folder / "f32.gguf.tmp", T.F32, hidden=256, output=None)
     return requantize_with_llama_cpp(folder / "f32.gguf.tmp", folder / "tiny.gguf", ftypes[qtype])
 
