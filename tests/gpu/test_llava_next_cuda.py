@@ -14,7 +14,7 @@ from genserve.engine.offline import OfflineRequest, run_to_completion  # noqa: E
 from genserve.engine.sampling_params import SamplingParams  # noqa: E402
 from genserve.executor import create_engine  # noqa: E402
 from genserve.multimodal.processor import MultiModalProcessor  # noqa: E402
-from genserve.multimodal.testing import build_tiny_llava_next, random_image  # noqa: E402
+from genserve.multimodal.testing import build_tiny_llava_next, random_image, reference_greedy  # noqa: E402
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration  # noqa: E402
 
 NEW = 16
@@ -33,10 +33,7 @@ def test_llava_next_on_cuda_matches_transformers(tmp_path):
         rendered = mm.render_chat([{"role": "user", "content": content}])
         ids, inputs = mm.process(rendered, images, add_special_tokens=True)
         out = processor(text=[rendered], images=images or None, return_tensors="pt").to("cuda")
-        with torch.inference_mode():
-            g = ref.generate(**out, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        expected.append(g[0, len(ids):].tolist())
+        expected.append(reference_greedy(ref, out, NEW))
         requests.append(OfflineRequest(ids, SamplingParams(max_new_tokens=NEW, ignore_eos=True, multimodal=inputs),
                                        join_step=i * 2))
     engine = create_engine(defaults(model_id=str(tmp_path), backend="cuda", dtype="float32", block_size=16,

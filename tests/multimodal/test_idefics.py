@@ -10,12 +10,14 @@ import pytest
 import torch
 from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.scheduler import ScheduledSeq
-from genserve.engine.sequence import Sequence
-from genserve.models.base import ForwardBatch
 from genserve.multimodal.processor import MultiModalProcessor
-from genserve.multimodal.rows import image_rows
-from genserve.multimodal.testing import build_tiny_idefics2, build_tiny_idefics3, random_image
+from genserve.multimodal.testing import (
+    build_tiny_idefics2,
+    build_tiny_idefics3,
+    image_prompt_logits,
+    random_image,
+    reference_greedy as _reference_greedy,
+)
 from genserve.testing import load_genserve
 from transformers import AutoProcessor, Idefics2ForConditionalGeneration, Idefics3ForConditionalGeneration
 
@@ -45,11 +47,8 @@ def prompt(processor, text, images):
     return ids, inputs, out
 
 
-def reference_greedy(ref, out, n=NEW):
-    with torch.inference_mode():
-        g = ref.generate(**out, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return g[0, out["input_ids"].shape[1]:].tolist()
+def reference_greedy(ref, out, n=NEW) -> list[int]:
+    return _reference_greedy(ref, out, n)
 
 
 def params(inputs, n=NEW):
@@ -64,17 +63,9 @@ def test_logits_and_greedy_match_transformers(ckpt, size):
     folder, ref, processor = ckpt
     ids, inputs, out = prompt(processor, "Describe this image.", [random_image(*size, seed=sum(size))])
     engine = load_genserve(folder)
-    seq = Sequence("probe", list(ids), params(inputs, 1))
-    engine.blocks.allocate(seq)
-    seq.num_computed = 0
-    runner = engine.runner
-    scheduled = [ScheduledSeq(seq, len(ids))]
+    ours = image_prompt_logits(engine, ids, inputs)
     with torch.inference_mode():
-        prep = runner.prepare(scheduled)
-        batch = ForwardBatch(prep.attn, runner.kv_caches, images=image_rows(runner.model, scheduled, runner.device))
-        ours = runner.compute_logits(runner.forward(prep.input_ids, prep.positions, batch)).float()
         theirs = ref(**out).logits[0].float()
-    engine.blocks.free_seq(seq)
     assert (ours - theirs).abs().max().item() <= 1e-3
     got = run_to_completion(engine, [OfflineRequest(ids, params(inputs))])[0].outputs[0].token_ids
     assert got == reference_greedy(ref, out)

@@ -11,14 +11,15 @@ import pytest
 import torch
 from genserve.engine.offline import OfflineRequest, run_to_completion
 from genserve.engine.sampling_params import SamplingParams
-from genserve.engine.scheduler import ScheduledSeq
-from genserve.engine.sequence import Sequence
-from genserve.models.base import ForwardBatch
 from genserve.multimodal.images import ImageError
 from genserve.multimodal.inputs import MultiModalInputs
 from genserve.multimodal.processor import InterleavedProcessor
-from genserve.multimodal.rows import image_rows
-from genserve.multimodal.testing import build_tiny_idefics, random_image
+from genserve.multimodal.testing import (
+    build_tiny_idefics,
+    random_image,
+    image_prompt_logits as logits,
+    reference_greedy as _reference_greedy,
+)
 from genserve.testing import load_genserve
 from transformers import AutoProcessor, IdeficsForVisionText2Text
 
@@ -51,29 +52,11 @@ def prompt(processor, text: str, images: list):
 
 
 def reference_greedy(ref, out, n=NEW) -> list[int]:
-    with torch.inference_mode():
-        g = ref.generate(**out, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return g[0, out["input_ids"].shape[1]:].tolist()
+    return _reference_greedy(ref, out, n)
 
 
 def params(inputs, n=NEW) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True, multimodal=inputs)
-
-
-@torch.inference_mode()
-def logits(engine, ids, inputs) -> torch.Tensor:
-    seq = Sequence("probe", list(ids), SamplingParams(max_new_tokens=1, multimodal=inputs))
-    engine.blocks.allocate(seq)
-    seq.num_computed = 0
-    try:
-        runner = engine.runner
-        scheduled = [ScheduledSeq(seq, len(ids))]
-        prep = runner.prepare(scheduled)
-        batch = ForwardBatch(prep.attn, runner.kv_caches, images=image_rows(runner.model, scheduled, runner.device))
-        return runner.compute_logits(runner.forward(prep.input_ids, prep.positions, batch)).float()
-    finally:
-        engine.blocks.free_seq(seq)
 
 
 def counting(monkeypatch, engine) -> list[int]:

@@ -240,3 +240,41 @@ def build_tiny_idefics(folder, seed: int = 0, qk_layer_norms: bool = True, cross
     model = _save_perturbed(IdeficsForVisionText2Text, config, seed, folder)
     processor.save_pretrained(folder)
     return model
+
+
+def reference_greedy(ref, out, n: int) -> list[int]:
+    """transformers' greedy continuation of ``n`` tokens (EOS ignored) for processor output
+    ``out`` (one prompt), as token ids: the reference the vision-language tests compare to."""
+    import torch
+
+    with torch.inference_mode():
+        g = ref.generate(**out, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return g[0, out["input_ids"].shape[1]:].tolist()
+
+
+def image_prompt_logits(engine, ids: list[int], inputs):
+    """genserve's logits ``[len(ids), vocab]`` (fp32) for every row of one prompt with images
+    (``inputs``: its ``MultiModalInputs``), through the paged cache and the step's image inputs,
+    as a prefill step computes them; the probe's blocks are freed afterwards."""
+    import torch
+
+    from genserve.engine.sampling_params import SamplingParams
+    from genserve.engine.scheduler import ScheduledSeq
+    from genserve.engine.sequence import Sequence
+    from genserve.models.base import ForwardBatch
+    from genserve.multimodal.rows import image_rows
+
+    seq = Sequence("probe", list(ids), SamplingParams(max_new_tokens=1, multimodal=inputs))
+    engine.blocks.allocate(seq)
+    seq.num_computed = 0
+    try:
+        with torch.inference_mode():
+            runner = engine.runner
+            scheduled = [ScheduledSeq(seq, len(ids))]
+            prep = runner.prepare(scheduled)
+            batch = ForwardBatch(prep.attn, runner.kv_caches,
+                                 images=image_rows(runner.model, scheduled, runner.device))
+            return runner.compute_logits(runner.forward(prep.input_ids, prep.positions, batch)).float()
+    finally:
+        engine.blocks.free_seq(seq)
