@@ -309,18 +309,8 @@ class ModelRunner:
             if index[row] == index[row - 1]:
                 ahead[row] = ahead[row - 1] + 1
         drafts = [scheduled[i].spec[:j] for i, j in zip(index, ahead)]
-        batch = SamplingBatch.build(
-            params, [s.seed for s in seqs], [s.num_generated + j for s, j in zip(seqs, ahead)],
-            [s.all_ids + d for s, d in zip(seqs, drafts)]
-            if any(p.repetition_penalty != 1.0 or p.watermark for p in params)
-            else [[] for _ in seqs],
-            # the output histories only feed frequency/presence penalties: copying every
-            # sequence's outputs each step is O(generated) host work per row otherwise
-            [s.output_ids + d for s, d in zip(seqs, drafts)]
-            if any(p.frequency_penalty or p.presence_penalty for p in params)
-            else [[] for _ in seqs], self.device,
-            self.config.watermark_gamma, self.config.watermark_delta,
-        )
+        batch = SamplingBatch.for_sequences(seqs, drafts, [s.num_generated + j for s, j in zip(seqs, ahead)],
+                                            self.device, self.config.watermark_gamma, self.config.watermark_delta)
         if any(p.constraint is not None for p in params):
             batch.allowed = self._grammar_mask(scheduled, index, ahead)
         return batch

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from genserve.engine.sampling_params import SamplingParams
 from genserve.device import upload
+
+if TYPE_CHECKING:
+    from genserve.engine.sequence import Sequence
 
 _MASK62 = (1 << 62) - 1
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # dividing by less overflows
@@ -114,7 +118,7 @@ class SamplingBatch:
             return rows_on_device([r + [-1] * (width - len(r)) for r in rows], torch.long)
 
         need_rep = any(p.repetition_penalty != 1.0 for p in params)
-        need_freq = any(p.frequency_penalty or p.presence_penalty for p in params)
+        need_freq = _needs_outputs(params)
         need_wm = any(p.watermark for p in params)
         floats = rows_on_device([float_row(p) for p in params], torch.float32)
         longs = rows_on_device([long_row(p, seed, step, h[-1] if h else 0)
@@ -134,6 +138,31 @@ class SamplingBatch:
             watermark_gamma=watermark_gamma,
             watermark_delta=watermark_delta,
         )
+
+    @classmethod
+    def for_sequences(cls, seqs: list[Sequence], drafts: list[list[int]], steps: list[int], device,
+                      watermark_gamma=0.5, watermark_delta=2.0) -> SamplingBatch:
+        """``build`` for engine sequences: row i samples for ``seqs[i]`` as output index
+        ``steps[i]``, with ``drafts[i]`` (tokens proposed before that row) appended to its
+        histories. A history is copied only when a request's penalties or watermark read it:
+        the copy is O(context) per row and step."""
+        params = [s.params for s in seqs]
+        none: list[list[int]] = [[] for _ in seqs]
+        return cls.build(
+            params, [s.seed for s in seqs], steps,
+            [s.all_ids + d for s, d in zip(seqs, drafts)] if _needs_history(params) else none,
+            [s.output_ids + d for s, d in zip(seqs, drafts)] if _needs_outputs(params) else none,
+            device, watermark_gamma, watermark_delta)
+
+
+def _needs_history(params: list[SamplingParams]) -> bool:
+    """The whole token history feeds the repetition penalty and the watermark (its last token)."""
+    return any(p.repetition_penalty != 1.0 or p.watermark for p in params)
+
+
+def _needs_outputs(params: list[SamplingParams]) -> bool:
+    """The output history feeds the frequency and presence penalties."""
+    return any(p.frequency_penalty or p.presence_penalty for p in params)
 
 
 @dataclass

@@ -65,13 +65,8 @@ def draw(logits: torch.Tensor, requests: list[ProposalRequest], drafts: list[lis
     advanced it through ``drafts`` already and rolls it back by ``len(draft)`` when done."""
     seqs = [r.seq for r in requests]
     params = [s.params for s in seqs]
-    need_hist = any(p.repetition_penalty != 1.0 or p.watermark for p in params)
-    need_outputs = any(p.frequency_penalty or p.presence_penalty for p in params)
-    batch = SamplingBatch.build(
-        params, [s.seed for s in seqs], [s.num_generated + j for s in seqs],
-        [s.all_ids + d for s, d in zip(seqs, drafts)] if need_hist else [[] for _ in seqs],
-        [s.output_ids + d for s, d in zip(seqs, drafts)] if need_outputs else [[] for _ in seqs],
-        logits.device, config.watermark_gamma, config.watermark_delta)
+    batch = SamplingBatch.for_sequences(seqs, drafts, [s.num_generated + j for s in seqs], logits.device,
+                                        config.watermark_gamma, config.watermark_delta)
     constraints = [p.constraint if under_grammar else None for p in params]
     if any(c is not None for c in constraints):
         bitmask = torch.full((len(seqs), bitmask_words(logits.shape[-1])), -1, dtype=torch.int32)
